@@ -1,0 +1,1 @@
+"""Flax UNets and autoencoders, and conversion of the public PyTorch checkpoints."""

@@ -1,0 +1,1 @@
+"""Pure functional quantizers (imports nothing from the rest of tcaq_jax)."""
