@@ -27,6 +27,13 @@ DDIM_CONFIGS = {
         'num_res_blocks': 1, 'attn_resolutions': [8], 'dropout': 0.0, 'resamp_with_conv': True,
         'diffusion': dict(_LINEAR_1000),
     },
+    # The shipped demo model (tcaq_jax/assets/demo_unet): scikit-learn's 8x8 digits upsampled to 16x16, 1 channel.
+    'ddim_digits': {
+        'family': 'ddim', 'name': 'ddim_digits',
+        'in_channels': 1, 'out_ch': 1, 'resolution': 16, 'ch': 32, 'ch_mult': [1, 2, 2],
+        'num_res_blocks': 1, 'attn_resolutions': [8], 'dropout': 0.0, 'resamp_with_conv': True,
+        'diffusion': dict(_LINEAR_1000),
+    },
 }
 
 CONFIGS = {**DDIM_CONFIGS, **LDM_CONFIGS}

@@ -1,0 +1,327 @@
+"""FID / sFID / IS / precision-recall of a sample set against a reference: streaming feature extraction.
+
+  python -m tcaq_jax.eval.fid --samples S.npz --ref R.npz --inception_dir DIR [--json out.json]
+  python -m tcaq_jax.eval.fid --samples S.npz --ref R.npz --feature=digits      # the demo's classifier features
+
+Image sources (`--samples`, `--ref`): an `.npz` holding uint8 images [N, H, W, 3] (key `arr_0`, `images` or
+`samples`; [N, H, W] / [N, H, W, 1] grey images are repeated to 3 channels), or a folder of PNG/JPEG files. A
+reference may instead be a statistics `.npz` with `mu`, `sigma` (and optionally `mu_s`, `sigma_s` for sFID,
+`features` for precision/recall), as written by `python -m tcaq_jax.eval.ref_stats`; when an npz holds both
+images and statistics, the images are used so both sides come from this network.
+
+Feature networks are pluggable: a `FeatureFn` maps uint8 images [B, H, W, 3] to a dict with 'pool3' [B, D]
+(the FID features) and optionally 'spatial' [B, Ds] (sFID) and 'logits' [B, C] (Inception Score). Register
+more with `register_feature(name, factory)`; factories take the parsed options dict.
+
+Extraction is one jitted call per fixed-size batch, sharded over all local devices on the batch axis (the last
+batch is padded and the padding dropped); mean/covariance accumulate in float64 running sums
+(`metrics.StatsAccumulator`), so 50k images never sit in memory; only IS logits (and pool3 features when
+precision/recall is asked for) are kept, as float32.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from tcaq_jax.diffusion import sharding
+from tcaq_jax.eval import metrics
+
+__all__ = ['FidError', 'FeatureFn', 'register_feature', 'make_feature_fn', 'ImageSource', 'open_images',
+           'FeatureStats', 'extract', 'reference_stats', 'evaluate', 'IMAGE_KEYS']
+
+FeatureFn = Callable[[Any], dict]
+IMAGE_KEYS = ('arr_0', 'images', 'samples')
+_IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+
+
+class FidError(ValueError):
+  """Bad image source, reference file or feature network option (the message names the file / flag)."""
+
+
+# ------------------------------------------------------------------------------------------ feature networks
+
+_FEATURES: dict[str, Callable[[dict], FeatureFn]] = {}
+
+
+def register_feature(name: str, factory: Callable[[dict], FeatureFn]) -> None:
+  """Makes `--feature=name` available; `factory(options) -> FeatureFn`."""
+  _FEATURES[name] = factory
+
+
+def make_feature_fn(name: str, **options) -> FeatureFn:
+  if name not in _FEATURES:
+    raise FidError(f'--feature={name!r} is unknown; registered: {sorted(_FEATURES)}')
+  return _FEATURES[name](options)
+
+
+def _inception_factory(options: dict) -> FeatureFn:
+  from tcaq_jax.eval import inception
+  directory = options.get('inception_dir')
+  if not directory:
+    raise FidError('--feature=inception needs --inception_dir (convert the weights with '
+                   '`python -m tcaq_jax.eval.inception --weights pt_inception-2015-12-05-*.pth --out DIR`)')
+  params = inception.load(directory)
+  precision = options.get('precision') or 'highest'
+  if isinstance(precision, str):
+    if precision not in ('highest', 'high', 'default'):
+      raise FidError(f'--inception_precision={precision!r}: expected highest, high or default')
+    precision = jax.lax.Precision[precision.upper()]
+  return _with_params(lambda p, x: inception.features(p, x, precision=precision), params)
+
+
+def _digits_factory(options: dict) -> FeatureFn:
+  """The demo's digit classifier (tcaq_jax.eval.digits): 'pool3' = its 64-d penultimate features, 'logits'."""
+  try:
+    from tcaq_jax.eval import digits
+  except ImportError as e:
+    raise FidError(f'--feature=digits needs tcaq_jax.eval.digits ({e})') from e
+  model, params = digits.load_classifier(options.get('digits_dir') or digits.CLASSIFIER_DIR)
+  res = model.config['resolution']
+
+  @jax.jit
+  def fn(p, images):
+    if images.shape[1:3] != (res, res):
+      raise FidError(f'--feature=digits expects {res}x{res} images, got {images.shape[1:3]}')
+    x = images.astype(jnp.float32).mean(axis=-1, keepdims=True) / 127.5 - 1.0   # grey, [-1, 1]
+    feats, logits = model.apply({'params': p}, x)
+    return {'pool3': feats, 'logits': logits}
+  return _with_params(fn, params)
+
+
+def _with_params(fn: Callable, params: Any) -> FeatureFn:
+  """Binds params, replicated over the batch mesh, to fn(params, images)."""
+  mesh = sharding.batch_mesh()
+  params = sharding.replicate(params, mesh)
+  feature_fn = lambda images: fn(params, images)  # noqa: E731
+  feature_fn.mesh = mesh
+  return feature_fn
+
+
+register_feature('inception', _inception_factory)
+register_feature('digits', _digits_factory)
+
+
+# ----------------------------------------------------------------------------------------------- image sources
+
+class ImageSource:
+  """A sized, re-iterable source of uint8 images [N, H, W, 3]; `batches(b)` yields [<=b, H, W, 3] arrays."""
+
+  def __init__(self, name: str, n: int, get: Callable[[int, int], np.ndarray]):
+    self.name, self.n, self._get = name, n, get
+
+  def __len__(self):
+    return self.n
+
+  def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
+    n = self.n if limit is None else min(limit, self.n)
+    for lo in range(0, n, batch_size):
+      yield _as_rgb_uint8(self._get(lo, min(lo + batch_size, n)), self.name)
+
+
+def _as_rgb_uint8(x: np.ndarray, name: str) -> np.ndarray:
+  x = np.asarray(x)
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise FidError(f'{name}: expected images [N, H, W, 3] (or grey [N, H, W]), got shape {x.shape}')
+  if x.dtype != np.uint8:
+    raise FidError(f'{name}: expected uint8 images, got {x.dtype} (convert samples with '
+                   f'clip(round((x + 1) * 127.5), 0, 255) first)')
+  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def _npz_images(path: str) -> ImageSource | None:
+  z = np.load(path, allow_pickle=False, mmap_mode='r')
+  key = next((k for k in IMAGE_KEYS if k in z.files), None)
+  if key is None:
+    return None
+  arr = z[key]
+  return ImageSource(f'{path}[{key}]', arr.shape[0], lambda lo, hi: np.asarray(arr[lo:hi]))
+
+
+def _folder_images(path: str) -> ImageSource:
+  from PIL import Image
+  files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+                 if f.lower().endswith(_IMAGE_EXTS))
+  if not files:
+    raise FidError(f'image folder {path!r} holds no {"/".join(_IMAGE_EXTS)} files')
+
+  def get(lo, hi):
+    imgs = []
+    for f in files[lo:hi]:
+      with Image.open(f) as im:
+        imgs.append(np.asarray(im.convert('RGB')))
+    shapes = {a.shape for a in imgs}
+    if len(shapes) > 1:
+      raise FidError(f'{path}: images of different sizes {sorted(shapes)} (e.g. {files[lo]}); resize them first')
+    return np.stack(imgs)
+  return ImageSource(path, len(files), get)
+
+
+def open_images(path: str) -> ImageSource:
+  """An image npz or an image folder -> ImageSource."""
+  if os.path.isdir(path):
+    return _folder_images(path)
+  if not os.path.isfile(path):
+    raise FidError(f'{path!r} does not exist')
+  if not path.endswith('.npz'):
+    raise FidError(f'{path!r}: expected an .npz of images or a folder of images')
+  src = _npz_images(path)
+  if src is None:
+    raise FidError(f'{path!r} holds no images (keys {list(np.load(path).files)}; expected one of {IMAGE_KEYS})')
+  return src
+
+
+# ----------------------------------------------------------------------------------------------- extraction
+
+class FeatureStats:
+  """Running statistics of the outputs of a FeatureFn (float64 sums; IS logits / pool3 kept if asked)."""
+
+  def __init__(self, keep_features: bool = False, keep_logits: bool = True):
+    self.pool3 = metrics.StatsAccumulator()
+    self.spatial = metrics.StatsAccumulator()
+    self.keep_features, self.keep_logits = keep_features, keep_logits
+    self._logits: list[np.ndarray] = []
+    self._features: list[np.ndarray] = []
+
+  def update(self, out: dict) -> None:
+    self.pool3.update(out['pool3'])
+    if 'spatial' in out:
+      self.spatial.update(out['spatial'])
+    if self.keep_logits and 'logits' in out:
+      self._logits.append(np.asarray(out['logits'], np.float32))
+    if self.keep_features:
+      self._features.append(np.asarray(out['pool3'], np.float32))
+
+  @property
+  def n(self) -> int:
+    return self.pool3.n
+
+  def logits(self) -> np.ndarray | None:
+    return np.concatenate(self._logits) if self._logits else None
+
+  def features(self) -> np.ndarray | None:
+    return np.concatenate(self._features) if self._features else None
+
+  def as_npz_dict(self) -> dict:
+    out = {'n': np.int64(self.n)}
+    out['mu'], out['sigma'] = self.pool3.stats()
+    if self.spatial.n:
+      out['mu_s'], out['sigma_s'] = self.spatial.stats()
+    if self._features:
+      out['features'] = self.features()
+    return out
+
+
+def extract(feature_fn: FeatureFn, source: ImageSource, batch_size: int = 250, limit: int | None = None,
+            keep_features: bool = False, progress: bool = True, desc: str | None = None) -> FeatureStats:
+  """Streams `source` through `feature_fn` in fixed-size batches sharded over the local devices."""
+  mesh = getattr(feature_fn, 'mesh', None) or sharding.batch_mesh()
+  n_dev = mesh.devices.size
+  padded = sharding.pad_to_multiple(batch_size, n_dev)
+  stats = FeatureStats(keep_features=keep_features)
+  total = len(source) if limit is None else min(limit, len(source))
+  bar = tqdm(total=total, desc=desc or source.name, unit='img', disable=not progress)
+  for images in source.batches(batch_size, limit):
+    n = images.shape[0]
+    if n < padded:   # one compiled shape: pad with copies of the last image, drop them after
+      images = np.concatenate([images, np.repeat(images[-1:], padded - n, axis=0)])
+    out = feature_fn(sharding.shard_batch(images, mesh))
+    stats.update({k: np.asarray(v)[:n] for k, v in out.items()})
+    bar.update(n)
+  bar.close()
+  if stats.n < 2:
+    raise FidError(f'{source.name}: need at least 2 images, got {stats.n}')
+  return stats
+
+
+def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 250, limit: int | None = None,
+                    keep_features: bool = False, progress: bool = True) -> dict:
+  """Reference as a dict {'mu', 'sigma', optional 'mu_s', 'sigma_s', 'features', 'source'}."""
+  if path.endswith('.npz') and os.path.isfile(path):
+    z = np.load(path, allow_pickle=False)
+    if not any(k in z.files for k in IMAGE_KEYS):
+      if 'mu' not in z.files or 'sigma' not in z.files:
+        raise FidError(f'reference {path!r} holds neither images ({IMAGE_KEYS}) nor statistics (mu, sigma); '
+                       f'keys: {z.files}')
+      ref = {k: np.asarray(z[k]) for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features') if k in z.files}
+      ref['source'] = 'statistics'
+      return ref
+  stats = extract(feature_fn, open_images(path), batch_size, limit, keep_features, progress, desc='reference')
+  ref = stats.as_npz_dict()
+  ref['source'] = 'images'
+  return ref
+
+
+def evaluate(samples: str, ref: str, feature_fn: FeatureFn, batch_size: int = 250, limit: int | None = None,
+             is_splits: int = 10, precision_recall: bool = False, k: int = 3, progress: bool = True) -> dict:
+  """-> JSON-ready report: fid, sfid (when both sides have spatial features), is_mean/is_std, precision/recall."""
+  sample_stats = extract(feature_fn, open_images(samples), batch_size, limit, precision_recall, progress,
+                         desc='samples')
+  ref_d = reference_stats(ref, feature_fn, batch_size, None, precision_recall, progress)
+  report: dict[str, Any] = {'samples': samples, 'ref': ref, 'n_samples': sample_stats.n,
+                            'ref_source': ref_d['source']}
+  if 'n' in ref_d:
+    report['n_ref'] = int(ref_d['n'])
+  mu, sigma = sample_stats.pool3.stats()
+  report['fid'] = metrics.frechet_distance(mu, sigma, ref_d['mu'], ref_d['sigma'])
+  if sample_stats.spatial.n and 'mu_s' in ref_d:
+    mu_s, sigma_s = sample_stats.spatial.stats()
+    report['sfid'] = metrics.frechet_distance(mu_s, sigma_s, ref_d['mu_s'], ref_d['sigma_s'])
+  logits = sample_stats.logits()
+  if logits is not None and logits.shape[0] >= is_splits:
+    report['is_mean'], report['is_std'] = metrics.inception_score(logits, is_splits)
+  if precision_recall:
+    if 'features' not in ref_d:
+      raise FidError(f'--precision_recall needs reference features: {ref!r} holds statistics only '
+                     f'(write them with ref_stats --save_features)')
+    report['precision'], report['recall'] = metrics.precision_recall(ref_d['features'], sample_stats.features(), k)
+  return report
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging
+  f = flags.FLAGS
+  feature_fn = make_feature_fn(f.feature, inception_dir=f.inception_dir, precision=f.inception_precision)
+  report = evaluate(f.samples, f.ref, feature_fn, f.batch_size, f.num_samples, f.is_splits, f.precision_recall,
+                    progress=not f.no_progress)
+  report['feature'] = f.feature
+  text = json.dumps(report, indent=2, sort_keys=True)
+  if f.json:
+    tmp = f.json + '.tmp'
+    with open(tmp, 'w') as fh:
+      fh.write(text + '\n')
+    os.replace(tmp, f.json)
+    logging.info('wrote %s', f.json)
+  print(text)
+
+
+def define_flags():
+  from absl import flags
+  flags.DEFINE_string('samples', None, 'generated images: .npz (arr_0 / images / samples) or image folder')
+  flags.DEFINE_string('ref', None, 'reference: image .npz, image folder, or statistics .npz (mu, sigma, ...)')
+  flags.DEFINE_string('feature', 'inception', f'feature network: {sorted(_FEATURES)}')
+  flags.DEFINE_string('inception_dir', None, 'converted FID Inception (python -m tcaq_jax.eval.inception)')
+  flags.DEFINE_enum('inception_precision', 'highest', ['highest', 'high', 'default'],
+                    'conv precision on GPU/TPU: highest = float32 (reference); default may use TF32/bf16 passes')
+  flags.DEFINE_integer('batch_size', 250, 'images per jitted batch (all devices together)')
+  flags.DEFINE_integer('num_samples', None, 'use only the first N samples')
+  flags.DEFINE_integer('is_splits', 10, 'Inception Score splits')
+  flags.DEFINE_bool('precision_recall', False, 'also improved precision/recall (k=3); keeps pool3 features')
+  flags.DEFINE_string('json', None, 'also write the JSON report here')
+  flags.DEFINE_bool('no_progress', False, 'hide the progress bars')
+  flags.mark_flags_as_required(['samples', 'ref'])
+
+
+if __name__ == '__main__':
+  from absl import app
+  define_flags()
+  app.run(main)

@@ -1,0 +1,237 @@
+"""quantized_apply: run any Flax model with quantized weights and activations (no quantization code in it).
+
+Two parts (DESIGN.md):
+  1. weights: a pure transform over params (`jax.tree_util.tree_map_with_path`): for every layer the policy
+     quantizes, kernel -> fake_quant(kernel * r) with per-output-channel scales, AdaRound soft rounding while
+     training ('soft'), hard rounding after ('hard'), or round-to-nearest ('nearest').
+  2. activations: `flax.linen.intercept_methods` on the `__call__` of nn.Conv / nn.Dense / QuantPoint modules
+     fake-quantizes their first argument: x -> fake_quant(x / r) with the state of the current timestep. The
+     shortcut conv that eats concat([h, skip]) uses two quantizers split at the boundary; post-Softmax points
+     select log2 or uniform per timestep (DAQ).
+
+Quantizer state (`qstate`) is a pytree of arrays:
+  {'step_slot': int32 [n_steps]                 sampler step index -> calibration slot (K slots)
+   'layers': {path: {                           one dict per quantized layer, keyed by module path
+      'r':          [Cin]                       TCR ratio (optional; kernel * r, activation / r; used only
+                                                when the layer's input is quantized)
+      'w_scale', 'w_zero': keepdims [.., Cout]  per-output-channel weight quantizer
+      'alpha':      kernel shape                AdaRound logits (optional)
+      'a_scale', 'a_zero': [K, S]               per-slot activation quantizer (S = 2 when split)
+      'log2_delta' or 'logsqrt2_delta': [K]     post-Softmax log quantizer (optional, DAQ)
+      'use_log2':   [K] float 0/1               DAQ choice per slot}}}
+`step_index` may be a scalar (sampler) or one index per sample [B] (reconstruction minibatches mixing steps).
+Imports nothing from the rest of tcaq_jax except its sibling quantizers.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tcaq_jax.quant import log2 as log2q
+from tcaq_jax.quant.adaround import adaround_fake_quant
+from tcaq_jax.quant.tcr import scale_activation, scale_kernel_inputs
+from tcaq_jax.quant.uniform import fake_quant
+
+__all__ = ['ApplyError', 'WEIGHT_MODES', 'quantize_weights', 'act_interceptor', 'quantized_apply',
+           'submodule', 'block_method', 'qstate_to_tree', 'qstate_from_tree', 'slot_of']
+
+WEIGHT_MODES = ('soft', 'hard', 'nearest', 'fp')
+
+
+class ApplyError(ValueError):
+  """A policy / quantizer state does not fit the model (names the layer path)."""
+
+
+def _in_paths(path: str, paths: Sequence[str] | None) -> bool:
+  if paths is None:
+    return True
+  return any(p == '' or path == p or path.startswith(p + '/') for p in paths)
+
+
+def _weight_fq(w, st, bits: int, mode: str, use_r: bool = True):
+  """w: kernel (conv HWIO / dense [in, out]) -> W diag(r) fake-quantized per output channel."""
+  if use_r and 'r' in st:
+    w = scale_kernel_inputs(w, st['r'])
+  if mode == 'fp':
+    return w
+  if mode in ('soft', 'hard') and 'alpha' in st:
+    return adaround_fake_quant(w, st['alpha'], st['w_scale'], st['w_zero'], bits, hard=(mode == 'hard'))
+  return fake_quant(w, jax.lax.stop_gradient(st['w_scale']), st['w_zero'], bits)
+
+
+def quantize_weights(params: Any, qstate: dict, policy, mode: str = 'hard',
+                     paths: Sequence[str] | None = None) -> Any:
+  """params with every policy-selected kernel replaced by its fake-quantized W diag(r).
+
+  mode: 'soft' | 'hard' (AdaRound; layers without alpha round to nearest) | 'nearest' | 'fp' (only the TCR
+  rescale). paths: only layers under these module paths are transformed (None = all).
+  """
+  if mode not in WEIGHT_MODES:
+    raise ApplyError(f'weight mode {mode!r} not in {WEIGHT_MODES}')
+  layers = qstate['layers']
+
+  def fn(kp, leaf):
+    keys = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in kp]
+    if not keys or keys[-1] != 'kernel':
+      return leaf
+    path = '/'.join(str(k) for k in keys[:-1])
+    spec = policy.layers.get(path)
+    st = layers.get(path)
+    if spec is None or st is None or not _in_paths(path, paths):
+      return leaf
+    if spec.weights:
+      if 'w_scale' not in st:
+        raise ApplyError(f'layer {path!r}: policy quantizes weights but qstate has no w_scale')
+      return _weight_fq(leaf, st, spec.w_bits, mode, use_r=spec.acts)
+    if 'r' in st and spec.acts:
+      return scale_kernel_inputs(leaf, st['r'])
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(fn, params)
+
+
+def slot_of(qstate: dict, step_index) -> jax.Array:
+  """Calibration slot(s) of a step index: scalar -> scalar, [B] -> [B]."""
+  return qstate['step_slot'][jnp.asarray(step_index, jnp.int32)]
+
+
+def _bcast(v, x):
+  """v: [] or [B] -> broadcastable to x ([B', ...], B' a multiple of B: batch-major head folding)."""
+  if v.ndim == 0:
+    return v
+  b = v.shape[0]
+  if x.shape[0] != b:
+    if x.shape[0] % b:
+      raise ApplyError(f'activation batch {x.shape[0]} is not a multiple of the step_index batch {b}')
+    v = jnp.repeat(v, x.shape[0] // b)
+  return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _uniform(x, scale, zero, bits):
+  return fake_quant(x, _bcast(scale, x), _bcast(zero, x), bits)
+
+
+def act_fake_quant(x, st: dict, spec, slot, learn_scale: bool = False, quantize: bool = True):
+  """Fake-quantizes one layer input (x / r first when TCR is on). x: [B, ..., C]; slot: scalar or [B].
+
+  quantize=False only applies the TCR division (the FP reparameterised model).
+  """
+  if 'r' in st and spec.kind in ('conv', 'dense'):
+    x = scale_activation(x, st['r'])
+  if not quantize:
+    return x
+  scale, zero = st['a_scale'][slot], st['a_zero'][slot]       # [S] or [B, S]
+  if not learn_scale:
+    scale = jax.lax.stop_gradient(scale)
+  bits = spec.a_bits
+  if spec.split:
+    s = spec.split
+    return jnp.concatenate([_uniform(x[..., :s], scale[..., 0], zero[..., 0], bits),
+                            _uniform(x[..., s:], scale[..., 1], zero[..., 1], bits)], axis=-1)
+  x_uni = _uniform(x, scale[..., 0], zero[..., 0], bits)
+  if spec.kind == 'softmax' and 'use_log2' in st:
+    if 'log2_delta' in st:
+      x_log = log2q.log2_fake_quant(x, _bcast(st['log2_delta'][slot], x), bits)
+    else:
+      x_log = log2q.logsqrt2_fake_quant(x, _bcast(st['logsqrt2_delta'][slot], x), bits)
+    return jnp.where(_bcast(st['use_log2'][slot], x) > 0.5, x_log, x_uni)
+  return x_uni
+
+
+def act_interceptor(qstate: dict, policy, step_index, paths: Sequence[str] | None = None,
+                    learn_scale: bool = False, quantize: bool = True):
+  """An interceptor (for `nn.intercept_methods`) that fake-quantizes policy-selected layer inputs
+  (quantize=False: only divides them by the TCR ratio, keeping the model exact in FP)."""
+  slot = slot_of(qstate, step_index)
+  layers = qstate['layers']
+
+  def interceptor(next_fun, args, kwargs, ctx):
+    if ctx.method_name != '__call__' or not args:
+      return next_fun(*args, **kwargs)
+    path = '/'.join(ctx.module.path)
+    spec = policy.layers.get(path)
+    if spec is None or not spec.acts or not _in_paths(path, paths):
+      return next_fun(*args, **kwargs)
+    st = layers.get(path)
+    if not quantize:
+      if st is None or 'r' not in st:
+        return next_fun(*args, **kwargs)
+    elif st is None or 'a_scale' not in st:
+      raise ApplyError(f'layer {path!r}: policy quantizes its input but qstate has no a_scale')
+    x = act_fake_quant(args[0], st, spec, slot, learn_scale, quantize)
+    return next_fun(x, *args[1:], **kwargs)
+
+  return interceptor
+
+
+def submodule(root: nn.Module, path: str) -> nn.Module:
+  """The bound submodule at a '/'-joined Flax path ('' = root), for setup()-style models.
+
+  A segment 'name_1_0' resolves to attribute 'name' indexed [1][0] when no attribute 'name_1_0' exists.
+  """
+  m = root
+  for seg in [s for s in path.split('/') if s]:
+    if hasattr(m, seg) and not isinstance(getattr(m, seg), (list, tuple)):
+      m = getattr(m, seg)
+      continue
+    mt = re.fullmatch(r'(.+?)((?:_\d+)+)', seg)
+    if mt is None or not hasattr(m, mt.group(1)):
+      raise ApplyError(f'no submodule {seg!r} in {type(m).__name__} (path {path!r})')
+    m = getattr(m, mt.group(1))
+    for i in mt.group(2).strip('_').split('_'):
+      m = m[int(i)]
+  return m
+
+
+def block_method(path: str):
+  """`method` for model.apply that runs only the submodule at `path`: fn(module, *args, **kwargs)."""
+  def method(m, *args, **kwargs):
+    return submodule(m, path)(*args, **kwargs)
+  return method
+
+
+def quantized_apply(model: nn.Module, variables: Any, qstate: dict, policy, *args, step_index,
+                    weight_mode: str = 'hard', act_quant: bool = True, paths: Sequence[str] | None = None,
+                    learn_act_scale: bool = False, method=None, **kwargs):
+  """model.apply with quantized weights and activations.
+
+  variables: {'params': ...} (other collections pass through); step_index: int scalar or [B] (traced ok);
+  weight_mode: see quantize_weights; act_quant: False keeps activations FP (TCR division still applied, so
+  weight_mode='fp', act_quant=False reproduces the FP model); paths: quantize only layers
+  under these module paths; method: as in model.apply (e.g. block_method(path) to run one block).
+  """
+  variables = dict(variables)
+  variables['params'] = quantize_weights(variables['params'], qstate, policy, weight_mode, paths)
+  icpt = act_interceptor(qstate, policy, step_index, paths, learn_act_scale, quantize=act_quant)
+  with nn.intercept_methods(icpt):
+    return model.apply(variables, *args, method=method, **kwargs)
+
+
+def qstate_to_tree(qstate: dict) -> dict:
+  """Flat layer keys ('a/b/c') -> nested dicts (for orbax, which dislikes '/' in keys)."""
+  tree = {'step_slot': qstate['step_slot'], 'layers': {}}
+  for path, st in qstate['layers'].items():
+    node = tree['layers']
+    for seg in path.split('/'):
+      node = node.setdefault(seg, {})
+    node['__state__'] = dict(st)
+  return tree
+
+
+def qstate_from_tree(tree: dict) -> dict:
+  """Inverse of qstate_to_tree (arrays converted to jnp)."""
+  layers = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      if k == '__state__':
+        layers['/'.join(prefix)] = {n: jnp.asarray(a) for n, a in v.items()}
+      else:
+        walk(v, prefix + [k])
+
+  walk(tree['layers'], [])
+  return {'step_slot': jnp.asarray(tree['step_slot'], jnp.int32), 'layers': layers}

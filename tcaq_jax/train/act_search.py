@@ -1,0 +1,137 @@
+"""Activation scale search (RepQ-ViT-style percentile search, batch 64) per calibration slot, and DAQ.
+
+For every layer whose input the policy quantizes and every slot k, a batch of (up to) `batch` calibration
+samples of that slot runs through the model (one jitted forward per slot); for the layer input x (divided by
+the TCR ratio r when present) the clipping range is chosen among percentile candidates (100 = min-max) by the
+quantization MSE of x. Percentiles are estimated on a random subsample of at most 2^20 values (min / max are
+exact). Split (concat) inputs get one quantizer per segment. Post-Softmax points get a uniform quantizer with
+zero point 0 and, with DAQ, a log2 (or log-sqrt2) delta and the per-slot log2-vs-uniform choice
+(`tcaq_jax.quant.daq.choose_log2` on a sample of values).
+
+  layers = search_act_scales(forward, policy, qlayers, data, slot_ids, num_slots, batch=64, daq=True)
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcaq_jax.quant.daq import choose_log2
+from tcaq_jax.quant.log2 import log2_search_delta
+from tcaq_jax.quant.ranges import params_from_range
+from tcaq_jax.quant.tcr import scale_activation
+from tcaq_jax.quant.uniform import fake_quant
+
+__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'search_act_scales']
+
+DEFAULT_PCTS = (100.0, 99.999, 99.99, 99.9)
+_MAX_SUB = 1 << 20
+
+
+class ActSearchError(ValueError):
+  """A slot without calibration samples, or non-finite statistics (names the layer and slot)."""
+
+
+def _subsample(x, key, n=_MAX_SUB):
+  flat = x.reshape(-1)
+  if flat.size <= n:
+    return flat
+  return flat[jax.random.randint(key, (n,), 0, flat.size)]
+
+
+def _search_uniform(x, bits, pcts, key, symmetric):
+  """Best (scale, zero) scalars over percentile candidates by MSE of fake_quant(x) (one sort)."""
+  sub = _subsample(x, key)
+  q = jnp.asarray([p for p in pcts if p < 100.0] + [100.0 - p for p in pcts if p < 100.0], jnp.float32)
+  nc = len([p for p in pcts if p < 100.0])
+  lo_all, hi_all = jnp.min(x), jnp.max(x)
+  his, los = [], []
+  if nc:
+    v = jnp.percentile(sub, q)
+    his, los = [v[i] for i in range(nc)], [v[nc + i] for i in range(nc)]
+  if any(p >= 100.0 for p in pcts):
+    his, los = [hi_all] + his, [lo_all] + los
+  s, z = params_from_range(jnp.stack(los), jnp.stack(his), bits, symmetric=symmetric)     # [n_cand]
+  err = jax.lax.map(lambda sz: jnp.mean((fake_quant(x, sz[0], sz[1], bits) - x) ** 2), (s, z))
+  best = jnp.argmin(err)
+  return s[best], z[best]
+
+
+def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[np.ndarray],
+                      slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
+                      daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0) -> dict:
+  """Returns {path: {'a_scale': [K, S], 'a_zero': [K, S], ['<log_kind>_delta': [K], 'use_log2': [K]]}}.
+
+  forward(*data_batch) runs the FP model; qlayers: current per-layer state (for the TCR ratios 'r');
+  data: arrays [N, ...]; slot_ids: [N] slot of every sample.
+  """
+  specs = {s.path: s for s in policy.layers.values() if s.acts}
+  ratios = {p: st['r'] for p, st in qlayers.items() if 'r' in st and p in specs}
+  pcts = tuple(float(p) for p in pcts)
+
+  def run(key, *d):
+    out = {}
+
+    def icpt(next_fun, a, kw, ctx):
+      if ctx.method_name == '__call__' and a:
+        p = '/'.join(ctx.module.path)
+        spec = specs.get(p)
+        if spec is not None and p not in out:
+          x = a[0].astype(jnp.float32)
+          if p in ratios and spec.kind in ('conv', 'dense'):
+            x = scale_activation(x, ratios[p])
+          k = jax.random.fold_in(key, len(out))
+          rec = {}
+          if spec.kind == 'softmax':
+            s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=True)
+            rec['a_scale'], rec['a_zero'] = s[None], z[None]
+            if daq:
+              sub = _subsample(x, jax.random.fold_in(k, 1), n=max(n_daq_values, 1 << 16))
+              rec['delta'] = log2_search_delta(sub, spec.a_bits, log_kind)
+              rec['values'] = sub[jax.random.randint(jax.random.fold_in(k, 2), (n_daq_values,), 0, sub.size)]
+          elif spec.split:
+            segs = [x[..., :spec.split], x[..., spec.split:]]
+            sz = [_search_uniform(sg, spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False)
+                  for i, sg in enumerate(segs)]
+            rec['a_scale'] = jnp.stack([s for s, _ in sz])
+            rec['a_zero'] = jnp.stack([z for _, z in sz])
+          else:
+            s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=False)
+            rec['a_scale'], rec['a_zero'] = s[None], z[None]
+          out[p] = rec
+      return next_fun(*a, **kw)
+
+    with nn.intercept_methods(icpt):
+      forward(*d)
+    return out
+
+  fn = jax.jit(run)
+  rng = np.random.default_rng(seed)
+  per_slot = []
+  for k in range(num_slots):
+    idx = np.nonzero(np.asarray(slot_ids) == k)[0]
+    if idx.size == 0:
+      raise ActSearchError(f'activation search: calibration slot {k} has no samples')
+    if idx.size > batch:
+      idx = np.sort(rng.choice(idx, batch, replace=False))
+    res = fn(jax.random.PRNGKey(seed * 7919 + k), *[jnp.asarray(np.asarray(a)[idx]) for a in data])
+    per_slot.append(jax.device_get(res))
+  missing = set(specs) - set(per_slot[0])
+  if missing:
+    raise ActSearchError(f'activation search: layers never called in the forward pass: {sorted(missing)[:5]}')
+  out = {}
+  for p, spec in specs.items():
+    st = {'a_scale': np.stack([r[p]['a_scale'] for r in per_slot]).astype(np.float32),
+          'a_zero': np.stack([r[p]['a_zero'] for r in per_slot]).astype(np.float32)}
+    if not np.all(np.isfinite(st['a_scale'])):
+      bad = int(np.nonzero(~np.all(np.isfinite(st['a_scale']), axis=1))[0][0])
+      raise ActSearchError(f'activation search: non-finite scale at layer {p!r}, slot {bad}')
+    if spec.kind == 'softmax' and daq:
+      st[f'{log_kind}_delta'] = np.asarray([r[p]['delta'] for r in per_slot], np.float32).reshape(num_slots)
+      values = np.stack([r[p]['values'] for r in per_slot])
+      st['use_log2'] = np.asarray(choose_log2(values), np.float32).reshape(num_slots)
+    out[p] = {k: jnp.asarray(v) for k, v in st.items()}
+  return out
