@@ -98,12 +98,8 @@ def test_tiny_unet_matches_torch_reference(name):
   config = get_config(name)
   tm, sd, model, params = _torch_and_flax(config)
   x, t, y = _inputs(config, batch=4)
-  # The first stage is not under test here; give it any params.
-  full = jax.jit(model.init, static_argnames=('method',))(
-      jax.random.PRNGKey(0), jnp.asarray(x), jnp.asarray(t), None, None if y is None else jnp.asarray(y),
-      method='init_all')['params']
-  full.update(params)
-  eps = jax.jit(model.apply)({'params': full}, jnp.asarray(x), jnp.asarray(t),
+  # The first stage is never called by __call__, so its params are not needed here.
+  eps = jax.jit(model.apply)({'params': params}, jnp.asarray(x), jnp.asarray(t),
                              None, None if y is None else jnp.asarray(y))
   want = _torch_eps(tm, sd, x, t, y)
   assert eps.shape == want.shape

@@ -43,7 +43,7 @@ def test_regularizer_zero_at_binary_and_max_at_half():
     np.testing.assert_allclose(float(Q.rounding_regularizer(jnp.zeros(3), b)), 3.)   # h = 0.5 -> 1 each
     a = jnp.linspace(-6., 6., 241)
     per = jax.vmap(lambda x: Q.rounding_regularizer(x[None], b))(a)
-    assert abs(float(a[jnp.argmax(per)])) < 1e-6
+    assert float(per[120]) == 1. and float(jnp.max(per)) <= 1.   # a[120] = 0 -> h = 0.5
     h = np.clip(1 / (1 + np.exp(-np.asarray(a, np.float64))) * 1.2 - 0.1, 0, 1)
     np.testing.assert_allclose(np.asarray(per), 1 - np.abs(2 * h - 1) ** b, atol=1e-5)
 
@@ -66,7 +66,8 @@ def test_b_schedule_matches_method():
 def test_alpha_optimisation_reduces_output_error():
   rng = np.random.default_rng(1)
   w = (rng.normal(size=(16, 8)) * 0.2).astype(np.float32)
-  x = rng.normal(size=(256, 16)).astype(np.float32)
+  # Correlated inputs (low-rank + noise): nearest rounding is not optimal for the layer output.
+  x = (rng.normal(size=(256, 3)) @ rng.normal(size=(3, 16)) + 0.1 * rng.normal(size=(256, 16))).astype(np.float32)
   s, z = Q.minmax_params(w, 3, channel_axis=-1)
   st = Q.init_adaround_state(w, s, z, 3)
   y = x @ w

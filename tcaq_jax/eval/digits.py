@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 __all__ = ['ASSETS', 'DEMO_UNET_DIR', 'CLASSIFIER_DIR', 'CLASSIFIER_CONFIG', 'load_digits_16', 'DigitClassifier',
-           'load_classifier', 'classify', 'train_classifier', 'to_uint8', 'from_uint8']
+           'load_classifier', 'classify', 'train_classifier', 'from_uint8']
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets')
 DEMO_UNET_DIR = os.path.join(ASSETS, 'demo_unet')
@@ -42,11 +42,6 @@ def load_digits_16() -> tuple[np.ndarray, np.ndarray]:
   x = jax.image.resize(jnp.asarray(x), (x.shape[0], 16, 16), method='linear')
   x = np.clip(np.asarray(x) * 2.0 - 1.0, -1.0, 1.0)[..., None]
   return x.astype(np.float32), d.target.astype(np.int32)
-
-
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] float -> uint8 (the guided-diffusion / ddim convention: round((x + 1) * 127.5) clipped)."""
-  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def from_uint8(x) -> np.ndarray:

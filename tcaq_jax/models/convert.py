@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -284,9 +282,7 @@ def config_from_yaml(path: str, name: str | None = None) -> dict:
   name = name or os.path.splitext(os.path.basename(path))[0]
   if isinstance(d, dict) and isinstance(d.get('model'), dict) and 'target' in d['model']:
     from tcaq_jax.models import ldm_configs
-    cfg = ldm_configs.config_from_yaml(d)
-    cfg.setdefault('name', name)
-    return cfg
+    return ldm_configs.config_from_yaml(d, name=name)
   if isinstance(d, dict) and isinstance(d.get('model'), dict) and 'ch_mult' in d['model']:
     return _ddim_config_from_yaml(d, name)
   raise ConversionError(f'{path}: neither a DDIM config (model.ch_mult) nor a latent-diffusion config '

@@ -12,7 +12,7 @@ zero point 0 and, with DAQ, a log2 (or log-sqrt2) delta and the per-slot log2-vs
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -62,17 +62,18 @@ def _search_uniform(x, bits, pcts, key, symmetric):
 
 def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[np.ndarray],
                       slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
-                      daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0) -> dict:
+                      daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0,
+                      consts: Any = None) -> dict:
   """Returns {path: {'a_scale': [K, S], 'a_zero': [K, S], ['<log_kind>_delta': [K], 'use_log2': [K]]}}.
 
-  forward(*data_batch) runs the FP model; qlayers: current per-layer state (for the TCR ratios 'r');
+  forward(consts, *data_batch) runs the FP model (consts: params, passed as jit arguments); qlayers: current per-layer state (for the TCR ratios 'r');
   data: arrays [N, ...]; slot_ids: [N] slot of every sample.
   """
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratios = {p: st['r'] for p, st in qlayers.items() if 'r' in st and p in specs}
   pcts = tuple(float(p) for p in pcts)
 
-  def run(key, *d):
+  def run(consts, key, *d):
     out = {}
 
     def icpt(next_fun, a, kw, ctx):
@@ -105,7 +106,7 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
       return next_fun(*a, **kw)
 
     with nn.intercept_methods(icpt):
-      forward(*d)
+      forward(consts, *d)
     return out
 
   fn = jax.jit(run)
@@ -117,7 +118,7 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
       raise ActSearchError(f'activation search: calibration slot {k} has no samples')
     if idx.size > batch:
       idx = np.sort(rng.choice(idx, batch, replace=False))
-    res = fn(jax.random.PRNGKey(seed * 7919 + k), *[jnp.asarray(np.asarray(a)[idx]) for a in data])
+    res = fn(consts, jax.random.PRNGKey(seed * 7919 + k), *[jnp.asarray(np.asarray(a)[idx]) for a in data])
     per_slot.append(jax.device_get(res))
   missing = set(specs) - set(per_slot[0])
   if missing:

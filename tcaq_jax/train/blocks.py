@@ -103,16 +103,17 @@ class CapturedIO:
 
 
 def capture_unit_io(forward: Callable, path: str, data: Sequence[np.ndarray], batch: int = 64,
-                    want_inputs: bool = True, want_output: bool = True) -> CapturedIO:
-  """Runs `forward(*data_batch)` (a function calling model.apply; it may add its own interceptors) over the
-  set in batches and records the (args, kwargs) and/or output of the module at `path`.
+                    want_inputs: bool = True, want_output: bool = True, consts: Any = None) -> CapturedIO:
+  """Runs `forward(consts, *data_batch)` (a function calling model.apply; it may add its own interceptors)
+  over the set in batches and records the (args, kwargs) and/or output of the module at `path`. consts
+  (params, quantizer state) are jit arguments, not baked-in constants.
 
   data: arrays [N, ...] (e.g. x_t, t, step_index, labels) sliced along axis 0. Returns CapturedIO whose
   arrays live on device. XLA drops the part of the forward after the unit (dead code).
   """
   meta: dict = {}
 
-  def run(*d):
+  def run(consts, *d):
     rec = {}
 
     def icpt(next_fun, a, kw, ctx):
@@ -124,7 +125,7 @@ def capture_unit_io(forward: Callable, path: str, data: Sequence[np.ndarray], ba
       return next_fun(*a, **kw)
 
     with nn.intercept_methods(icpt):
-      forward(*d)
+      forward(consts, *d)
     if 'out' not in rec:
       raise BlockError(f'unit {path!r} was not called by the forward pass')
     flat, treedef = jax.tree_util.tree_flatten(rec['in'])
@@ -138,9 +139,57 @@ def capture_unit_io(forward: Callable, path: str, data: Sequence[np.ndarray], ba
   ins, outs = [], []
   for i in range(0, n, batch):
     d = [jnp.asarray(a[i:i + batch]) for a in data]
-    dyn, out = fn(*d)
+    dyn, out = fn(consts, *d)
     ins.append(dyn)
     outs.append(out)
   leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if want_inputs else []
   output = jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if want_output else None
   return CapturedIO(leaves, meta['statics'], meta['treedef'], output)
+
+
+def prune_tree(tree: dict, prefixes: Sequence[str]) -> dict:
+  """The sub-dict of a nested params dict holding only the subtrees at the given '/'-paths."""
+  out: dict = {}
+  for pre in prefixes:
+    segs = [s for s in pre.split('/') if s]
+    src, dst = tree, out
+    ok = True
+    for seg in segs[:-1]:
+      if not isinstance(src, dict) or seg not in src:
+        ok = False
+        break
+      src = src[seg]
+      dst = dst.setdefault(seg, {})
+    if ok and segs and isinstance(src, dict) and segs[-1] in src:
+      dst[segs[-1]] = src[segs[-1]]
+  return out
+
+
+def unit_aux(params: dict, qstate: dict, unit: Unit) -> dict:
+  """Frozen arrays a unit needs: its params subtree, its layers' quantizer state and the step map."""
+  return {'params': prune_tree(params, [unit.path]),
+          'layers': {p: st for p, st in qstate['layers'].items() if _inside(p, unit.path)},
+          'step_slot': qstate['step_slot']}
+
+
+def unit_apply_fn(model: nn.Module, policy, unit: Unit, io: CapturedIO, weight_mode: str = 'soft',
+                  learn_act_scale: bool = False) -> Callable:
+  """apply_fn(theta, aux, inputs_batch, steps_batch) -> the unit's quantized output (for recon.reconstruct).
+
+  theta: {layer path: {'alpha': .., ['a_scale': ..]}} overrides of aux['layers'].
+  """
+  from tcaq_jax.quant.apply import block_method, quantized_apply
+
+  method = block_method(unit.path)
+
+  def apply_fn(theta, aux, xb, sb):
+    layers = dict(aux['layers'])
+    for p, st in theta.items():
+      layers[p] = {**layers[p], **st}
+    args, kwargs = io.rebuild(xb)
+    qs = {'step_slot': aux['step_slot'], 'layers': layers}
+    return quantized_apply(model, {'params': aux['params']}, qs, policy, *args, step_index=sb,
+                           weight_mode=weight_mode, paths=[unit.path], learn_act_scale=learn_act_scale,
+                           method=method, **kwargs)
+
+  return apply_fn

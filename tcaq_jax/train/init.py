@@ -47,14 +47,14 @@ def calib_slot_ids(step_slot: np.ndarray, step_index: np.ndarray) -> np.ndarray:
 
 
 def collect_peaks(forward: Callable, paths: Sequence[str], data: Sequence[np.ndarray], slot_ids: np.ndarray,
-                  num_slots: int, batch: int = 64) -> dict:
+                  num_slots: int, batch: int = 64, consts: Any = None) -> dict:
   """Per-slot per-channel peaks max|x| of the inputs of the layers at `paths`.
 
-  forward(*data_batch) runs the (FP) model; data: arrays [N, ...]; slot_ids: [N]. Returns {path: [K, C]}.
+  forward(consts, *data_batch) runs the (FP) model (consts: params, passed as jit arguments); data: arrays [N, ...]; slot_ids: [N]. Returns {path: [K, C]}.
   """
   paths = set(paths)
 
-  def run(slots, *d):
+  def run(consts, slots, *d):
     out = {}
 
     def icpt(next_fun, a, kw, ctx):
@@ -67,14 +67,14 @@ def collect_peaks(forward: Callable, paths: Sequence[str], data: Sequence[np.nda
       return next_fun(*a, **kw)
 
     with nn.intercept_methods(icpt):
-      forward(*d)
+      forward(consts, *d)
     return out
 
   fn = jax.jit(run)
   acc: dict = {}
   n = int(data[0].shape[0])
   for i in range(0, n, batch):
-    res = fn(jnp.asarray(slot_ids[i:i + batch]), *[jnp.asarray(a[i:i + batch]) for a in data])
+    res = fn(consts, jnp.asarray(slot_ids[i:i + batch]), *[jnp.asarray(a[i:i + batch]) for a in data])
     for p, v in res.items():
       v = np.maximum(np.asarray(v), 0.)
       acc[p] = v if p not in acc else np.maximum(acc[p], v)

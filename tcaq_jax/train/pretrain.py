@@ -9,6 +9,8 @@ early at --max_minutes (the step reached is recorded in the model dir's meta).
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 
 import jax
@@ -89,10 +91,11 @@ def main(argv):
     state, start = jax.tree.map(jnp.asarray, ck['params']), int(last)
     logging.info('resumed %s at step %d', FLAGS.run_dir, start)
   step_fn = make_train_step(model, tx, alpha_bar, data, FLAGS.batch_size, FLAGS.ema_decay)
-  t0, losses, step = time.time(), [], start
+  t0, losses, steps_done = time.time(), [], start
   for step in range(start, FLAGS.steps):
     state, loss = step_fn(state, jax.random.fold_in(key, step + 1))
     losses.append(loss)
+    steps_done = step + 1
     if (step + 1) % FLAGS.log_every == 0:
       logging.info('step %d loss %.4f (%.2f steps/s)', step + 1, float(jnp.mean(jnp.stack(losses))),
                    (step + 1 - start) / (time.time() - t0))
@@ -102,8 +105,9 @@ def main(argv):
     if FLAGS.max_minutes and time.time() - t0 > 60 * FLAGS.max_minutes:
       logging.warning('stopping at step %d: --max_minutes %.1f reached', step + 1, FLAGS.max_minutes)
       break
-  steps_done = step + 1
   ema = state[1]
+  if os.path.isfile(os.path.join(FLAGS.out_dir, 'config.json')):  # replace an older model dir
+    shutil.rmtree(FLAGS.out_dir)
   checkpoint.save_model_dir(FLAGS.out_dir, ema, config, extra={
       'trained_steps': steps_done, 'batch_size': FLAGS.batch_size, 'lr': FLAGS.lr, 'ema_decay': FLAGS.ema_decay,
       'seed': FLAGS.seed, 'num_params': n_params, 'data': 'sklearn load_digits, bilinear 8x8->16x16, [-1,1]',

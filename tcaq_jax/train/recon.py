@@ -72,12 +72,13 @@ def _round_reg(theta, b):
   return sum(regs) if regs else jnp.float32(0.)
 
 
-def reconstruct(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], targets: Any,
+def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
                 steps: jax.Array, cfg: ReconConfig, key: jax.Array, block: str = '',
                 progress: Callable | None = None) -> tuple[dict, dict]:
   """Optimises theta ({layer path: {'alpha': ..., ['a_scale': ...]}}) for one block.
 
-  apply_fn(theta, inputs_batch: list, steps_batch [B]) -> block output (soft rounding);
+  apply_fn(theta, aux, inputs_batch: list, steps_batch [B]) -> block output (soft rounding); aux: frozen
+  arrays (params, other quantizer state) passed as jit arguments rather than baked-in constants;
   inputs: arrays [N, ...]; targets: [N, ...] (pytree); steps: [N] int step index of every sample.
   Returns (theta, stats) with stats = {'iters', 'final_rec', 'final_total', 'seconds', 'it_per_s'}.
   """
@@ -89,8 +90,8 @@ def reconstruct(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], ta
   opt = optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_lr)}, _labels(theta))
   opt_state = opt.init(theta)
 
-  def loss_fn(th, xb, yb, sb, it):
-    rec = rec_loss(apply_fn(th, xb, sb), yb)
+  def loss_fn(th, aux, xb, yb, sb, it):
+    rec = rec_loss(apply_fn(th, aux, xb, sb), yb)
     b, on = b_schedule(it, total, cfg.warmup, cfg.b_start, cfg.b_end)
     loss = rec + cfg.lam * on * _round_reg(th, b)
     if cfg.nan_at_iter >= 0:
@@ -99,7 +100,7 @@ def reconstruct(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], ta
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def chunk_fn(th, st, key, start, length, inputs, targets, steps):
+  def chunk_fn(th, st, key, start, length, aux, inputs, targets, steps):
     def body(i, carry):
       th, st, bad, bad_it, loss_sum, rec_sum, cnt = carry
       it = start + i
@@ -107,7 +108,7 @@ def reconstruct(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], ta
       idx = jax.random.randint(k, (cfg.batch,), 0, n)
       xb = [a[idx] for a in inputs]
       yb = jax.tree.map(lambda a: a[idx], targets)
-      (loss, rec), g = grad_fn(th, xb, yb, steps[idx], it)
+      (loss, rec), g = grad_fn(th, aux, xb, yb, steps[idx], it)
       upd, st2 = opt.update(g, st, th)
       th2 = optax.apply_updates(th, upd)
       ok = jnp.isfinite(loss) & jnp.logical_not(bad) & jax.tree.reduce(
@@ -126,7 +127,7 @@ def reconstruct(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], ta
   while done < total:
     length = min(cfg.chunk, total - done)
     th, st, bad, bad_it, loss_sum, rec_sum, cnt = chunk_jit(theta, opt_state, key, jnp.int32(done), length,
-                                                            list(inputs), targets, steps)
+                                                            aux, list(inputs), targets, steps)
     cnt = int(cnt)
     if bool(bad):
       raise NonFiniteLossError(block, int(bad_it), jax.device_get(th))
@@ -141,15 +142,15 @@ def reconstruct(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], ta
                  'it_per_s': total / max(secs, 1e-9)}
 
 
-def eval_loss(apply_fn: Callable, theta: dict, inputs: Sequence[jax.Array], targets: Any, steps: jax.Array,
-              batch: int = 64, max_samples: int = 256) -> float:
-  """Mean rec_loss over max_samples evenly spaced samples of the set with apply_fn(theta, inputs, steps)."""
+def eval_loss(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
+              steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
+  """Mean rec_loss over max_samples evenly spaced samples of the set with apply_fn(theta, aux, inputs, steps)."""
   total = int(steps.shape[0])
   n = min(total, max_samples)
   sel = jnp.asarray(np.linspace(0, total - 1, n).round().astype(np.int32))
-  fn = jax.jit(lambda th, xb, yb, sb: rec_loss(apply_fn(th, xb, sb), yb) * sb.shape[0])
+  fn = jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
   tot = 0.0
   for i in range(0, n, batch):
     ix = sel[i:i + batch]
-    tot += float(fn(theta, [a[ix] for a in inputs], jax.tree.map(lambda a: a[ix], targets), steps[ix]))
+    tot += float(fn(theta, aux, [a[ix] for a in inputs], jax.tree.map(lambda a: a[ix], targets), steps[ix]))
   return tot / max(n, 1)
