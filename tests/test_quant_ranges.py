@@ -84,3 +84,35 @@ def test_lp_search_per_tensor_conv_kernel_shape():
   np.testing.assert_allclose(float(s.reshape(())), rs[0], rtol=1e-5)
   s, z = Q.lp_search_params(k, 4, channel_axis=-1)
   assert s.shape == (1, 1, 1, 16)
+
+
+def test_docs_example_quantizes_kernels_of_a_flax_model():
+  """The docs/quant.md recipe: per-output-channel Lp search on every 'kernel' leaf, other leaves untouched."""
+  import flax.linen as nn
+  import jax
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(5)(nn.GroupNorm(2)(nn.Conv(6, (3, 3))(x)))
+
+  x = np.ones((1, 4, 4, 3), np.float32)
+  params = Net().init(jax.random.PRNGKey(0), x)['params']
+
+  def quantize_kernels(params, bits=4):
+    def fq(path, w):
+      if getattr(path[-1], 'key', None) != 'kernel':
+        return w
+      s, z = Q.lp_search_params(w, bits, channel_axis=-1)
+      return Q.fake_quant(w, s, z, bits)
+    return jax.tree_util.tree_map_with_path(fq, params)
+
+  pq = jax.jit(quantize_kernels, static_argnums=1)(params, 4)
+  for name in ['Conv_0', 'Dense_0']:
+    k, kq = np.asarray(params[name]['kernel']), np.asarray(pq[name]['kernel'])
+    assert not np.array_equal(k, kq)
+    for c in range(k.shape[-1]):
+      assert len(np.unique(kq[..., c])) <= 16
+    np.testing.assert_array_equal(np.asarray(pq[name]['bias']), np.asarray(params[name]['bias']))
+  np.testing.assert_array_equal(np.asarray(pq['GroupNorm_0']['scale']), np.asarray(params['GroupNorm_0']['scale']))
+  assert Net().apply({'params': pq}, x).shape == (1, 4, 4, 5)

@@ -290,7 +290,8 @@ def main(argv):
   del argv
   from absl import flags, logging
   f = flags.FLAGS
-  feature_fn = make_feature_fn(f.feature, inception_dir=f.inception_dir, precision=f.inception_precision)
+  feature_fn = make_feature_fn(f.feature, inception_dir=f.inception_dir, precision=f.inception_precision,
+                               digits_dir=f.digits_dir)
   report = evaluate(f.samples, f.ref, feature_fn, f.batch_size, f.num_samples, f.is_splits, f.precision_recall,
                     progress=not f.no_progress)
   report['feature'] = f.feature
@@ -310,6 +311,7 @@ def define_flags():
   flags.DEFINE_string('ref', None, 'reference: image .npz, image folder, or statistics .npz (mu, sigma, ...)')
   flags.DEFINE_string('feature', 'inception', f'feature network: {sorted(_FEATURES)}')
   flags.DEFINE_string('inception_dir', None, 'converted FID Inception (python -m tcaq_jax.eval.inception)')
+  flags.DEFINE_string('digits_dir', None, '--feature=digits: classifier directory (default: the shipped asset)')
   flags.DEFINE_enum('inception_precision', 'highest', ['highest', 'high', 'default'],
                     'conv precision on GPU/TPU: highest = float32 (reference); default may use TF32/bf16 passes')
   flags.DEFINE_integer('batch_size', 250, 'images per jitted batch (all devices together)')

@@ -99,7 +99,7 @@ def main(argv):
   del argv
   from absl import flags, logging
   f = flags.FLAGS
-  feature_fn = fid.make_feature_fn(f.feature, inception_dir=f.inception_dir)
+  feature_fn = fid.make_feature_fn(f.feature, inception_dir=f.inception_dir, digits_dir=f.digits_dir)
   source = data_source(f.data, f.cifar_split)
   stats = fid.extract(feature_fn, source, f.batch_size, f.num_images, keep_features=f.save_features,
                       progress=not f.no_progress, desc='reference')
@@ -117,6 +117,7 @@ if __name__ == '__main__':
   flags.DEFINE_enum('cifar_split', 'train', ['train', 'test'], 'CIFAR-10 split (train = 50k data_batch_*)')
   flags.DEFINE_string('feature', 'inception', 'feature network (see tcaq_jax.eval.fid)')
   flags.DEFINE_string('inception_dir', None, 'converted FID Inception directory')
+  flags.DEFINE_string('digits_dir', None, '--feature=digits: classifier directory (default: the shipped asset)')
   flags.DEFINE_integer('batch_size', 250, 'images per jitted batch')
   flags.DEFINE_integer('num_images', None, 'use only the first N images')
   flags.DEFINE_bool('save_features', False, 'also store pool3 features (for precision/recall)')

@@ -8,6 +8,8 @@
 
 Shapes: w any shape; scale, zero_point broadcastable to w (per output channel keepdims); alpha shaped like w.
 """
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ ZETA = 1.1
 GAMMA = -0.1
 
 
+@jax.jit
 def init_alpha(w, scale, zero_point=None):
   """alpha such that soft_rounding(alpha) equals the rounding residual frac = w/s - floor(w/s).
 
@@ -39,6 +42,7 @@ def hard_rounding(alpha):
   return (alpha >= 0).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'hard', 'signed'))
 def adaround_fake_quant(w, alpha, scale, zero_point, bits, hard=False, signed=False):
   """Fake-quantized weights with learnable rounding; gradients flow to alpha (not to w or scale's floor).
 

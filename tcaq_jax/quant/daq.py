@@ -10,6 +10,8 @@ x_min is unknown in the paper. Default (our choice): the `x_min_quantile` (0.1) 
 so the test sees the bulk of the distribution; pass `x_min` to fix it. `normalized=True` returns Vuong's
 statistic R / (sqrt(n) sigma) instead (sigma = std of the pointwise log-likelihood differences).
 """
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ def default_x_min(values, x_min_quantile=0.1):
   return jnp.nanquantile(jnp.where(x > 0, x, jnp.nan), x_min_quantile)
 
 
+@functools.partial(jax.jit, static_argnames=('normalized',))
 def powerlaw_vs_exponential_llr(values, x_min=None, x_min_quantile=0.1, normalized=False):
   """Log-likelihood ratio R (power law vs exponential) of the values >= x_min. values: any shape -> scalar."""
   x = jnp.asarray(values, jnp.float32).reshape(-1)
@@ -52,6 +55,7 @@ def powerlaw_vs_exponential_llr(values, x_min=None, x_min_quantile=0.1, normaliz
   return r / (jnp.sqrt(jnp.maximum(n, 1.)) * jnp.maximum(sigma, _TINY))
 
 
+@jax.jit
 def choose_log2(values_per_step, x_min=None, x_min_quantile=0.1):
   """values_per_step: [T, N] samples of one post-Softmax layer per timestep -> bool [T] (True = log2)."""
   v = jnp.asarray(values_per_step, jnp.float32)

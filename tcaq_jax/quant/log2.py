@@ -7,6 +7,8 @@ default True); values above delta clamp to code 0 (x_hat = delta).
 Gradients: straight-through for x inside [delta 2^(-(2^b-1)/k), delta] (k = 1 log2, 2 logsqrt2), zero outside;
 delta receives the gradient of the clamped/underflowed values only.
 """
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ def log_dequantize(codes, delta, kind='log2', underflow=None):
   return v if underflow is None else jnp.where(underflow, 0., v)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'kind', 'zero_underflow'))
 def log_fake_quant(x, delta, bits, kind='log2', zero_underflow=True):
   """Quantize-dequantize with a log2 or log-sqrt2 grid; STE inside the representable range."""
   k = _k(kind)
@@ -64,6 +67,7 @@ def logsqrt2_fake_quant(x, delta, bits, zero_underflow=True):
   return log_fake_quant(x, delta, bits, 'logsqrt2', zero_underflow)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'kind', 'pcts', 'n_grid', 'p'))
 def log2_search_delta(x, bits, kind='log2', pcts=(0.999, 0.9999, 0.99999, 1.0), n_grid=16, p=2.0):
   """Per-tensor delta minimising mean |x - x_hat|^p (MSE by default) over the candidates:
   RepQ-ViT's quantiles of x at `pcts`, plus max(x) * 2^(-j / n_grid), j = 0..n_grid-1 (one octave below max).

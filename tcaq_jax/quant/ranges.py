@@ -9,6 +9,8 @@ From a range [lo, hi]:
               scale = (hi - lo) / (qmax - qmin), zero_point = clip(qmin - round(lo / scale), qmin, qmax)
   symmetric:  zero_point = 0; signed: scale = max(|lo|, |hi|) / qmax; unsigned: scale = max(hi, 0) / qmax
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +29,7 @@ def reduce_axes(ndim, channel_axis):
   return tuple(a for a in range(ndim) if a != ax)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'symmetric', 'signed'))
 def params_from_range(lo, hi, bits, symmetric=False, signed=False):
   """(scale, zero_point) from range arrays lo, hi (same shape). See module docstring."""
   qmin, qmax = qrange(bits, signed)
@@ -46,6 +49,7 @@ def params_from_range(lo, hi, bits, symmetric=False, signed=False):
   return scale, zero_point
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'channel_axis', 'symmetric', 'signed'))
 def minmax_params(x, bits, channel_axis=None, symmetric=False, signed=False):
   """Scale/zero point covering [min x, max x] (per tensor or per channel). x: any shape."""
   x = jnp.asarray(x, jnp.float32)
@@ -65,6 +69,7 @@ def _channel_rows(x, channel_axis):
   return jnp.moveaxis(x, ax, 0).reshape(x.shape[ax], -1), tuple(shape)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'channel_axis', 'symmetric', 'signed'))
 def percentile_params(x, bits, pct=99.99, channel_axis=None, symmetric=False, signed=False):
   """Scale/zero point covering the [100 - pct, pct] percentiles (per tensor or per channel)."""
   x = jnp.asarray(x, jnp.float32)
@@ -80,6 +85,7 @@ def lp_error(x, x_hat, p=2.4, channel_axis=None):
   return jnp.mean(jnp.abs(x - x_hat) ** p, axis=axes, keepdims=True)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'channel_axis', 'p', 'n_candidates', 'symmetric', 'signed', 'step'))
 def lp_search_params(x, bits, channel_axis=None, p=2.4, n_candidates=80, symmetric=False, signed=False,
                      step=0.01):
   """BRECQ-style Lp grid search: candidates [lo, hi] * (1 - step * i), i = 0..n_candidates-1; keeps, per

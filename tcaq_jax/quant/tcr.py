@@ -11,6 +11,9 @@ Channels that are exactly zero at a timestep are ignored by the min target (they
 weight 0 in the average; a channel that is zero at every timestep gets r = 1.
 Kernels: flax Conv HWIO [..., in, out] and Dense [in, out] both have the input channel on axis -2.
 """
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from tcaq_jax.quant.uniform import QuantConfigError
@@ -23,6 +26,7 @@ def channel_peaks(x, channel_axis=-1):
   return jnp.max(jnp.abs(x), axis=tuple(a for a in range(x.ndim) if a != ax))
 
 
+@functools.partial(jax.jit, static_argnames=('target',))
 def tcr_ratio(peaks, r_tru=None, target='min'):
   """Joint TCR ratio. peaks: [T, C] non-negative per-timestep per-channel peaks -> r: [C] float32.
 

@@ -16,6 +16,8 @@ Optionally the scale gradient is multiplied by `grad_scale` (LSQ's g = 1 / sqrt(
 """
 import math
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,7 @@ def qrange(bits, signed=False):
   return 0, 2 ** bits - 1
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'signed'))
 def quantize(x, scale, zero_point, bits, signed=False):
   """Integer codes (as float32 array) of x. x: any shape; scale, zero_point broadcastable to x."""
   qmin, qmax = qrange(bits, signed)
@@ -59,6 +62,7 @@ def round_ste(v):
   return v + jax.lax.stop_gradient(jnp.round(v) - v)
 
 
+@functools.partial(jax.jit, static_argnames=('bits', 'signed', 'grad_scale'))
 def fake_quant(x, scale, zero_point, bits, signed=False, grad_scale=None):
   """Quantize-dequantize with STE (x) and LSQ (scale) gradients.
 

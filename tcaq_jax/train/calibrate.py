@@ -280,7 +280,7 @@ class _Pipeline:
 
   # -- data
   def _sampler(self, eps_fn):
-    return DDIMSampler(eps_fn, self.coeffs, self.shape, guidance_scale=self.c['guidance_scale'])
+    return _TupleRecord(DDIMSampler(eps_fn, self.coeffs, self.shape, guidance_scale=self.c['guidance_scale']))
 
   def calib_dir(self, rnd: int) -> str:
     if rnd == 0 and self.c['calib_dir']:
@@ -428,6 +428,21 @@ class _Pipeline:
                            uncond=None if uncond is None else uncond[i:i + bs])
       imgs.append(np.asarray(out['images']))
     save_grid(path, to_uint8(np.concatenate(imgs)))
+
+
+class _TupleRecord:
+  """Passes `record` to DDIMSampler.sample as a tuple of ints (capture() hands it a NumPy array)."""
+
+  def __init__(self, sampler):
+    self._s = sampler
+
+  def __getattr__(self, name):
+    return getattr(self._s, name)
+
+  def sample(self, *args, record=None, **kwargs):
+    if record is not None and not isinstance(record, str):
+      record = tuple(int(v) for v in np.asarray(record).reshape(-1))
+    return self._s.sample(*args, record=record, **kwargs)
 
 
 def _jsonable(d):
