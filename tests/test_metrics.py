@@ -172,6 +172,11 @@ def test_evaluate_streams_and_matches_direct_computation(tmp_path):
   np.savez(tmp_path / 'stats.npz', **stats.as_npz_dict())
   rep2 = fid_lib.evaluate(sa, str(tmp_path / 'stats.npz'), _toy_feature_fn, batch_size=8, progress=False)
   assert rep2['ref_source'] == 'statistics' and _rel(rep2['fid'], report['fid']) < 1e-9
+  assert rep2['n_ref'] == 41
+  np.savez(tmp_path / 'stats_digits.npz', feature=np.asarray('digits'), **stats.as_npz_dict())
+  with pytest.raises(fid_lib.FidError, match='feature=digits'):
+    fid_lib.evaluate(sa, str(tmp_path / 'stats_digits.npz'), _toy_feature_fn, progress=False,
+                     feature_name='inception')
 
   from PIL import Image
   os.makedirs(tmp_path / 'png')

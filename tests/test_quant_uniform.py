@@ -27,10 +27,17 @@ def cases(draw):
 
 
 def _params(x, axis, bits, signed, symmetric, shrink=0.7):
-  # Shrunken range so that some values fall outside it.
-  lo = np.min(x, axis=Q.reduce_axes(x.ndim, axis), keepdims=True) * shrink
-  hi = np.max(x, axis=Q.reduce_axes(x.ndim, axis), keepdims=True) * shrink
-  return Q.params_from_range(lo, hi, bits, symmetric, signed)
+  """Float32 (scale, zero_point) from a shrunken [min, max] (so some values fall outside), in NumPy."""
+  qmin, qmax = Q.qrange(bits, signed)
+  axes = Q.reduce_axes(x.ndim, axis)
+  lo = np.min(x, axis=axes, keepdims=True) * shrink
+  hi = np.max(x, axis=axes, keepdims=True) * shrink
+  if symmetric:
+    s = np.maximum((np.maximum(np.abs(lo), np.abs(hi)) if signed else np.maximum(hi, 0.)) / qmax, 1e-8)
+    return s.astype(np.float32), np.zeros_like(s, np.float32)
+  lo, hi = np.minimum(lo, 0.), np.maximum(hi, 0.)
+  s = np.maximum((hi - lo) / (qmax - qmin), 1e-8).astype(np.float32)
+  return s, np.clip(qmin - np.round(lo / s), qmin, qmax).astype(np.float32)
 
 
 @SETTINGS
@@ -54,7 +61,7 @@ def test_uniform_properties(case):
   np.testing.assert_array_equal(np.asarray(once), np.asarray(Q.fake_quant(once, s, z, bits, signed)))
 
 
-@hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=20, deadline=None, derandomize=True)
 @hypothesis.given(cases())
 def test_jit_equals_eager(case):
   """The library functions are jitted; under jax.disable_jit() the same code runs op by op (eager)."""
@@ -67,7 +74,7 @@ def test_jit_equals_eager(case):
   np.testing.assert_array_equal(eager_fq, np.asarray(Q.fake_quant(x, s, z, bits, signed)))
 
 
-@hypothesis.settings(max_examples=30, deadline=None, derandomize=True)
+@hypothesis.settings(max_examples=20, deadline=None, derandomize=True)
 @hypothesis.given(cases())
 def test_per_channel_equals_per_tensor_by_channel(case):
   x, axis, bits, signed, symmetric = case

@@ -95,7 +95,7 @@ def ddim_trajectory(eps_fn: Callable, consts: dict, x_T: jax.Array, keys: jax.Ar
   S = consts['timesteps'].shape[0]
   B = x_T.shape[0]
   slots = None
-  if record is not None and record != 'all':
+  if record is not None and not isinstance(record, str):
     steps = [int(s) for s in record]
     if not steps or min(steps) < 0 or max(steps) >= S or len(set(steps)) != len(steps):
       raise SamplerError(f'record steps must be distinct indices in [0, {S}), got {steps}')
@@ -188,7 +188,8 @@ class DDIMSampler:
     use_guidance = self.guidance_scale != 1.0
     if use_guidance and (uncond is None or cond is None):
       raise SamplerError(f'guidance_scale={self.guidance_scale} needs both cond and uncond')
-    record = record if record in (None, 'all') else tuple(int(s) for s in record)
+    if not (record is None or isinstance(record, str)):
+      record = tuple(int(s) for s in np.asarray(record).reshape(-1))
     n_dev = self.mesh.devices.size
     padded = sharding.pad_to_multiple(batch_size, n_dev)
     keys = sample_keys(seed, start, padded)

@@ -243,7 +243,7 @@ def extract(feature_fn: FeatureFn, source: ImageSource, batch_size: int = 250, l
 
 
 def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 250, limit: int | None = None,
-                    keep_features: bool = False, progress: bool = True) -> dict:
+                    keep_features: bool = False, progress: bool = True, feature_name: str | None = None) -> dict:
   """Reference as a dict {'mu', 'sigma', optional 'mu_s', 'sigma_s', 'features', 'source'}."""
   if path.endswith('.npz') and os.path.isfile(path):
     z = np.load(path, allow_pickle=False)
@@ -251,7 +251,10 @@ def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 2
       if 'mu' not in z.files or 'sigma' not in z.files:
         raise FidError(f'reference {path!r} holds neither images ({IMAGE_KEYS}) nor statistics (mu, sigma); '
                        f'keys: {z.files}')
-      ref = {k: np.asarray(z[k]) for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features') if k in z.files}
+      stored = str(z['feature']) if 'feature' in z.files else None
+      if feature_name and stored and stored != feature_name:
+        raise FidError(f'reference statistics {path!r} were computed with --feature={stored}, not {feature_name}')
+      ref = {k: np.asarray(z[k]) for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features', 'n') if k in z.files}
       ref['source'] = 'statistics'
       return ref
   stats = extract(feature_fn, open_images(path), batch_size, limit, keep_features, progress, desc='reference')
@@ -261,11 +264,12 @@ def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 2
 
 
 def evaluate(samples: str, ref: str, feature_fn: FeatureFn, batch_size: int = 250, limit: int | None = None,
-             is_splits: int = 10, precision_recall: bool = False, k: int = 3, progress: bool = True) -> dict:
+             is_splits: int = 10, precision_recall: bool = False, k: int = 3, progress: bool = True,
+             feature_name: str | None = None) -> dict:
   """-> JSON-ready report: fid, sfid (when both sides have spatial features), is_mean/is_std, precision/recall."""
   sample_stats = extract(feature_fn, open_images(samples), batch_size, limit, precision_recall, progress,
                          desc='samples')
-  ref_d = reference_stats(ref, feature_fn, batch_size, None, precision_recall, progress)
+  ref_d = reference_stats(ref, feature_fn, batch_size, None, precision_recall, progress, feature_name)
   report: dict[str, Any] = {'samples': samples, 'ref': ref, 'n_samples': sample_stats.n,
                             'ref_source': ref_d['source']}
   if 'n' in ref_d:
@@ -293,7 +297,7 @@ def main(argv):
   feature_fn = make_feature_fn(f.feature, inception_dir=f.inception_dir, precision=f.inception_precision,
                                digits_dir=f.digits_dir)
   report = evaluate(f.samples, f.ref, feature_fn, f.batch_size, f.num_samples, f.is_splits, f.precision_recall,
-                    progress=not f.no_progress)
+                    progress=not f.no_progress, feature_name=f.feature)
   report['feature'] = f.feature
   text = json.dumps(report, indent=2, sort_keys=True)
   if f.json:

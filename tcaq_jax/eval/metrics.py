@@ -42,8 +42,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, imag_tol: floa
   """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (pytorch-fid's computation, float64).
 
   d = |mu1 - mu2|^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)). When the product is near-singular
-  (sqrtm warns that it is singular or returns non-finite values) `eps * I` is added to both covariances. Imaginary parts from numerical error
-  are dropped when their diagonal is below `imag_tol`; larger ones raise MetricError.
+  (scipy warns that it is singular, or the root is not finite) `eps * I` is added to both covariances and the
+  root recomputed. Imaginary parts from numerical error are dropped when their diagonal is below `imag_tol`;
+  larger ones raise MetricError.
   mu: [D]; sigma: [D, D].
   """
   mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))

@@ -124,7 +124,7 @@ def _get(d: dict, path: str):
   return node
 
 
-def config_from_yaml(yaml_dict: dict, name: str = 'ldm_from_yaml') -> dict:
+def config_from_yaml(yaml_dict: dict, name: str | None = None) -> dict:
   """An LDM config from a parsed latent-diffusion YAML (`model.params.{unet_config, first_stage_config,
   cond_stage_config, linear_start, linear_end, timesteps, scale_factor, image_size, channels}`)."""
   mp = _get(yaml_dict, 'model.params')
@@ -158,7 +158,7 @@ def config_from_yaml(yaml_dict: dict, name: str = 'ldm_from_yaml') -> dict:
   size = mp.get('image_size', unet.get('image_size'))
   chans = mp.get('channels', unet.get('in_channels'))
   config = {
-      'family': 'ldm', 'name': name, 'unet': unet, 'first_stage': first, 'cond_stage': cond,
+      'family': 'ldm', 'name': name or 'ldm_from_yaml', 'unet': unet, 'first_stage': first, 'cond_stage': cond,
       'scale_factor': float(mp.get('scale_factor', 1.0)),
       'diffusion': _ldm_schedule(float(mp.get('linear_end', 2e-2)), float(mp.get('linear_start', 1e-4)),
                                  int(mp.get('timesteps', 1000))),

@@ -63,17 +63,18 @@ def _search_uniform(x, bits, pcts, key, symmetric):
 def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[np.ndarray],
                       slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
                       daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0,
-                      consts: Any = None) -> dict:
+                      consts: Any = None, cache: dict | None = None) -> dict:
   """Returns {path: {'a_scale': [K, S], 'a_zero': [K, S], ['<log_kind>_delta': [K], 'use_log2': [K]]}}.
 
   forward(consts, *data_batch) runs the FP model (consts: params, passed as jit arguments); qlayers: current per-layer state (for the TCR ratios 'r');
-  data: arrays [N, ...]; slot_ids: [N] slot of every sample.
+  data: arrays [N, ...]; slot_ids: [N] slot of every sample. cache: a dict keeping the compiled search between
+  calls with the same forward / policy / options (PAR rounds).
   """
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratios = {p: st['r'] for p, st in qlayers.items() if 'r' in st and p in specs}
   pcts = tuple(float(p) for p in pcts)
 
-  def run(consts, key, *d):
+  def run(consts, ratios, key, *d):
     out = {}
 
     def icpt(next_fun, a, kw, ctx):
@@ -109,7 +110,12 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
       forward(consts, *d)
     return out
 
-  fn = jax.jit(run)
+  ckey = ('act_search', id(forward), id(policy), tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values)
+  fn = cache.get(ckey) if cache is not None else None
+  if fn is None:
+    fn = jax.jit(run)
+    if cache is not None:
+      cache[ckey] = fn
   rng = np.random.default_rng(seed)
   per_slot = []
   for k in range(num_slots):
@@ -118,7 +124,7 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
       raise ActSearchError(f'activation search: calibration slot {k} has no samples')
     if idx.size > batch:
       idx = np.sort(rng.choice(idx, batch, replace=False))
-    res = fn(consts, jax.random.PRNGKey(seed * 7919 + k), *[jnp.asarray(np.asarray(a)[idx]) for a in data])
+    res = fn(consts, ratios, jax.random.PRNGKey(seed * 7919 + k), *[jnp.asarray(np.asarray(a)[idx]) for a in data])
     per_slot.append(jax.device_get(res))
   missing = set(specs) - set(per_slot[0])
   if missing:

@@ -102,49 +102,65 @@ class CapturedIO:
     return jax.tree_util.tree_unflatten(self.treedef, full)
 
 
-def capture_unit_io(forward: Callable, path: str, data: Sequence[np.ndarray], batch: int = 64,
-                    want_inputs: bool = True, want_output: bool = True, consts: Any = None) -> CapturedIO:
-  """Runs `forward(consts, *data_batch)` (a function calling model.apply; it may add its own interceptors)
-  over the set in batches and records the (args, kwargs) and/or output of the module at `path`. consts
-  (params, quantizer state) are jit arguments, not baked-in constants.
+def capture_unit_io(path: str, data: Sequence[np.ndarray], batch: int = 64, in_forward: Callable | None = None,
+                    in_consts: Any = None, out_forward: Callable | None = None, out_consts: Any = None,
+                    cache: dict | None = None) -> CapturedIO:
+  """Records the (args, kwargs) and/or the output of the module at `path` over a data set, in batches.
 
-  data: arrays [N, ...] (e.g. x_t, t, step_index, labels) sliced along axis 0. Returns CapturedIO whose
-  arrays live on device. XLA drops the part of the forward after the unit (dead code).
+  in_forward(in_consts, *data_batch) runs the model whose *inputs* to the unit are recorded (the partially
+  quantized model); out_forward(out_consts, *data_batch) the model whose unit *output* is recorded (FP). Both
+  run in one jitted call (consts are jit arguments, not baked-in constants); XLA drops what follows the unit.
+  data: arrays [N, ...] sliced along axis 0. cache: a dict keeping the compiled function between calls with
+  the same forwards (e.g. across PAR rounds). Returns CapturedIO with device arrays.
   """
-  meta: dict = {}
+  key = ('capture', path, in_forward is not None, out_forward is not None)
+  entry = cache.get(key) if cache is not None else None
+  if entry is None:
+    meta: dict = {}
 
-  def run(consts, *d):
-    rec = {}
+    def record(forward, consts, d):
+      rec = {}
 
-    def icpt(next_fun, a, kw, ctx):
-      if ctx.method_name == '__call__' and '/'.join(ctx.module.path) == path and 'out' not in rec:
-        out = next_fun(*a, **kw)
-        rec['in'] = (tuple(a), dict(kw))
-        rec['out'] = out
-        return out
-      return next_fun(*a, **kw)
+      def icpt(next_fun, a, kw, ctx):
+        if ctx.method_name == '__call__' and 'out' not in rec and '/'.join(ctx.module.path) == path:
+          out = next_fun(*a, **kw)
+          rec['in'] = (tuple(a), dict(kw))
+          rec['out'] = out
+          return out
+        return next_fun(*a, **kw)
 
-    with nn.intercept_methods(icpt):
-      forward(consts, *d)
-    if 'out' not in rec:
-      raise BlockError(f'unit {path!r} was not called by the forward pass')
-    flat, treedef = jax.tree_util.tree_flatten(rec['in'])
-    meta['treedef'] = treedef
-    meta['statics'] = [None if isinstance(v, jax.Array) else v for v in flat]
-    dyn = [v for v in flat if isinstance(v, jax.Array)]
-    return (dyn if want_inputs else []), (rec['out'] if want_output else None)
+      with nn.intercept_methods(icpt):
+        forward(consts, *d)
+      if 'out' not in rec:
+        raise BlockError(f'unit {path!r} was not called by the forward pass')
+      return rec
 
-  fn = jax.jit(run)
+    def run(ic, oc, *d):
+      dyn, out = [], None
+      if in_forward is not None:
+        rec = record(in_forward, ic, d)
+        flat, treedef = jax.tree_util.tree_flatten(rec['in'])
+        meta['treedef'] = treedef
+        meta['statics'] = [None if isinstance(v, jax.Array) else v for v in flat]
+        dyn = [v for v in flat if isinstance(v, jax.Array)]
+      if out_forward is not None:
+        out = record(out_forward, oc, d)['out']
+      return dyn, out
+
+    entry = (jax.jit(run), meta)
+    if cache is not None:
+      cache[key] = entry
+  fn, meta = entry
   n = int(data[0].shape[0])
   ins, outs = [], []
   for i in range(0, n, batch):
     d = [jnp.asarray(a[i:i + batch]) for a in data]
-    dyn, out = fn(consts, *d)
+    dyn, out = fn(in_consts, out_consts, *d)
     ins.append(dyn)
     outs.append(out)
-  leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if want_inputs else []
-  output = jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if want_output else None
-  return CapturedIO(leaves, meta['statics'], meta['treedef'], output)
+  leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if ins[0] else []
+  output = jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if out_forward is not None else None
+  return CapturedIO(leaves, meta.get('statics', []), meta.get('treedef'), output)
 
 
 def prune_tree(tree: dict, prefixes: Sequence[str]) -> dict:

@@ -277,6 +277,8 @@ class _Pipeline:
     self.q_eps_fn = functools.partial(_q_eps, self.model, self.policy, self.has_cond)
     self.guidance = c['guidance_scale'] != 1.0
     self.timings: dict = {}
+    self.cache: dict = {}                 # compiled functions reused across units / PAR rounds
+    self.unit_fns: dict = {}              # unit path -> (soft, hard) apply fns (reused across rounds)
 
   # -- data
   def _sampler(self, eps_fn):
@@ -348,7 +350,7 @@ class _Pipeline:
     t0 = time.time()
     acts = act_search.search_act_scales(self.fp_fwd, self.policy, qstate['layers'], self._arrays(data), sid, k,
                                         c['act_batch'], c['act_pcts'], c['daq'], c['daq_log_kind'],
-                                        seed=c['seed'], consts=self.params)
+                                        seed=c['seed'], consts=self.params, cache=self.cache)
     self.timings['act_search_s'] = self.timings.get('act_search_s', 0.) + time.time() - t0
     layers = {p: dict(st) for p, st in qstate['layers'].items()}
     for p, st in acts.items():
@@ -361,10 +363,10 @@ class _Pipeline:
     unit = self.units[k]
     arrays = self._arrays(data)
     t0 = time.time()
-    io = blocks.capture_unit_io(self.q_fwd, unit.path, arrays, c['forward_batch'], want_output=False,
-                                consts=(self.params, qstate))
-    tgt = blocks.capture_unit_io(self.fp_fwd, unit.path, arrays, c['forward_batch'], want_inputs=False,
-                                 consts=self.params).output
+    io = blocks.capture_unit_io(unit.path, arrays, c['forward_batch'], in_forward=self.q_fwd,
+                                in_consts=(self.params, qstate), out_forward=self.fp_fwd, out_consts=self.params,
+                                cache=self.cache)
+    tgt = io.output
     steps = jnp.asarray(data['step'])
     t_cap = time.time() - t0
     learn = c['learn_act_scale']
@@ -379,8 +381,10 @@ class _Pipeline:
       if th:
         theta[p] = th
     aux = blocks.unit_aux(self.params, qstate, unit)
-    soft = blocks.unit_apply_fn(self.model, self.policy, unit, io, 'soft', learn)
-    hard = blocks.unit_apply_fn(self.model, self.policy, unit, io, 'hard', learn)
+    if unit.path not in self.unit_fns:
+      self.unit_fns[unit.path] = (blocks.unit_apply_fn(self.model, self.policy, unit, io, 'soft', learn),
+                                  blocks.unit_apply_fn(self.model, self.policy, unit, io, 'hard', learn))
+    soft, hard = self.unit_fns[unit.path]
     iters = int(round((c['recon_iters'] if rnd == 0 else c['par_iters']) * c['iters_scale']))
     rcfg = recon.ReconConfig(iters=iters, batch=c['recon_batch'], lam=c['lam'], b_start=c['b_start'],
                              b_end=c['b_end'], warmup=c['warmup'], lr=c['lr'], act_lr=c['act_lr'],
@@ -389,16 +393,17 @@ class _Pipeline:
     stats = {'unit': unit.path, 'cls': unit.cls, 'round': rnd, 'index': k, 'layers': len(unit.layers),
              'iters': iters, 'capture_s': t_cap}
     if c['eval_units'] and theta:
-      stats['mse_before'] = recon.eval_loss(hard, theta, aux, io.leaves, tgt, steps)
+      stats['mse_before'] = recon.eval_loss(hard, theta, aux, io.leaves, tgt, steps, cache=self.cache)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(c['seed']), rnd), k)
     try:
-      theta, rstats = recon.reconstruct(soft, theta, aux, io.leaves, tgt, steps, rcfg, key, block=unit.path)
+      theta, rstats = recon.reconstruct(soft, theta, aux, io.leaves, tgt, steps, rcfg, key, block=unit.path,
+                                        cache=self.cache)
     except recon.NonFiniteLossError as e:
       raise CalibrationError(f'{e} (round {rnd}, unit {k}); {self.out_dir} keeps the state saved before '
                              f'this unit: fix the cause and re-run to resume') from e
     stats.update({k2: v for k2, v in rstats.items() if k2 != 'iters'})
     if c['eval_units'] and theta:
-      stats['mse_after'] = recon.eval_loss(hard, theta, aux, io.leaves, tgt, steps)
+      stats['mse_after'] = recon.eval_loss(hard, theta, aux, io.leaves, tgt, steps, cache=self.cache)
     layers = dict(qstate['layers'])
     for p, th in theta.items():
       layers[p] = {**layers[p], **th}

@@ -74,12 +74,13 @@ def _round_reg(theta, b):
 
 def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
                 steps: jax.Array, cfg: ReconConfig, key: jax.Array, block: str = '',
-                progress: Callable | None = None) -> tuple[dict, dict]:
+                progress: Callable | None = None, cache: dict | None = None) -> tuple[dict, dict]:
   """Optimises theta ({layer path: {'alpha': ..., ['a_scale': ...]}}) for one block.
 
   apply_fn(theta, aux, inputs_batch: list, steps_batch [B]) -> block output (soft rounding); aux: frozen
   arrays (params, other quantizer state) passed as jit arguments rather than baked-in constants;
   inputs: arrays [N, ...]; targets: [N, ...] (pytree); steps: [N] int step index of every sample.
+  cache: a dict keeping the compiled chunk function between calls with the same apply_fn (PAR rounds).
   Returns (theta, stats) with stats = {'iters', 'final_rec', 'final_total', 'seconds', 'it_per_s'}.
   """
   n = int(steps.shape[0])
@@ -89,6 +90,35 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
                    'it_per_s': 0.0}
   opt = optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_lr)}, _labels(theta))
   opt_state = opt.init(theta)
+  ckey = ('chunk', id(apply_fn), total, n, dataclasses.astuple(cfg))
+  if cache is not None and ckey in cache:
+    chunk_jit = cache[ckey]
+  else:
+    chunk_jit = _make_chunk(apply_fn, opt, total, n, cfg)
+    if cache is not None:
+      cache[ckey] = chunk_jit
+  t0 = time.perf_counter()
+  done, last_loss, last_rec = 0, float('nan'), float('nan')
+  while done < total:
+    length = min(cfg.chunk, total - done)
+    th, st, bad, bad_it, loss_sum, rec_sum, cnt = chunk_jit(theta, opt_state, key, jnp.int32(done),
+                                                            jnp.int32(length), aux, list(inputs), targets, steps)
+    cnt = int(cnt)
+    if bool(bad):
+      raise NonFiniteLossError(block, int(bad_it), jax.device_get(th))
+    theta, opt_state = th, st
+    last_loss, last_rec = float(loss_sum) / max(cnt, 1), float(rec_sum) / max(cnt, 1)
+    done += length
+    logging.info('recon %s: %d/%d iters, loss %.5g (rec %.5g)', block, done, total, last_loss, last_rec)
+    if progress is not None:
+      progress(done, total, last_loss)
+  secs = time.perf_counter() - t0
+  return theta, {'iters': total, 'final_rec': last_rec, 'final_total': last_loss, 'seconds': secs,
+                 'it_per_s': total / max(secs, 1e-9)}
+
+
+def _make_chunk(apply_fn, opt, total: int, n: int, cfg: ReconConfig):
+  """The jitted chunk: `length` (traced) iterations of minibatch sampling + Adam steps in a fori_loop."""
 
   def loss_fn(th, aux, xb, yb, sb, it):
     rec = rec_loss(apply_fn(th, aux, xb, sb), yb)
@@ -121,34 +151,23 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
     init = (th, st, jnp.bool_(False), jnp.int32(-1), jnp.float32(0.), jnp.float32(0.), jnp.int32(0))
     return jax.lax.fori_loop(0, length, body, init)
 
-  chunk_jit = jax.jit(chunk_fn, static_argnums=(4,))
-  t0 = time.perf_counter()
-  done, last_loss, last_rec = 0, float('nan'), float('nan')
-  while done < total:
-    length = min(cfg.chunk, total - done)
-    th, st, bad, bad_it, loss_sum, rec_sum, cnt = chunk_jit(theta, opt_state, key, jnp.int32(done), length,
-                                                            aux, list(inputs), targets, steps)
-    cnt = int(cnt)
-    if bool(bad):
-      raise NonFiniteLossError(block, int(bad_it), jax.device_get(th))
-    theta, opt_state = th, st
-    last_loss, last_rec = float(loss_sum) / max(cnt, 1), float(rec_sum) / max(cnt, 1)
-    done += length
-    logging.info('recon %s: %d/%d iters, loss %.5g (rec %.5g)', block, done, total, last_loss, last_rec)
-    if progress is not None:
-      progress(done, total, last_loss)
-  secs = time.perf_counter() - t0
-  return theta, {'iters': total, 'final_rec': last_rec, 'final_total': last_loss, 'seconds': secs,
-                 'it_per_s': total / max(secs, 1e-9)}
+  return jax.jit(chunk_fn)
 
 
 def eval_loss(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
-              steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
+              steps: jax.Array, batch: int = 64, max_samples: int = 256, cache: dict | None = None) -> float:
   """Mean rec_loss over max_samples evenly spaced samples of the set with apply_fn(theta, aux, inputs, steps)."""
   total = int(steps.shape[0])
   n = min(total, max_samples)
+  if n > batch:
+    n -= n % batch                      # equal batches: one compiled shape
   sel = jnp.asarray(np.linspace(0, total - 1, n).round().astype(np.int32))
-  fn = jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
+  ekey = ('eval', id(apply_fn))
+  fn = cache.get(ekey) if cache is not None else None
+  if fn is None:
+    fn = jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
+    if cache is not None:
+      cache[ekey] = fn
   tot = 0.0
   for i in range(0, n, batch):
     ix = sel[i:i + batch]
