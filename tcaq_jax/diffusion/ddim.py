@@ -94,6 +94,8 @@ def ddim_trajectory(eps_fn: Callable, consts: dict, x_T: jax.Array, keys: jax.Ar
   """
   S = consts['timesteps'].shape[0]
   B = x_T.shape[0]
+  if isinstance(record, str) and record != 'all':
+    raise SamplerError(f"record must be None, 'all' or step indices, got {record!r}")
   slots = None
   if record is not None and not isinstance(record, str):
     steps = [int(s) for s in record]

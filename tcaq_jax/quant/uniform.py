@@ -14,9 +14,8 @@ Gradients of `fake_quant` (LSQ, Esser et al. 2020, with v = x / scale):
 Optionally the scale gradient is multiplied by `grad_scale` (LSQ's g = 1 / sqrt(N * qmax); see
 `lsq_grad_scale`), which leaves the forward value unchanged.
 """
-import math
-
 import functools
+import math
 
 import flax.struct
 import jax
