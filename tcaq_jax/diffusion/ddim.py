@@ -180,6 +180,28 @@ class DDIMSampler:
   def num_steps(self) -> int:
     return self.coeffs.num_steps
 
+  def prepare(self, seed: int, start: int, batch_size: int, cond: Any = None, uncond: Any = None,
+              record: str | Sequence[int] | None = None) -> tuple[tuple, dict]:
+    """The (sharded) positional arguments and static keywords of the jitted sampler `_run` for one batch.
+
+    `_run.lower(*args, **static).compile()` gives an executable (ahead-of-time compilation, bench/sample.py).
+    """
+    use_guidance = self.guidance_scale != 1.0
+    if use_guidance and (uncond is None or cond is None):
+      raise SamplerError(f'guidance_scale={self.guidance_scale} needs both cond and uncond')
+    if not (record is None or isinstance(record, str)):
+      record = tuple(int(s) for s in np.asarray(record).reshape(-1))
+    padded = sharding.pad_to_multiple(batch_size, self.mesh.devices.size)
+    keys = sample_keys(seed, start, padded)
+    pad = lambda tree: jax.tree.map(
+        lambda a: jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[-1:], padded - batch_size, 0)])
+        if padded != batch_size else jnp.asarray(a), tree)
+    keys, cond, uncond = sharding.shard_batch((keys, pad(cond), pad(uncond)), self.mesh)
+    eps_fn, decode_fn = self._fns
+    args = (eps_fn, decode_fn, self.consts, keys, cond, uncond, jnp.float32(self.guidance_scale))
+    static = {'shape': self.shape, 'record': record, 'use_noise': self.use_noise, 'use_guidance': use_guidance}
+    return args, static
+
   def sample(self, seed: int, start: int, batch_size: int, cond: Any = None, uncond: Any = None,
              record: str | Sequence[int] | None = None) -> dict:
     """Samples indices [start, start + batch_size) of the run with `seed`.
@@ -187,21 +209,9 @@ class DDIMSampler:
     cond / uncond: pytrees with leading axis batch_size (or None). Returns numpy-convertible arrays:
     'images' (decoded), 'x_final', 'x_T' [B, ...] and 'recorded' (see `ddim_trajectory`; step axis first).
     """
-    use_guidance = self.guidance_scale != 1.0
-    if use_guidance and (uncond is None or cond is None):
-      raise SamplerError(f'guidance_scale={self.guidance_scale} needs both cond and uncond')
-    if not (record is None or isinstance(record, str)):
-      record = tuple(int(s) for s in np.asarray(record).reshape(-1))
-    n_dev = self.mesh.devices.size
-    padded = sharding.pad_to_multiple(batch_size, n_dev)
-    keys = sample_keys(seed, start, padded)
-    pad = lambda tree: jax.tree.map(
-        lambda a: jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[-1:], padded - batch_size, 0)])
-        if padded != batch_size else jnp.asarray(a), tree)
-    keys, cond, uncond = sharding.shard_batch((keys, pad(cond), pad(uncond)), self.mesh)
-    eps_fn, decode_fn = self._fns
-    out = _run(eps_fn, decode_fn, self.consts, keys, cond, uncond, jnp.float32(self.guidance_scale),
-               shape=self.shape, record=record, use_noise=self.use_noise, use_guidance=use_guidance)
+    args, static = self.prepare(seed, start, batch_size, cond, uncond, record)
+    out = _run(*args, **static)
+    padded = args[3].shape[0]
     if padded != batch_size:
       out = {k: (None if v is None else v[:, :batch_size] if k == 'recorded' else v[:batch_size])
              for k, v in out.items()}

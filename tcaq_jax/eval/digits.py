@@ -7,8 +7,9 @@ The classifier's penultimate layer (64-d) is the demo's FID feature space; its s
   clf, params = load_classifier()                 # the shipped tcaq_jax/assets/digit_classifier
   feats, probs = classify(clf, params, images)    # [N, 64], [N, 10]
 
-Train it (the command that made the shipped asset is in tcaq_jax/assets/README.md):
+Train it (the command that made the shipped asset is in tcaq_jax/assets/README.md), or score samples:
   python -m tcaq_jax.eval.digits --out_dir tcaq_jax/assets/digit_classifier
+  python -m tcaq_jax.eval.digits --evaluate samples/demo/samples_1000x16x16x1.npz
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 
 __all__ = ['ASSETS', 'DEMO_UNET_DIR', 'CLASSIFIER_DIR', 'CLASSIFIER_CONFIG', 'load_digits_16', 'DigitClassifier',
-           'load_classifier', 'classify', 'train_classifier', 'from_uint8']
+           'load_classifier', 'classify', 'train_classifier', 'from_uint8', 'demo_quality']
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets')
 DEMO_UNET_DIR = os.path.join(ASSETS, 'demo_unet')
@@ -117,11 +118,38 @@ def train_classifier(images, labels, steps: int = 1500, batch_size: int = 128, l
   return model, params
 
 
+def demo_quality(images, classifier=None, params=None, confidence: float = 0.9, seed: int = 0) -> dict:
+  """Quality of demo samples in the classifier's space.
+
+  images: [N, 16, 16, 1] uint8 or float in [-1, 1]. Returns {'n', 'confident_fraction' (share of samples whose
+  max softmax >= confidence), 'fid' (samples vs all 1797 real digits, 64-d penultimate features),
+  'fid_floor' (a random half of the real digits vs the other half), 'class_histogram'}.
+  """
+  from tcaq_jax.eval.metrics import feature_stats, frechet_distance
+  if classifier is None:
+    classifier, params = load_classifier()
+  real, _ = load_digits_16()
+  f_real, _ = classify(classifier, params, real)
+  f_fake, p_fake = classify(classifier, params, images)
+  perm = np.random.default_rng(seed).permutation(real.shape[0])
+  half = real.shape[0] // 2
+  fid = frechet_distance(*feature_stats(f_fake), *feature_stats(f_real))
+  floor = frechet_distance(*feature_stats(f_real[perm[:half]]), *feature_stats(f_real[perm[half:]]))
+  return {'n': int(p_fake.shape[0]), 'confident_fraction': float((p_fake.max(-1) >= confidence).mean()),
+          'fid': float(fid), 'fid_floor': float(floor),
+          'class_histogram': np.bincount(p_fake.argmax(-1), minlength=10).tolist()}
+
+
 def _main(argv):
   del argv
   from absl import flags, logging
   from tcaq_jax.checkpoint import save_model_dir
   f = flags.FLAGS
+  if f.evaluate:
+    import json
+    images = np.load(f.evaluate)['arr_0']
+    print(json.dumps(demo_quality(images), indent=1))
+    return
   images, labels = load_digits_16()
   rng = np.random.default_rng(0)
   perm = rng.permutation(images.shape[0])
@@ -147,4 +175,5 @@ if __name__ == '__main__':
   flags.DEFINE_integer('num_test', 297, 'held-out images for the accuracy estimate')
   flags.DEFINE_integer('seed', 0, 'seed')
   flags.DEFINE_bool('final_all', True, 'retrain on all 1797 images after the held-out estimate')
+  flags.DEFINE_string('evaluate', None, 'instead of training: print demo_quality of the images in this .npz')
   app.run(_main)

@@ -178,6 +178,9 @@ class LatentDiffusion(nn.Module):
       if self.config.get('cond_stage') is None:
         raise LDMConfigError(f'ldm config {self.config.get("name")!r} has no class embedder but y was given')
       context = self.cond_stage_model(y)
+    if context is None and self.config['unet'].get('use_spatial_transformer'):
+      raise ValueError(f'ldm config {self.config.get("name")!r} uses cross-attention: pass y (class labels, '
+                       f'{self.config.get("unconditional_label")} = unconditional) or context')
     return self.diffusion_model(x, t, context, train)
 
   def decode(self, z):
