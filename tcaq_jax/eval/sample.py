@@ -26,7 +26,7 @@ from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
 from tcaq_jax.eval.digits import DEMO_UNET_DIR
 from tcaq_jax.models.configs import build_model
 
-__all__ = ['load_model', 'make_eps_fn', 'make_decode_fn', 'sample_images', 'generate', 'to_uint8', 'save_npz',
+__all__ = ['define_flags', 'load_model', 'make_eps_fn', 'make_decode_fn', 'sample_images', 'generate', 'to_uint8', 'save_npz',
            'save_grid']
 
 
@@ -135,14 +135,16 @@ def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip
   return images
 
 
-flags.DEFINE_string('model_dir', DEMO_UNET_DIR, 'model dir (save_model_dir format); default: the demo UNet')
-flags.DEFINE_integer('num_samples', 64, 'number of samples')
-flags.DEFINE_integer('batch_size', 64, 'global batch size (split over local devices)')
-flags.DEFINE_integer('steps', 100, 'DDIM steps')
-flags.DEFINE_enum('skip_type', 'quad', ['uniform', 'quad'], 'step sequence')
-flags.DEFINE_float('eta', 0.0, 'DDIM eta (0: deterministic, 1: DDPM posterior variance)')
-flags.DEFINE_integer('seed', 0, 'seed (sample i uses fold_in(PRNGKey(seed), i))')
-flags.DEFINE_string('out_dir', 'samples/demo', 'output directory')
+def define_flags() -> None:
+  """The sampling flags (defined only by entry points, so importing this module defines none)."""
+  flags.DEFINE_string('model_dir', DEMO_UNET_DIR, 'model dir (save_model_dir format); default: the demo UNet')
+  flags.DEFINE_integer('num_samples', 64, 'number of samples')
+  flags.DEFINE_integer('batch_size', 64, 'global batch size (split over local devices)')
+  flags.DEFINE_integer('steps', 100, 'DDIM steps')
+  flags.DEFINE_enum('skip_type', 'quad', ['uniform', 'quad'], 'step sequence')
+  flags.DEFINE_float('eta', 0.0, 'DDIM eta (0: deterministic, 1: DDPM posterior variance)')
+  flags.DEFINE_integer('seed', 0, 'seed (sample i uses fold_in(PRNGKey(seed), i))')
+  flags.DEFINE_string('out_dir', 'samples/demo', 'output directory')
 
 
 def main(argv):
@@ -153,4 +155,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

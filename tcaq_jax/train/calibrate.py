@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -35,12 +36,12 @@ import numpy as np
 from jax.tree_util import Partial
 
 from tcaq_jax import checkpoint
-from tcaq_jax.diffusion.capture import CalibData, capture
+from tcaq_jax.diffusion.capture import CalibData
 from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
 from tcaq_jax.models.configs import build_model, get_config
 from tcaq_jax.quant.apply import qstate_from_tree, qstate_to_tree, quantized_apply
 from tcaq_jax.quant.policy import Policy, build_policy
-from tcaq_jax.train import act_search, blocks, init as qinit, recon
+from tcaq_jax.train import act_search, blocks, init as qinit, par, recon
 
 __all__ = ['CalibConfig', 'CalibrationError', 'METHOD_DEFAULTS', 'resolve_config', 'run', 'load_quantized',
            'QuantizedModel', 'make_quant_eps_fn']
@@ -81,7 +82,8 @@ class CalibConfig:
   calib_samples: int = 256
   capture_batch: int = 64
   forward_batch: int = 64
-  recon_samples: int = 0              # reconstruction set size (evenly over steps); 0 = all
+  recon_samples: int = 0              # reconstruction set size (random subset); 0 = all
+  recon_units: str = ''               # regex: reconstruct only units whose path matches ('' = all)
   # policy and bits
   method: str = 'tcaq'
   preset: str = 'qdiff'
@@ -287,22 +289,20 @@ class _Pipeline:
   def calib_dir(self, rnd: int) -> str:
     if rnd == 0 and self.c['calib_dir']:
       return self.c['calib_dir']
-    return os.path.join(self.out_dir, f'calib_round{rnd}')
+    return par.round_dir(self.out_dir, rnd)
 
   def calibration(self, rnd: int, qstate: dict | None) -> dict:
-    """Round 0: the FP capture; round r > 0: recaptured with the quantized model (same seeds)."""
+    """Round 0: the FP capture; round r > 0: recaptured with the quantized model (PAR, same seeds)."""
     d = self.calib_dir(rnd)
-    if not os.path.isfile(os.path.join(d, 'index.json')):
-      if rnd == 0 and self.c['calib_dir']:
-        raise CalibrationError(f'--calib_dir={d!r} is not a complete capture (index.json missing)')
-      eps = self.fp_eps if rnd == 0 else Partial(self.q_eps_fn, self.params, qstate)
-      cond, uncond = _cond_arrays(self.mconfig, self.c['calib_samples'], self.c['seed'])
-      t0 = time.time()
-      capture(self._sampler(eps), d, num_samples=self.c['calib_samples'], num_select=self.c['calib_steps'],
-              seed=self.c['seed'], batch_size=self.c['capture_batch'], cond=cond, uncond=uncond,
-              meta={'round': rnd, 'model': self.mconfig.get('name'), 'quantized': rnd > 0})
-      self.timings[f'capture_round{rnd}_s'] = time.time() - t0
-    cd = CalibData(d)
+    if rnd == 0 and self.c['calib_dir'] and not os.path.isfile(os.path.join(d, 'index.json')):
+      raise CalibrationError(f'--calib_dir={d!r} is not a complete capture (index.json missing)')
+    eps = self.fp_eps if rnd == 0 else Partial(self.q_eps_fn, self.params, qstate)
+    cond, uncond = _cond_arrays(self.mconfig, self.c['calib_samples'], self.c['seed'])
+    t0 = time.time()
+    cd = par.recapture(self._sampler, eps, d, self.c['calib_samples'], self.c['calib_steps'], self.c['seed'],
+                       self.c['capture_batch'], cond, uncond,
+                       meta={'round': rnd, 'model': self.mconfig.get('name'), 'quantized': rnd > 0})
+    self.timings[f'capture_round{rnd}_s'] = time.time() - t0
     if cd.index['num_steps'] != self.n_steps:
       raise CalibrationError(f'capture {d!r} was made with a {cd.index["num_steps"]}-step sampler, but '
                              f'--num_steps={self.c["num_steps"]} gives {self.n_steps}')
@@ -530,6 +530,8 @@ def run(cfg: CalibConfig | dict) -> dict:
         data = pipe.recon_subset(data)
         first = progress['next_unit'] if progress['round'] == rnd else 0
         for k in range(first, len(pipe.units)):
+          if c['recon_units'] and not re.search(c['recon_units'], pipe.units[k].path):
+            continue
           qstate, stats = pipe.recon_unit(rnd, k, qstate, data)
           report['units'].append(stats)
           logging.info('round %d unit %d/%d %s: %s', rnd, k + 1, len(pipe.units), pipe.units[k].path,

@@ -105,6 +105,8 @@ def main(argv):
     if FLAGS.max_minutes and time.time() - t0 > 60 * FLAGS.max_minutes:
       logging.warning('stopping at step %d: --max_minutes %.1f reached', step + 1, FLAGS.max_minutes)
       break
+  if steps_done % FLAGS.ckpt_every:
+    checkpoint.save(FLAGS.run_dir, steps_done, state, keep=2)
   ema = state[1]
   if os.path.isfile(os.path.join(FLAGS.out_dir, 'config.json')):  # replace an older model dir
     shutil.rmtree(FLAGS.out_dir)

@@ -80,7 +80,7 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
   apply_fn(theta, aux, inputs_batch: list, steps_batch [B]) -> block output (soft rounding); aux: frozen
   arrays (params, other quantizer state) passed as jit arguments rather than baked-in constants;
   inputs: arrays [N, ...]; targets: [N, ...] (pytree); steps: [N] int step index of every sample.
-  cache: a dict keeping the compiled chunk function between calls with the same apply_fn (PAR rounds).
+  progress(done, total, loss, theta): called after every chunk. cache: a dict keeping the compiled chunk function between calls with the same apply_fn (PAR rounds).
   Returns (theta, stats) with stats = {'iters', 'final_rec', 'final_total', 'seconds', 'it_per_s'}.
   """
   n = int(steps.shape[0])
@@ -90,11 +90,11 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
                    'it_per_s': 0.0}
   opt = optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_lr)}, _labels(theta))
   opt_state = opt.init(theta)
-  ckey = ('chunk', id(apply_fn), total, n, dataclasses.astuple(cfg))
+  ckey = ('chunk', id(apply_fn), n, dataclasses.astuple(dataclasses.replace(cfg, iters=0, chunk=0, nan_at_iter=0)))
   if cache is not None and ckey in cache:
     chunk_jit = cache[ckey]
   else:
-    chunk_jit = _make_chunk(apply_fn, opt, total, n, cfg)
+    chunk_jit = _make_chunk(apply_fn, opt, n, cfg)
     if cache is not None:
       cache[ckey] = chunk_jit
   t0 = time.perf_counter()
@@ -102,7 +102,9 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
   while done < total:
     length = min(cfg.chunk, total - done)
     th, st, bad, bad_it, loss_sum, rec_sum, cnt = chunk_jit(theta, opt_state, key, jnp.int32(done),
-                                                            jnp.int32(length), aux, list(inputs), targets, steps)
+                                                            jnp.int32(length), jnp.float32(total),
+                                                            jnp.int32(cfg.nan_at_iter), aux, list(inputs), targets,
+                                                            steps)
     cnt = int(cnt)
     if bool(bad):
       raise NonFiniteLossError(block, int(bad_it), jax.device_get(th))
@@ -111,26 +113,33 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
     done += length
     logging.info('recon %s: %d/%d iters, loss %.5g (rec %.5g)', block, done, total, last_loss, last_rec)
     if progress is not None:
-      progress(done, total, last_loss)
+      progress(done, total, last_loss, theta)
   secs = time.perf_counter() - t0
   return theta, {'iters': total, 'final_rec': last_rec, 'final_total': last_loss, 'seconds': secs,
                  'it_per_s': total / max(secs, 1e-9)}
 
 
-def _make_chunk(apply_fn, opt, total: int, n: int, cfg: ReconConfig):
-  """The jitted chunk: `length` (traced) iterations of minibatch sampling + Adam steps in a fori_loop."""
+_SCHED_GRID = 1e6
 
-  def loss_fn(th, aux, xb, yb, sb, it):
+
+def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
+  """The jitted chunk: `length` (traced) iterations of minibatch sampling + Adam steps in a fori_loop.
+
+  The total iteration count is traced too (one compile serves the 20k first pass and the 10k PAR rounds): the
+  annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total).
+  """
+
+  def loss_fn(th, aux, xb, yb, sb, it, total, nan_at):
     rec = rec_loss(apply_fn(th, aux, xb, sb), yb)
-    b, on = b_schedule(it, total, cfg.warmup, cfg.b_start, cfg.b_end)
+    b, on = b_schedule(it.astype(jnp.float32) * (_SCHED_GRID / total), _SCHED_GRID, cfg.warmup, cfg.b_start,
+                       cfg.b_end)
     loss = rec + cfg.lam * on * _round_reg(th, b)
-    if cfg.nan_at_iter >= 0:
-      loss = jnp.where(it == cfg.nan_at_iter, jnp.nan, loss)
+    loss = jnp.where(it == nan_at, jnp.nan, loss)          # test hook (nan_at = -1: off)
     return loss, rec
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def chunk_fn(th, st, key, start, length, aux, inputs, targets, steps):
+  def chunk_fn(th, st, key, start, length, total, nan_at, aux, inputs, targets, steps):
     def body(i, carry):
       th, st, bad, bad_it, loss_sum, rec_sum, cnt = carry
       it = start + i
@@ -138,7 +147,7 @@ def _make_chunk(apply_fn, opt, total: int, n: int, cfg: ReconConfig):
       idx = jax.random.randint(k, (cfg.batch,), 0, n)
       xb = [a[idx] for a in inputs]
       yb = jax.tree.map(lambda a: a[idx], targets)
-      (loss, rec), g = grad_fn(th, aux, xb, yb, steps[idx], it)
+      (loss, rec), g = grad_fn(th, aux, xb, yb, steps[idx], it, total, nan_at)
       upd, st2 = opt.update(g, st, th)
       th2 = optax.apply_updates(th, upd)
       ok = jnp.isfinite(loss) & jnp.logical_not(bad) & jax.tree.reduce(

@@ -1,0 +1,172 @@
+"""The calibration pipeline end to end (tcaq_jax/train/calibrate.py) on ddim_tiny with random weights.
+
+To stay fast, the policy quantizes four reconstruction units (input conv, a ResBlock, the mid attention block
+with DAQ, an up-path ResBlock with the split concat shortcut) and keeps the rest FP; the sampler has 6 steps.
+A persistent JAX compilation cache (module fixture) lets the repeated runs reuse compiled programs.
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tcaq_jax import checkpoint
+from tcaq_jax.diffusion.capture import CalibData
+from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
+from tcaq_jax.quant.apply import quantized_apply
+from tcaq_jax.train import calibrate as C
+from tcaq_jax.train import par
+
+UNITS = ['conv_in', 'down_0/block_0', 'mid/attn_1', 'up_0/block_1']
+BASE = dict(model_config='ddim_tiny', num_steps=6, calib_steps=2, calib_samples=4, capture_batch=4,
+            forward_batch=8, act_batch=4, iters_scale=0.001, chunk=10, par_rounds=1, png_samples=2,
+            eval_units=False, seed=3,
+            policy_override=('.*:fp', '^conv_in$:w4a8', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8',
+                             '^up_0/block_1/:w4a8'))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compile_cache(tmp_path_factory):
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+         jax.config.jax_persistent_cache_min_entry_size_bytes)
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', old[2])
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('calib') / 'full')
+  report = C.run(dict(BASE, out_dir=out))
+  return out, report
+
+
+def _qstate_arrays(out_dir):
+  qs = C.load_quantized(out_dir).qstate
+  flat = {'step_slot': np.asarray(qs['step_slot'])}
+  for p, st in qs['layers'].items():
+    for n, v in st.items():
+      flat[f'{p}:{n}'] = np.asarray(v)
+  return flat
+
+
+def test_full_run_report_checkpoint_and_outputs(full_run):
+  out, report = full_run
+  assert [u['unit'] for u in report['units']] == UNITS * 2            # round 0 + one PAR round
+  assert [u['round'] for u in report['units']] == [0] * 4 + [1] * 4
+  assert report['bits'] == {'w': 4, 'a': 8, 'softmax': 8} and report['method'] == 'tcaq'
+  assert report['components'] == {'tcr': True, 'daq': True, 'par': True, 'act_per_step': True,
+                                   'learn_act_scale': False}
+  assert all(np.isfinite(u['final_rec']) for u in report['units'])
+  assert os.path.isfile(os.path.join(out, 'report.json')) and os.path.isfile(os.path.join(out, 'samples.png'))
+  meta = checkpoint.restore(out)['meta']
+  assert meta['progress']['done'] and meta['config']['w_bits'] == 4
+  q = C.load_quantized(out)
+  model, params, qstate, policy, eps_fn = q
+  # TCR ratios (>= 1 for the min target), per-step activation scales [K=2 slots, S], DAQ choice per slot.
+  st = qstate['layers']['down_0/block_0/conv1']
+  assert np.all(np.asarray(st['r']) >= 1.0) and st['a_scale'].shape == (2, 1)
+  assert qstate['layers']['up_0/block_1/nin_shortcut']['a_scale'].shape == (2, 2)
+  assert qstate['layers']['mid/attn_1/attn_probs']['use_log2'].shape == (2,)
+  assert 'conv_out' not in qstate['layers'] and policy.layers['conv_out'].w_bits is None
+  # eps_fn == quantized_apply with hard rounding (independently assembled call)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  t = jnp.asarray([500, 500], jnp.int32)
+  want = quantized_apply(model, {'params': params}, qstate, policy, x, t, step_index=3, weight_mode='hard')
+  np.testing.assert_allclose(np.asarray(eps_fn(x, t, jnp.int32(3), None)), np.asarray(want), rtol=1e-6)
+  fp = model.apply({'params': params}, x, t)
+  assert float(jnp.mean((want - fp) ** 2)) > 0
+
+
+def test_resume_after_interrupt_gives_the_same_result(full_run, tmp_path):
+  ref_dir, _ = full_run
+  out = str(tmp_path / 'resumed')
+  with pytest.raises(C._StopForTest):
+    C.run(dict(BASE, out_dir=out, debug_stop_after_unit=1))
+  prog = checkpoint.restore(out)['meta']['progress']
+  assert (prog['round'], prog['next_unit'], prog['done']) == (0, 2, False)
+  report = C.run(dict(BASE, out_dir=out))
+  assert report['resumed'] == [{'round': 0, 'unit': 2}]
+  assert [u['unit'] for u in report['units']] == UNITS * 2
+  a, b = _qstate_arrays(ref_dir), _qstate_arrays(out)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_incompatible_flags_on_resume_are_refused(full_run):
+  out, _ = full_run
+  with pytest.raises(C.CalibrationError, match='--w_bits=4'):
+    C.run(dict(BASE, out_dir=out, w_bits=8))
+
+
+def test_nan_in_a_block_loss_stops_with_a_named_error_and_keeps_state(tmp_path):
+  out = str(tmp_path / 'nan')
+  with pytest.raises(C.CalibrationError, match=r"'down_0/block_0' at iteration 3.*unit 1"):
+    C.run(dict(BASE, out_dir=out, debug_nan_unit=1, debug_nan_iter=3))
+  ck = checkpoint.restore(out)
+  assert ck['meta']['progress']['next_unit'] == 1 and not ck['meta']['progress']['done']
+  leaves = jax.tree.leaves(ck['qstate'])
+  assert leaves and all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
+  # fixing the cause (no hook) and re-running resumes at that block and finishes
+  report = C.run(dict(BASE, out_dir=out))
+  assert report['resumed'] == [{'round': 0, 'unit': 1}]
+  assert checkpoint.restore(out)['meta']['progress']['done']
+
+
+def test_par_recapture_differs_from_fp_and_comes_from_the_quantized_model(full_run, tmp_path):
+  out, _ = full_run
+  d0, d1 = CalibData(par.round_dir(out, 0)), CalibData(par.round_dir(out, 1))
+  assert d1.index['meta']['quantized'] and not d0.index['meta']['quantized']
+  assert d0.index['steps'] == d1.index['steps'] == [0, 5]
+  np.testing.assert_array_equal(d1.x[0], d0.x[0])                   # same x_T (same seeds)
+  assert float(np.mean((np.asarray(d1.x[1]) - np.asarray(d0.x[1])) ** 2)) > 1e-8
+  # recapture with a quantized model == that model's own DDIM trajectory (sampled independently, all steps)
+  q = C.load_quantized(out)
+  coeffs = sampler_coefficients(q.config, 6, 'quad', 0.0)
+  factory = lambda eps: C._TupleRecord(DDIMSampler(eps, coeffs, (16, 16, 3)))
+  rec = par.recapture(factory, q.eps_fn, str(tmp_path / 'rc'), num_samples=4, num_select=2, seed=3, batch_size=4)
+  traj = np.asarray(DDIMSampler(q.eps_fn, coeffs, (16, 16, 3)).sample(3, 0, 4, record='all')['recorded'])
+  np.testing.assert_allclose(np.asarray(rec.x), traj[[0, 5]], rtol=1e-5, atol=1e-5)
+  fp_traj = np.asarray(d0.x)
+  assert float(np.mean((np.asarray(rec.x[1]) - fp_traj[1]) ** 2)) > 1e-8
+
+
+def test_minmax_method_has_no_reconstruction(tmp_path):
+  report = C.run(dict(BASE, out_dir=str(tmp_path / 'mm'), method='minmax', w_bits=8, a_bits=8))
+  assert report['units'] == [] and report['components']['tcr'] is False
+  q = C.load_quantized(str(tmp_path / 'mm'))
+  assert all('alpha' not in st for st in q.qstate['layers'].values())
+  assert q.qstate['layers']['conv_in']['a_scale'].shape == (1, 1)       # one scale for all steps
+
+
+@pytest.mark.slow
+def test_cifar10_w4a8_flagfile_end_to_end_random_weights(tmp_path):
+  """The real-size path: the CIFAR-10 W4A8 flagfile on a random-weight ddim_cifar10 (35.7M params), with tiny
+  calibration / sampling sizes, 0.1% of the iterations and two reconstructed units (the rest keep their
+  initialisation: TCR, Lp weight scales, per-step activation scales, DAQ), two PAR rounds."""
+  out = str(tmp_path / 'cifar')
+  cmd = [sys.executable, '-m', 'tcaq_jax.train.calibrate', '--flagfile', os.path.join(ROOT, 'configs',
+         'cifar10_w4a8.flags'), '--model_dir=', '--model_config=ddim_cifar10', f'--out_dir={out}',
+         '--iters_scale=0.001', '--calib_samples=2', '--calib_steps=2', '--num_steps=4',
+         '--recon_units=^(up_3/block_0|down_1/attn_0)$', '--png_samples=1', '--act_batch=2', '--forward_batch=4',
+         '--capture_batch=2', '--eval_units=false']
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  import json
+  with open(os.path.join(out, 'report.json')) as f:
+    report = json.load(f)
+  assert report['model'] == 'ddim_cifar10' and report['bits']['w'] == 4
+  assert [u['unit'] for u in report['units']] == ['down_1/attn_0', 'up_3/block_0'] * 3
+  assert report['policy_summary']['conv']['split'] == 11
+  assert os.path.isfile(os.path.join(out, 'samples.png'))
