@@ -1,7 +1,7 @@
 """The calibration pipeline end to end (tcaq_jax/train/calibrate.py) on ddim_tiny with random weights.
 
-To stay fast, the policy quantizes four reconstruction units (input conv, a ResBlock, the mid attention block
-with DAQ, an up-path ResBlock with the split concat shortcut) and keeps the rest FP; the sampler has 6 steps.
+To stay fast, the policy quantizes three reconstruction units (a ResBlock, the mid attention block with DAQ, an
+up-path ResBlock with the split concat shortcut) and keeps the rest FP; the sampler has 6 steps.
 A persistent JAX compilation cache (module fixture) lets the repeated runs reuse compiled programs.
 """
 import os
@@ -21,12 +21,11 @@ from tcaq_jax.quant.apply import quantized_apply
 from tcaq_jax.train import calibrate as C
 from tcaq_jax.train import par
 
-UNITS = ['conv_in', 'down_0/block_0', 'mid/attn_1', 'up_0/block_1']
+UNITS = ['down_0/block_0', 'mid/attn_1', 'up_0/block_1']
 BASE = dict(model_config='ddim_tiny', num_steps=6, calib_steps=2, calib_samples=4, capture_batch=4,
             forward_batch=8, act_batch=4, iters_scale=0.001, chunk=10, par_rounds=1, png_samples=2,
             eval_units=False, seed=3,
-            policy_override=('.*:fp', '^conv_in$:w4a8', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8',
-                             '^up_0/block_1/:w4a8'))
+            policy_override=('.*:fp', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8', '^up_0/block_1/:w4a8'))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,7 +61,7 @@ def _qstate_arrays(out_dir):
 def test_full_run_report_checkpoint_and_outputs(full_run):
   out, report = full_run
   assert [u['unit'] for u in report['units']] == UNITS * 2            # round 0 + one PAR round
-  assert [u['round'] for u in report['units']] == [0] * 4 + [1] * 4
+  assert [u['round'] for u in report['units']] == [0] * 3 + [1] * 3
   assert report['bits'] == {'w': 4, 'a': 8, 'softmax': 8} and report['method'] == 'tcaq'
   assert report['components'] == {'tcr': True, 'daq': True, 'par': True, 'act_per_step': True,
                                    'learn_act_scale': False}
@@ -111,14 +110,15 @@ def test_incompatible_flags_on_resume_are_refused(full_run):
 
 def test_nan_in_a_block_loss_stops_with_a_named_error_and_keeps_state(tmp_path):
   out = str(tmp_path / 'nan')
-  with pytest.raises(C.CalibrationError, match=r"'down_0/block_0' at iteration 3.*unit 1"):
-    C.run(dict(BASE, out_dir=out, debug_nan_unit=1, debug_nan_iter=3))
+  cfg = dict(BASE, out_dir=out, par_rounds=0)
+  with pytest.raises(C.CalibrationError, match=r"'mid/attn_1' at iteration 3.*unit 1"):
+    C.run(dict(cfg, debug_nan_unit=1, debug_nan_iter=3))
   ck = checkpoint.restore(out)
   assert ck['meta']['progress']['next_unit'] == 1 and not ck['meta']['progress']['done']
   leaves = jax.tree.leaves(ck['qstate'])
   assert leaves and all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
   # fixing the cause (no hook) and re-running resumes at that block and finishes
-  report = C.run(dict(BASE, out_dir=out))
+  report = C.run(cfg)
   assert report['resumed'] == [{'round': 0, 'unit': 1}]
   assert checkpoint.restore(out)['meta']['progress']['done']
 
@@ -146,7 +146,7 @@ def test_minmax_method_has_no_reconstruction(tmp_path):
   assert report['units'] == [] and report['components']['tcr'] is False
   q = C.load_quantized(str(tmp_path / 'mm'))
   assert all('alpha' not in st for st in q.qstate['layers'].values())
-  assert q.qstate['layers']['conv_in']['a_scale'].shape == (1, 1)       # one scale for all steps
+  assert q.qstate['layers']['down_0/block_0/conv1']['a_scale'].shape == (1, 1)       # one scale for all steps
 
 
 @pytest.mark.slow
