@@ -22,11 +22,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tcaq_jax.checkpoint import load_model_dir  # noqa: E402
-from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients  # noqa: E402
+from tcaq_jax.diffusion.ddim import sampler_coefficients  # noqa: E402
 from tcaq_jax.eval import digits  # noqa: E402
 from tcaq_jax.eval.metrics import feature_stats, frechet_distance  # noqa: E402
 from tcaq_jax.models.configs import build_model  # noqa: E402
-from tcaq_jax.train import calibrate as C  # noqa: E402
+from tcaq_jax.train import calibrate as C, par  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k reconstruction iterations')
@@ -58,7 +58,7 @@ def row_specs():
 
 def sample(eps_fn, config, n, steps, seed=123, batch=250):
   coeffs = sampler_coefficients(config, steps, 'quad', 0.0)
-  sampler = DDIMSampler(eps_fn, coeffs, (16, 16, 1))
+  sampler = par.make_sampler(eps_fn, coeffs, (16, 16, 1))        # host loop on CPU (see par.HostLoopSampler)
   out = [np.asarray(sampler.sample(seed, i, min(batch, n - i))['images']) for i in range(0, n, batch)]
   return np.clip(np.concatenate(out), -1., 1.)
 

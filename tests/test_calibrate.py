@@ -133,7 +133,8 @@ def test_par_recapture_differs_from_fp_and_comes_from_the_quantized_model(full_r
   # recapture with a quantized model == that model's own DDIM trajectory (sampled independently, all steps)
   q = C.load_quantized(out)
   coeffs = sampler_coefficients(q.config, 6, 'quad', 0.0)
-  factory = lambda eps: C._TupleRecord(DDIMSampler(eps, coeffs, (16, 16, 3)))
+  # host-loop sampler (CPU default) here, the lax.scan DDIMSampler for the reference trajectory
+  factory = lambda eps: C._TupleRecord(par.make_sampler(eps, coeffs, (16, 16, 3), loop='host'))
   rec = par.recapture(factory, q.eps_fn, str(tmp_path / 'rc'), num_samples=4, num_select=2, seed=3, batch_size=4)
   traj = np.asarray(DDIMSampler(q.eps_fn, coeffs, (16, 16, 3)).sample(3, 0, 4, record='all')['recorded'])
   np.testing.assert_allclose(np.asarray(rec.x), traj[[0, 5]], rtol=1e-5, atol=1e-5)

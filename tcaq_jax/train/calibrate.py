@@ -37,7 +37,7 @@ from jax.tree_util import Partial
 
 from tcaq_jax import checkpoint
 from tcaq_jax.diffusion.capture import CalibData
-from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
+from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.models.configs import build_model, get_config
 from tcaq_jax.quant.apply import qstate_from_tree, qstate_to_tree, quantized_apply
 from tcaq_jax.quant.policy import Policy, build_policy
@@ -56,7 +56,7 @@ METHOD_DEFAULTS = {
 }
 # Config fields that may change between a run and its resumption.
 _RESUMABLE = ('out_dir', 'png_samples', 'debug_stop_after_unit', 'debug_nan_unit', 'debug_nan_iter', 'chunk',
-              'forward_batch', 'capture_batch')
+              'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop', 'eval_units')
 
 
 class CalibrationError(RuntimeError):
@@ -76,6 +76,7 @@ class CalibConfig:
   skip_type: str = 'quad'
   eta: float = 0.0
   guidance_scale: float = 1.0
+  sampler_loop: str = 'auto'          # 'device': one lax.scan; 'host': Python loop over a jitted step; auto: host on CPU
   # calibration data
   calib_dir: str = ''                 # an existing capture (tcaq_jax.diffusion.capture); '' -> capture one
   calib_steps: int = 20
@@ -118,6 +119,7 @@ class CalibConfig:
   b_end: float = 2.0
   chunk: int = 1000
   eval_units: bool = True             # block MSE before / after each reconstruction (report)
+  recon_loop: str = 'auto'            # 'device': chunk = one lax.fori_loop; 'host': loop over a jitted step
   # outputs
   png_samples: int = 16
   # test hooks
@@ -283,8 +285,9 @@ class _Pipeline:
     self.unit_fns: dict = {}              # unit path -> (soft, hard) apply fns (reused across rounds)
 
   # -- data
-  def _sampler(self, eps_fn):
-    return _TupleRecord(DDIMSampler(eps_fn, self.coeffs, self.shape, guidance_scale=self.c['guidance_scale']))
+  def _sampler(self, eps_fn, decode_fn=None):
+    return _TupleRecord(par.make_sampler(eps_fn, self.coeffs, self.shape, decode_fn, self.c['guidance_scale'],
+                                         self.c['sampler_loop']))
 
   def calib_dir(self, rnd: int) -> str:
     if rnd == 0 and self.c['calib_dir']:
@@ -388,7 +391,7 @@ class _Pipeline:
     iters = int(round((c['recon_iters'] if rnd == 0 else c['par_iters']) * c['iters_scale']))
     rcfg = recon.ReconConfig(iters=iters, batch=c['recon_batch'], lam=c['lam'], b_start=c['b_start'],
                              b_end=c['b_end'], warmup=c['warmup'], lr=c['lr'], act_lr=c['act_lr'],
-                             chunk=c['chunk'],
+                             chunk=c['chunk'], loop=c['recon_loop'],
                              nan_at_iter=c['debug_nan_iter'] if (rnd == 0 and k == c['debug_nan_unit']) else -1)
     stats = {'unit': unit.path, 'cls': unit.cls, 'round': rnd, 'index': k, 'layers': len(unit.layers),
              'iters': iters, 'capture_s': t_cap}
@@ -422,9 +425,8 @@ class _Pipeline:
     n = self.c['png_samples']
     if n <= 0:
       return
-    sampler = DDIMSampler(Partial(self.q_eps_fn, self.params, qstate), self.coeffs, self.shape,
-                          decode_fn=_decode_fn(self.model, self.params, self.mconfig),
-                          guidance_scale=self.c['guidance_scale'])
+    sampler = self._sampler(Partial(self.q_eps_fn, self.params, qstate),
+                            _decode_fn(self.model, self.params, self.mconfig))
     cond, uncond = _cond_arrays(self.mconfig, n, self.c['seed'])
     imgs = []
     for i in range(0, n, self.c['capture_batch']):

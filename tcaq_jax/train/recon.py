@@ -41,7 +41,7 @@ class NonFiniteLossError(FloatingPointError):
 class ReconConfig:
   """iters: total iterations; batch; lam: rounding-loss weight; b_start/b_end/warmup: annealing; lr: Adam on
   alpha; act_lr: Adam on learned activation scales; chunk: iterations per jitted call; nan_at_iter: test hook
-  (inject a NaN into the loss at this global iteration, -1 = off)."""
+  (inject a NaN into the loss at this global iteration, -1 = off); loop: see `_device_loop`."""
   iters: int = 20000
   batch: int = 16
   lam: float = 0.01
@@ -52,6 +52,18 @@ class ReconConfig:
   act_lr: float = 4e-5
   chunk: int = 1000
   nan_at_iter: int = -1
+  loop: str = 'auto'
+
+
+def _device_loop(loop: str) -> bool:
+  """'device': the chunk is one lax.fori_loop; 'host': a Python loop over one jitted iteration (XLA:CPU runs
+  convolutions inside while-loop bodies ~20x slower than at top level, measured on this project's blocks);
+  'auto': device except on CPU."""
+  if loop == 'auto':
+    return jax.default_backend() != 'cpu'
+  if loop not in ('device', 'host'):
+    raise ValueError(f"ReconConfig.loop must be 'auto', 'device' or 'host', got {loop!r}")
+  return loop == 'device'
 
 
 def rec_loss(pred, target):
@@ -123,7 +135,8 @@ _SCHED_GRID = 1e6
 
 
 def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
-  """The jitted chunk: `length` (traced) iterations of minibatch sampling + Adam steps in a fori_loop.
+  """The chunk: `length` (traced) iterations of minibatch sampling + Adam steps, as one jitted fori_loop
+  (device loop) or a host loop over one jitted iteration (see `_device_loop`).
 
   The total iteration count is traced too (one compile serves the 20k first pass and the 10k PAR rounds): the
   annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total).
@@ -139,7 +152,7 @@ def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def chunk_fn(th, st, key, start, length, total, nan_at, aux, inputs, targets, steps):
+  def make_body(key, start, total, nan_at, aux, inputs, targets, steps):
     def body(i, carry):
       th, st, bad, bad_it, loss_sum, rec_sum, cnt = carry
       it = start + i
@@ -156,11 +169,26 @@ def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
       newly_bad = jnp.logical_not(ok) & jnp.logical_not(bad)
       return (sel(th2, th), sel(st2, st), bad | newly_bad, jnp.where(newly_bad, it, bad_it),
               loss_sum + jnp.where(ok, loss, 0.), rec_sum + jnp.where(ok, rec, 0.), cnt + ok.astype(jnp.int32))
+    return body
 
-    init = (th, st, jnp.bool_(False), jnp.int32(-1), jnp.float32(0.), jnp.float32(0.), jnp.int32(0))
-    return jax.lax.fori_loop(0, length, body, init)
+  def init_carry(th, st):
+    return (th, st, jnp.bool_(False), jnp.int32(-1), jnp.float32(0.), jnp.float32(0.), jnp.int32(0))
 
-  return jax.jit(chunk_fn)
+  if _device_loop(cfg.loop):
+    def chunk_fn(th, st, key, start, length, total, nan_at, aux, inputs, targets, steps):
+      body = make_body(key, start, total, nan_at, aux, inputs, targets, steps)
+      return jax.lax.fori_loop(0, length, body, init_carry(th, st))
+    return jax.jit(chunk_fn)
+
+  step_jit = jax.jit(lambda i, carry, *a: make_body(*a)(i, carry))
+
+  def host_chunk(th, st, key, start, length, total, nan_at, aux, inputs, targets, steps):
+    carry = init_carry(th, st)
+    for i in range(int(length)):
+      carry = step_jit(jnp.int32(i), carry, key, start, total, nan_at, aux, inputs, targets, steps)
+    return carry
+
+  return host_chunk
 
 
 def eval_loss(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
