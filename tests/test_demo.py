@@ -1,8 +1,9 @@
 """The shipped demo: assets load, the classifier works, sampling writes the evaluator's .npz, samples are digits.
 
 Thresholds were measured on the shipped assets (docs/results/sample.md): on 1,000 samples (DDIM 50 quad steps,
-eta 0, seed 0) the classifier is >= 0.9 confident on most samples and the 64-d feature FID is small compared with
-an untrained model; the small-sample test below uses thresholds measured at its own sample size.
+eta 0, seed 0) the classifier is >= 0.9 confident on 82.8% of them and the 64-d feature FID is 3.60 against a
+real-vs-real floor of 3.02 (recorded threshold: 2 x floor = 6.0); the CI test samples 200 images (seed 1) and
+uses thresholds measured at that size.
 """
 import os
 
@@ -16,6 +17,11 @@ from tcaq_jax.models.configs import get_config
 
 HAVE_ASSETS = all(os.path.isfile(os.path.join(d, 'config.json'))
                   for d in (digits.DEMO_UNET_DIR, digits.CLASSIFIER_DIR))
+# measured on the shipped demo_unet (DDIM 50 quad steps, eta 0): 1,000 samples seed 0: 82.8% >= 0.9 confident,
+# FID 3.60 (real half vs half: 3.02); 200 samples seed 1: 86.5% confident, FID 9.71 (a 200-image real subset
+# against all real images: 7.37; uniform noise: ~500).
+SMALL_N, SMALL_FID_THRESHOLD = 200, 15.0
+
 needs_assets = pytest.mark.skipif(not HAVE_ASSETS, reason='demo assets not built yet')
 
 
@@ -46,10 +52,11 @@ def test_classifier_on_real_digits_and_fid_floor():
   x, y = digits.load_digits_16()
   _, probs = digits.classify(clf, params, x)
   assert (probs.argmax(-1) == y).mean() >= 0.97
-  q = digits.demo_quality(x[:600], clf, params)        # real digits scored as if they were samples
+  subset = np.random.default_rng(1).permutation(x.shape[0])[:600]
+  q = digits.demo_quality(x[subset], clf, params)      # real digits scored as if they were samples
   assert q['confident_fraction'] >= 0.9
   # measured: half vs half of the real digits 3.0 (seed 0; 2.97-4.15 over seeds 0-2), uniform noise ~500
-  assert 1.0 < q['fid_floor'] < 6.0 and q['fid'] < 6.0
+  assert 1.0 < q['fid_floor'] < 6.0 and q['fid'] < 4.0   # measured 1.67 (overlaps the reference set)
 
 
 @needs_assets

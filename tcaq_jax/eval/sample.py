@@ -145,12 +145,20 @@ def define_flags() -> None:
   flags.DEFINE_float('eta', 0.0, 'DDIM eta (0: deterministic, 1: DDPM posterior variance)')
   flags.DEFINE_integer('seed', 0, 'seed (sample i uses fold_in(PRNGKey(seed), i))')
   flags.DEFINE_string('out_dir', 'samples/demo', 'output directory')
+  flags.DEFINE_string('quant_dir', None, 'sample the quantized model calibrated into this dir (the --out_dir of '
+                      'tcaq_jax.train.calibrate); --model_dir must be the FP model it was calibrated from')
 
 
 def main(argv):
   del argv
   f = flags.FLAGS
-  generate(f.model_dir, f.num_samples, f.batch_size, f.steps, f.skip_type, f.eta, f.seed, f.out_dir)
+  builder = None
+  if f.quant_dir:
+    from tcaq_jax.train.calibrate import load_quantized
+    quantized = load_quantized(f.quant_dir)
+    builder = lambda model, params, config: quantized.eps_fn
+  generate(f.model_dir, f.num_samples, f.batch_size, f.steps, f.skip_type, f.eta, f.seed, f.out_dir,
+           eps_fn_builder=builder)
   logging.info('wrote %s', f.out_dir)
 
 
