@@ -111,3 +111,15 @@ def _theta_after(apply_fn, theta, aux, io, steps, cfg):
     recon.reconstruct(apply_fn, theta, aux, io.leaves, io.output, steps, cfg, jax.random.PRNGKey(0), block=UNIT,
                       progress=progress, cache=CACHE)
   return seen['theta']
+
+
+def test_packed_weight_init_equals_per_layer_lp_search(block_setup):
+  """init_weights packs every kernel's rows into one zero-padded matrix (and on CPU loops over candidates on
+  the host); the scales must equal ranges.lp_search_params on each layer alone."""
+  from tcaq_jax.quant.ranges import lp_search_params
+  model, params, pol, qs, unit, io, steps, soft = block_setup
+  for path in ('conv_in', 'temb/dense_0', 'down_1/block_0/conv1', 'up_1/block_0/nin_shortcut'):
+    w = qinit.get_kernel(params, path)
+    s, z = lp_search_params(w, 3, channel_axis=-1, p=2.4, n_candidates=80)
+    np.testing.assert_allclose(np.asarray(qs['layers'][path]['w_scale']), np.asarray(s), rtol=1e-6, err_msg=path)
+    np.testing.assert_array_equal(np.asarray(qs['layers'][path]['w_zero']), np.asarray(z), err_msg=path)

@@ -11,6 +11,10 @@ After initialisation and after every unit, `out_dir` gets an orbax checkpoint (p
 config + policy + progress + report); re-running with the same out_dir resumes from the last one.
 Outputs: out_dir/report.json (per-unit losses, timings, policy, bits), out_dir/samples.png.
 
+CPU note: XLA:CPU runs convolutions inside while-loop bodies (lax.scan / fori_loop) ~20x slower than at top level,
+so on CPU the reconstruction chunk and the sampler run as host loops over one jitted step (--recon_loop,
+--sampler_loop; 'device' = one lax.fori_loop / lax.scan, the default on accelerators).
+
 Methods: tcaq (default), qdiff (BRECQ + LSQ-learned activation scales; no TCR / DAQ / PAR / per-step scales),
 minmax (min-max PTQ, no reconstruction). --tcr/--daq/--par/--act_per_step/--learn_act_scale override a
 method's defaults (ablations).
@@ -611,6 +615,8 @@ def define_flags():
       flags.DEFINE_integer(f.name, default, help_)
     elif isinstance(default, float):
       flags.DEFINE_float(f.name, default, help_)
+    elif f.name == 'policy_override':
+      flags.DEFINE_multi_string(f.name, [], f'{help_}: REGEX:SPEC, repeat the flag for several rules')
     elif isinstance(default, tuple):
       flags.DEFINE_list(f.name, [str(v) for v in default], help_)
     else:

@@ -8,6 +8,7 @@ Activation scales and DAQ come from `act_search.py`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.quant.adaround import init_alpha
-from tcaq_jax.quant.ranges import lp_search_params, minmax_params
+from tcaq_jax.quant.ranges import lp_error, lp_search_params, minmax_params, params_from_range
+from tcaq_jax.quant.uniform import fake_quant
 from tcaq_jax.quant.tcr import scale_kernel_inputs, tcr_ratio
 
 __all__ = ['InitError', 'step_slots', 'collect_peaks', 'tcr_ratios', 'init_weights', 'get_kernel']
@@ -105,33 +107,64 @@ def _rows(w):
   return w.reshape(-1, w.shape[-1]).T
 
 
-def _lp_search_packed(mats: list, bits: int, p: float, n_candidates: int, max_elems: int = 1 << 24):
-  """Per-row Lp search over many [rows_i, len_i] matrices with one compiled shape.
+@functools.partial(jax.jit, static_argnames=('bits', 'p'))
+def _lp_candidate(x, lo, hi, f, best_err, best_s, best_z, bits, p):
+  s, z = params_from_range(lo * f, hi * f, bits)
+  err = lp_error(x, fake_quant(x, s, z, bits), p, channel_axis=0)
+  better = err < best_err
+  return jnp.where(better, err, best_err), jnp.where(better, s, best_s), jnp.where(better, z, best_z)
 
-  Rows are zero-padded to the longest length: zero is exactly representable (the range always contains 0),
-  so padding adds no error and only rescales a row's mean error (the argmin is unchanged).
-  Returns a list of (scale [rows_i], zero [rows_i]).
+
+def _lp_search_host(x, bits: int, p: float, n_candidates: int, step: float = 0.01):
+  """`ranges.lp_search_params(x, bits, channel_axis=0, p, n_candidates)` with the candidate loop on the host
+  (XLA:CPU runs while-loop bodies single-threaded and much slower than top-level ops). Same candidates, same
+  strict-improvement tie rule."""
+  lo = jnp.min(x, axis=1, keepdims=True)
+  hi = jnp.max(x, axis=1, keepdims=True)
+  s0, z0 = params_from_range(lo, hi, bits)
+  best = (jnp.full(s0.shape, jnp.inf, jnp.float32), s0, z0)
+  for i in range(n_candidates):
+    best = _lp_candidate(x, lo, hi, jnp.float32(1. - step * i), *best, bits=bits, p=p)
+  return best[1], best[2]
+
+
+def _lp_search_packed(mats: list, bits: int, p: float, n_candidates: int, max_elems: int = 1 << 24):
+  """Per-row Lp search over many [rows_i, len_i] matrices with few compiled shapes.
+
+  Rows of equal length are stacked (CPU: one group per length, the candidate loop on the host); on accelerators
+  all rows are zero-padded to the longest length and searched by one compiled `lp_search_params` (zero is
+  exactly representable, the range always contains 0, so padding adds no error and only rescales a row's
+  mean error: the argmin is unchanged). Returns a list of (scale [rows_i], zero [rows_i]).
   """
-  length = max(m.shape[1] for m in mats)
-  total = sum(m.shape[0] for m in mats)
-  chunk = max(64, min(max_elems // length, total))
-  chunk = int(-(-chunk // 64) * 64)
-  packed = np.zeros((-(-total // chunk) * chunk, length), np.float32)
-  r = 0
-  for m in mats:
-    packed[r:r + m.shape[0], :m.shape[1]] = np.asarray(m)
-    r += m.shape[0]
-  fn = jax.jit(lambda x: lp_search_params(x, bits, channel_axis=0, p=p, n_candidates=n_candidates))
-  scales, zeros = [], []
-  for i in range(0, packed.shape[0], chunk):
-    s, z = fn(jnp.asarray(packed[i:i + chunk]))
-    scales.append(np.asarray(s).reshape(-1))
-    zeros.append(np.asarray(z).reshape(-1))
-  scales, zeros = np.concatenate(scales), np.concatenate(zeros)
-  out, r = [], 0
-  for m in mats:
-    out.append((scales[r:r + m.shape[0]], zeros[r:r + m.shape[0]]))
-    r += m.shape[0]
+  host = jax.default_backend() == 'cpu'
+  if host:
+    fn = functools.partial(_lp_search_host, bits=bits, p=p, n_candidates=n_candidates)
+    groups = {}
+    for k, m in enumerate(mats):
+      groups.setdefault(m.shape[1], []).append(k)
+  else:
+    fn = jax.jit(lambda x: lp_search_params(x, bits, channel_axis=0, p=p, n_candidates=n_candidates))
+    groups = {max(m.shape[1] for m in mats): list(range(len(mats)))}
+  out = [None] * len(mats)
+  for length, ks in groups.items():
+    total = sum(mats[k].shape[0] for k in ks)
+    chunk = max(64, min(max_elems // length, total))
+    chunk = int(-(-chunk // 64) * 64)
+    packed = np.zeros((-(-total // chunk) * chunk, length), np.float32)
+    r = 0
+    for k in ks:
+      packed[r:r + mats[k].shape[0], :mats[k].shape[1]] = np.asarray(mats[k])
+      r += mats[k].shape[0]
+    scales, zeros = [], []
+    for i in range(0, packed.shape[0], chunk):
+      s, z = fn(jnp.asarray(packed[i:i + chunk]))
+      scales.append(np.asarray(s).reshape(-1))
+      zeros.append(np.asarray(z).reshape(-1))
+    scales, zeros = np.concatenate(scales), np.concatenate(zeros)
+    r = 0
+    for k in ks:
+      out[k] = (scales[r:r + mats[k].shape[0]], zeros[r:r + mats[k].shape[0]])
+      r += mats[k].shape[0]
   return out
 
 
