@@ -5,7 +5,6 @@ up-path ResBlock with the split concat shortcut) and keeps the rest FP; the samp
 A persistent JAX compilation cache (module fixture) lets the repeated runs reuse compiled programs.
 """
 import os
-import shutil
 import subprocess
 import sys
 

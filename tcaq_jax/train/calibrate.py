@@ -102,7 +102,7 @@ class CalibConfig:
   par: bool | None = None
   act_per_step: bool | None = None
   learn_act_scale: bool | None = None
-  r_tru: float = 0.0                  # 0 = no truncation
+  r_tru: float = -1.0                 # TCR truncation R_tru; 0 = none; -1 = paper default (3 at W4A8, else none)
   tcr_target: str = 'min'
   tcr_dense: bool = True              # TCR also on linear layers (else conv only)
   daq_log_kind: str = 'log2'
@@ -147,6 +147,8 @@ def resolve_config(cfg: CalibConfig) -> dict:
   for k in ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale'):
     if d[k] is None:
       d[k] = md[k]
+  if d['r_tru'] < 0:
+    d['r_tru'] = 3.0 if (d['w_bits'], d['a_bits']) == (4, 8) else 0.0
   d['weight_init'] = md['weight_init']
   d['reconstruct'] = md['reconstruct']
   if cfg.method == 'minmax':
@@ -175,6 +177,9 @@ def _load_fp(c: dict):
     model = build_model(mconfig)
     args, kwargs = example_inputs(mconfig, 1)
     params = model.init(jax.random.PRNGKey(c['seed']), *args, **kwargs)['params']
+    if mconfig.get('family') == 'ldm':          # the first stage (decoder) is not touched by the eps forward
+      dec = model.init(jax.random.PRNGKey(c['seed'] + 1), args[0], method='decode')['params']
+      params = {**dec, **params}
   return model, jax.tree.map(jnp.asarray, params), mconfig
 
 
