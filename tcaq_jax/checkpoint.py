@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -122,9 +123,18 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def save_model_dir(directory: str, params: Any, config: dict, extra: dict | None = None) -> None:
-  """Writes a model directory: orbax params at step 0 plus `config.json` (read by `models.load`)."""
+def save_model_dir(directory: str, params: Any, config: dict, extra: dict | None = None,
+                   overwrite: bool = False) -> None:
+  """Writes a model directory: orbax params at step 0 plus `config.json` (read by `models.load`).
+
+  An existing model in `directory` is an error unless `overwrite` (then its step 0 is replaced).
+  """
   os.makedirs(directory, exist_ok=True)
+  if all_steps(directory):
+    if not overwrite:
+      raise CheckpointError(f'{directory!r} already holds a saved model; choose another output directory '
+                            'or pass overwrite=True')
+    shutil.rmtree(os.path.join(directory, '0'), ignore_errors=True)
   meta = {'config': config, **(extra or {})}
   save(directory, 0, params, meta=meta, keep=1)
   tmp = os.path.join(directory, 'config.json.tmp')

@@ -94,3 +94,16 @@ def test_sigkill_mid_write_restores_last_complete_step(tmp_path):
   # and a resumed writer can continue from there
   checkpoint.save(run_dir, out['step'] + 1, tree(9), meta={'step': 9}, keep=2)
   _assert_bit_identical(checkpoint.restore(run_dir)['params'], tree(9))
+
+
+def test_save_model_dir_refuses_to_overwrite_unless_asked(tmp_path):
+  d = str(tmp_path / 'model')
+  checkpoint.save_model_dir(d, {'w': np.ones(3, np.float32)}, {'name': 'a'})
+  with pytest.raises(checkpoint.CheckpointError, match='already holds a saved model'):
+    checkpoint.save_model_dir(d, {'w': np.zeros(3, np.float32)}, {'name': 'b'})
+  params, config = checkpoint.load_model_dir(d)
+  np.testing.assert_array_equal(params['w'], np.ones(3, np.float32))
+  checkpoint.save_model_dir(d, {'w': np.zeros(3, np.float32)}, {'name': 'b'}, overwrite=True)
+  params, config = checkpoint.load_model_dir(d)
+  np.testing.assert_array_equal(params['w'], np.zeros(3, np.float32))
+  assert config == {'name': 'b'}
