@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcaq_jax.models.qpoint import QuantPoint
+from tcaq_jax.models.layers import AttnBlock, Upsample  # same blocks as the DDIM UNet (eps 1e-6)
 
 _PAD1 = ((1, 1), (1, 1))
 
@@ -55,46 +55,6 @@ class ResnetBlock(nn.Module):
     if self.in_ch != self.out_ch:
       x = self.nin_shortcut(x)
     return x + h
-
-
-class AttnBlock(nn.Module):
-  """Single-head spatial self-attention. x: [B, H, W, C] -> [B, H, W, C].
-
-  Quantisation points `qk_q`, `qk_k`, `av_v` ('matmul') and `attn_probs` ('softmax', [B, HW, HW]).
-  """
-  channels: int
-
-  def setup(self):
-    self.norm = _norm()
-    self.q = _conv1(self.channels)
-    self.k = _conv1(self.channels)
-    self.v = _conv1(self.channels)
-    self.proj_out = _conv1(self.channels)
-    self.qk_q = QuantPoint(kind='matmul')
-    self.qk_k = QuantPoint(kind='matmul')
-    self.attn_probs = QuantPoint(kind='softmax')
-    self.av_v = QuantPoint(kind='matmul')
-
-  def __call__(self, x):
-    b, hh, ww, c = x.shape
-    hn = self.norm(x)
-    q = self.qk_q(self.q(hn).reshape(b, hh * ww, c))
-    k = self.qk_k(self.k(hn).reshape(b, hh * ww, c))
-    v = self.av_v(self.v(hn).reshape(b, hh * ww, c))
-    probs = self.attn_probs(jax.nn.softmax(jnp.einsum('bic,bjc->bij', q, k) * (c ** -0.5), axis=-1))
-    out = jnp.einsum('bij,bjc->bic', probs, v).reshape(b, hh, ww, c)
-    return x + self.proj_out(out)
-
-
-class Upsample(nn.Module):
-  """Nearest x2 then `conv` 3x3. [B, H, W, C] -> [B, 2H, 2W, C]."""
-  channels: int
-
-  def setup(self):
-    self.conv = _conv3(self.channels)
-
-  def __call__(self, x):
-    return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
 
 
 class Mid(nn.Module):

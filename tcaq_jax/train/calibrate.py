@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import time
@@ -470,22 +469,10 @@ def to_uint8(x) -> np.ndarray:
   return np.floor(np.clip((np.asarray(x, np.float32) + 1.) / 2., 0., 1.) * 255. + 0.5).astype(np.uint8)
 
 
-def save_grid(path: str, images: np.ndarray, pad: int = 1) -> None:
-  """images: uint8 [N, H, W, C] -> one PNG grid (upscaled to ~128 px tiles)."""
-  from PIL import Image
-  n, h, w, ch = images.shape
-  nrow = int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / nrow))
-  grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, ch), np.uint8)
-  for k in range(n):
-    r, q = divmod(k, nrow)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[k]
-  img = Image.fromarray(grid[..., 0] if ch == 1 else grid)
-  s = max(1, 128 // w)
-  if s > 1:
-    img = img.resize((img.width * s, img.height * s), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+def save_grid(path: str, images: np.ndarray) -> None:
+  """images: uint8 [N, H, W, C] -> one PNG grid, tiles upscaled to ~128 px (eval.sample.save_grid)."""
+  from tcaq_jax.eval.sample import save_grid as _save_grid
+  _save_grid(path, images, scale=max(1, 128 // images.shape[2]))
 
 
 def _check_compatible(stored: dict, now: dict, out_dir: str):
