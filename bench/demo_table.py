@@ -21,7 +21,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tcaq_jax.checkpoint import load_model_dir  # noqa: E402
+from tcaq_jax.checkpoint import load_model_dir, quiet_orbax_logs  # noqa: E402
 from tcaq_jax.diffusion.ddim import sampler_coefficients  # noqa: E402
 from tcaq_jax.eval import digits  # noqa: E402
 from tcaq_jax.eval.metrics import feature_stats, frechet_distance  # noqa: E402
@@ -65,6 +65,7 @@ def sample(eps_fn, config, n, steps, seed=123, batch=250):
 
 def main(argv):
   del argv
+  quiet_orbax_logs()
   os.makedirs(FLAGS.out, exist_ok=True)
   if FLAGS.compile_cache:
     jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(FLAGS.out, 'jax_cache')))

@@ -18,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any
@@ -26,13 +27,34 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ['CheckpointError', 'save', 'restore', 'latest_step', 'all_steps', 'save_model_dir', 'load_model_dir']
+__all__ = ['CheckpointError', 'save', 'restore', 'latest_step', 'all_steps', 'save_model_dir', 'load_model_dir',
+           'quiet_orbax_logs']
 
 _ITEMS = ('params', 'qstate', 'meta')
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint directory is missing, empty, corrupt or does not match what the caller expects."""
+
+
+class _DropOrbaxInfo(logging.Filter):
+  """Drops INFO / DEBUG records logged from orbax's own source files (warnings and errors pass)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+_ORBAX_FILTER = _DropOrbaxInfo()
+
+
+def quiet_orbax_logs(quiet: bool = True) -> None:
+  """Orbax logs several INFO lines per save / restore through absl; entry points call this to keep their logs
+  readable. quiet=False restores them. Affects only records from orbax's files."""
+  absl_logger = logging.getLogger('absl')
+  if quiet:
+    absl_logger.addFilter(_ORBAX_FILTER)
+  else:
+    absl_logger.removeFilter(_ORBAX_FILTER)
 
 
 def _manager(directory: str, keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:

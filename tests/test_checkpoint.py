@@ -107,3 +107,20 @@ def test_save_model_dir_refuses_to_overwrite_unless_asked(tmp_path):
   params, config = checkpoint.load_model_dir(d)
   np.testing.assert_array_equal(params['w'], np.zeros(3, np.float32))
   assert config == {'name': 'b'}
+
+
+def test_quiet_orbax_logs_drops_only_orbax_info():
+  import logging
+  absl_logger = logging.getLogger('absl')
+  orbax_file = os.path.join(os.sep, 'site-packages', 'orbax', 'checkpoint', 'checkpoint_manager.py')
+
+  def rec(level, path):
+    return logging.LogRecord('absl', level, path, 1, 'msg', None, None)
+  checkpoint.quiet_orbax_logs()
+  try:
+    assert not absl_logger.filter(rec(logging.INFO, orbax_file))
+    assert absl_logger.filter(rec(logging.WARNING, orbax_file))
+    assert absl_logger.filter(rec(logging.INFO, os.path.join(os.sep, 'repo', 'tcaq_jax', 'train', 'calibrate.py')))
+  finally:
+    checkpoint.quiet_orbax_logs(False)
+  assert absl_logger.filter(rec(logging.INFO, orbax_file))

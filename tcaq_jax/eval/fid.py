@@ -292,6 +292,8 @@ def evaluate(samples: str, ref: str, feature_fn: FeatureFn, batch_size: int = 25
 
 def main(argv):
   del argv
+  from tcaq_jax.checkpoint import quiet_orbax_logs
+  quiet_orbax_logs()
   from absl import flags, logging
   f = flags.FLAGS
   feature_fn = make_feature_fn(f.feature, inception_dir=f.inception_dir, precision=f.inception_precision,

@@ -21,8 +21,9 @@ import numpy as np
 from absl import app, flags, logging
 from jax.tree_util import Partial
 
-from tcaq_jax.checkpoint import load_model_dir
-from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
+from tcaq_jax.checkpoint import load_model_dir, quiet_orbax_logs
+from tcaq_jax.diffusion.ddim import sampler_coefficients
+from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.eval.digits import DEMO_UNET_DIR
 from tcaq_jax.models.configs import build_model
 
@@ -71,7 +72,7 @@ def to_uint8(x) -> np.ndarray:
   return np.floor(x01 * 255.0 + 0.5).astype(np.uint8)
 
 
-def sample_images(sampler: DDIMSampler, num_samples: int, batch_size: int, seed: int = 0,
+def sample_images(sampler: Any, num_samples: int, batch_size: int, seed: int = 0,
                   cond: Any = None, uncond: Any = None, progress: bool = True) -> np.ndarray:
   """uint8 [N, H, W, C]; sample i depends only on (seed, i). cond/uncond: arrays [N, ...] or None."""
   from tqdm import tqdm
@@ -112,8 +113,11 @@ def save_grid(path: str, images: np.ndarray, nrow: int | None = None, pad: int =
 def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip_type: str, eta: float,
              seed: int, out_dir: str | None = None, eps_fn_builder: Callable | None = None,
              cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0, grid: int = 64,
-             progress: bool = True) -> np.ndarray:
-  """Samples `num_samples` images; writes samples_{N}x{H}x{W}x{C}.npz and grid.png to out_dir when given."""
+             progress: bool = True, sampler_loop: str = 'auto') -> np.ndarray:
+  """Samples `num_samples` images; writes samples_{N}x{H}x{W}x{C}.npz and grid.png to out_dir when given.
+
+  sampler_loop: 'device' (one jitted lax.scan, sharded over local devices), 'host' (a Python loop over one jitted
+  step; much faster on XLA:CPU) or 'auto' (host on CPU, device otherwise). Both give the same images."""
   model, params, config = load_model(model_dir)
   builder = eps_fn_builder or make_eps_fn
   eps_fn = builder(model, params, config)
@@ -122,8 +126,8 @@ def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip
     shape = tuple(config['latent_shape'])
   else:
     shape = (config['resolution'], config['resolution'], config['in_channels'])
-  sampler = DDIMSampler(eps_fn, coeffs, shape, decode_fn=make_decode_fn(model, params, config),
-                        guidance_scale=guidance_scale)
+  sampler = make_sampler(eps_fn, coeffs, shape, decode_fn=make_decode_fn(model, params, config),
+                         guidance_scale=guidance_scale, loop=sampler_loop)
   t0 = time.time()
   images = sample_images(sampler, num_samples, batch_size, seed, cond, uncond, progress)
   logging.info('%d samples in %.1f s (%d steps, %s, eta %g)', num_samples, time.time() - t0, coeffs.num_steps,
@@ -147,10 +151,14 @@ def define_flags() -> None:
   flags.DEFINE_string('out_dir', 'samples/demo', 'output directory')
   flags.DEFINE_string('quant_dir', None, 'sample the quantized model calibrated into this dir (the --out_dir of '
                       'tcaq_jax.train.calibrate); --model_dir must be the FP model it was calibrated from')
+  flags.DEFINE_enum('sampler_loop', 'auto', ['auto', 'device', 'host'],
+                    "'device': the trajectory is one jitted lax.scan (sharded over local devices); 'host': a Python "
+                    "loop over one jitted step (XLA:CPU runs scan bodies ~20x slower); auto: host on CPU")
 
 
 def main(argv):
   del argv
+  quiet_orbax_logs()
   f = flags.FLAGS
   builder = None
   if f.quant_dir:
@@ -158,7 +166,7 @@ def main(argv):
     quantized = load_quantized(f.quant_dir)
     builder = lambda model, params, config: quantized.eps_fn
   generate(f.model_dir, f.num_samples, f.batch_size, f.steps, f.skip_type, f.eta, f.seed, f.out_dir,
-           eps_fn_builder=builder)
+           eps_fn_builder=builder, sampler_loop=f.sampler_loop)
   logging.info('wrote %s', f.out_dir)
 
 

@@ -299,6 +299,7 @@ def write_model_dir(out_dir: str, params: dict, config: dict, report: dict) -> N
 
 def main(argv):
   from absl import flags, logging
+  checkpoint.quiet_orbax_logs()
   FLAGS = flags.FLAGS
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')

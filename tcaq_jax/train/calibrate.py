@@ -631,6 +631,7 @@ def config_from_flags() -> CalibConfig:
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   report = run(config_from_flags())
   logging.info('done: %d units, report in %s', len(report.get('units', [])),
                os.path.join(resolve_config(config_from_flags())['out_dir'], 'report.json'))

@@ -14,8 +14,9 @@ import os
 from typing import Any, Callable
 
 from tcaq_jax.diffusion.capture import CalibData, capture
+from tcaq_jax.diffusion.host_sampler import HostLoopSampler, make_sampler  # noqa: F401  (re-exported)
 
-__all__ = ['recapture', 'round_dir']
+__all__ = ['recapture', 'round_dir', 'HostLoopSampler', 'make_sampler']
 
 
 def round_dir(out_dir: str, rnd: int) -> str:
@@ -34,89 +35,3 @@ def recapture(sampler_factory: Callable, eps_fn: Any, out_dir: str, num_samples:
     capture(sampler_factory(eps_fn), out_dir, num_samples=num_samples, num_select=num_select, seed=seed,
             batch_size=batch_size, cond=cond, uncond=uncond, meta=meta)
   return CalibData(out_dir)
-
-
-class HostLoopSampler:
-  """Same interface, randomness and results as `tcaq_jax.diffusion.ddim.DDIMSampler.sample`, but the trajectory
-  is a Python loop over one jitted DDIM step instead of one `lax.scan`.
-
-  Why: XLA:CPU runs convolutions inside while-loop bodies (scan / fori_loop) about 20x slower than at top level
-  (measured here on a ddim_cifar10 attention block: 0.6 s vs 13.8 s per step), so on CPU the host loop is much
-  faster; on accelerators the scan sampler is preferred (`make_sampler` picks).
-  """
-
-  def __init__(self, eps_fn, coeffs, shape, decode_fn=None, guidance_scale: float = 1.0):
-    import jax
-    import numpy as np
-    from tcaq_jax.diffusion import ddim
-    self.eps_fn, self.decode_fn, self.coeffs = ddim.as_partial(eps_fn), ddim.as_partial(decode_fn), coeffs
-    self.shape = tuple(int(s) for s in shape)
-    self.guidance_scale = float(guidance_scale)
-    self.consts = {k: np.asarray(v) for k, v in ddim._consts(coeffs).items()}
-    self.use_noise = bool(np.any(np.asarray(coeffs.sigmas) > 0))
-    self._step = jax.jit(self._step_impl, static_argnames=('use_guidance',))
-    self._init = jax.jit(lambda keys: ddim.initial_noise(keys, self.shape))
-    self._decode = jax.jit(lambda f, x: f(x)) if decode_fn is not None else None
-
-  @property
-  def num_steps(self) -> int:
-    return self.coeffs.num_steps
-
-  def _step_impl(self, eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, use_guidance):
-    import jax.numpy as jnp
-    from tcaq_jax.diffusion import ddim
-    b = x.shape[0]
-    tt = jnp.full((b,), t, jnp.int32)
-    if use_guidance:
-      e = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), i, ddim._concat(uncond, cond))
-      eps = e[:b] + gs * (e[b:] - e[:b])
-    else:
-      eps = eps_fn(x, tt, i, cond)
-    eps = eps.astype(jnp.float32)
-    x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-    x_next = jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma ** 2, 0.0)) * eps
-    if self.use_noise:
-      x_next = x_next + sigma * ddim._per_sample_normal(keys, i + 1, x.shape[1:])
-    return x_next
-
-  def sample(self, seed: int, start: int, batch_size: int, cond=None, uncond=None, record=None) -> dict:
-    import jax.numpy as jnp
-    import numpy as np
-    from tcaq_jax.diffusion import ddim
-    use_guidance = self.guidance_scale != 1.0
-    if use_guidance and (uncond is None or cond is None):
-      raise ddim.SamplerError(f'guidance_scale={self.guidance_scale} needs both cond and uncond')
-    keys = ddim.sample_keys(seed, start, batch_size)
-    x = x_T = self._init(keys)
-    cond = None if cond is None else jnp.asarray(cond)
-    uncond = None if uncond is None else jnp.asarray(uncond)
-    c = self.consts
-    steps = None if record in (None, 'all') else [int(s) for s in np.asarray(record).reshape(-1)]
-    rec = []
-    for i in range(len(c['timesteps'])):
-      if record == 'all' or (steps is not None and i in steps):
-        rec.append((i, x))
-      x = self._step(self.eps_fn, x, keys, cond, uncond, jnp.int32(i), jnp.int32(c['timesteps'][i]),
-                     jnp.float32(c['alphas'][i]), jnp.float32(c['alphas_prev'][i]), jnp.float32(c['sigmas'][i]),
-                     jnp.float32(self.guidance_scale), use_guidance=use_guidance)
-    recorded = None
-    if record == 'all':
-      recorded = jnp.stack([r for _, r in rec])
-    elif steps is not None:
-      by_step = dict(rec)
-      recorded = jnp.stack([by_step[s] for s in steps])
-    images = self._decode(self.decode_fn, x) if self._decode is not None else x
-    return {'images': images, 'x_final': x, 'x_T': x_T, 'recorded': recorded}
-
-
-def make_sampler(eps_fn, coeffs, shape, decode_fn=None, guidance_scale: float = 1.0, loop: str = 'auto'):
-  """DDIMSampler (one lax.scan) on accelerators, HostLoopSampler on CPU (loop='auto'); or force 'device'/'host'."""
-  import jax
-  from tcaq_jax.diffusion.ddim import DDIMSampler
-  if loop == 'auto':
-    loop = 'host' if jax.default_backend() == 'cpu' else 'device'
-  if loop == 'host':
-    return HostLoopSampler(eps_fn, coeffs, shape, decode_fn, guidance_scale)
-  if loop != 'device':
-    raise ValueError(f"sampler loop must be 'auto', 'device' or 'host', got {loop!r}")
-  return DDIMSampler(eps_fn, coeffs, shape, decode_fn=decode_fn, guidance_scale=guidance_scale)

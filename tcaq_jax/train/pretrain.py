@@ -71,6 +71,7 @@ def make_train_step(model, tx, alpha_bar: np.ndarray, data: jnp.ndarray, batch_s
 
 def main(argv):
   del argv
+  checkpoint.quiet_orbax_logs()
   config = get_config(FLAGS.config)
   model = build_model(config)
   alpha_bar = schedule_from_config(config)
