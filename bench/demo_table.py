@@ -3,6 +3,7 @@ and quantized with minmax, qdiff and tcaq at W8A8, W6A6, W4A8, W4A4, plus the ab
 at W4A4 (without TCR, without DAQ, without PAR), with CPU-feasible iteration counts (--iters_scale).
 
   PYTHONPATH=. python bench/demo_table.py --out runs/demo_table            # resumable; rows stream to table.md
+  PYTHONPATH=. python bench/demo_table.py --out runs/demo_table --diagnostics   # + the diagnostic rows
 
 Every calibration writes its own out_dir under --out (re-running skips finished ones). Each row samples
 --num_samples images with the same seeds (DDIM --num_steps 'quad', eta 0) and compares them to the 1,797 real
@@ -26,7 +27,8 @@ from tcaq_jax.diffusion.ddim import sampler_coefficients  # noqa: E402
 from tcaq_jax.eval import digits  # noqa: E402
 from tcaq_jax.eval.metrics import feature_stats, frechet_distance  # noqa: E402
 from tcaq_jax.models.configs import build_model  # noqa: E402
-from tcaq_jax.train import calibrate as C, par  # noqa: E402
+from tcaq_jax.diffusion.host_sampler import make_sampler  # noqa: E402
+from tcaq_jax.train import calibrate as C  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k reconstruction iterations')
@@ -35,10 +37,22 @@ flags.DEFINE_integer('num_steps', 50, 'DDIM steps (quad, eta 0) for calibration 
 flags.DEFINE_integer('calib_samples', 32, 'calibration samples per selected step (20 steps)')
 flags.DEFINE_integer('recon_samples', 320, 'reconstruction set size')
 flags.DEFINE_list('rows', [], 'only these rows (names as in the table); empty = all')
+flags.DEFINE_bool('diagnostics', False, 'also run the diagnostic rows (DIAG_ROWS: FP with other seeds, and W4A4 '
+                  'with min-max activation ranges instead of the percentile search, TCR on conv layers only, '
+                  'no TCR and no PAR)')
 flags.DEFINE_bool('compile_cache', True, 'persistent JAX compilation cache under --out/jax_cache')
 FLAGS = flags.FLAGS
 
 BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
+# Diagnostic W4A4 rows (--diagnostics): why is tcaq without TCR worse than plain minmax?
+# 'sample_seed' changes the evaluation seeds (fp_seed2: the FID difference from 'fp' is pure sampling noise).
+DIAG_ROWS = [
+    ('fp_seed2', None, 32, 32, {'sample_seed': 456}),
+    ('tcaq_w4a4_no_tcr_pct100', 'tcaq', 4, 4, {'tcr': False, 'act_pcts': (100.0,)}),
+    ('tcaq_w4a4_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'par': False}),
+    ('tcaq_w4a4_pct100', 'tcaq', 4, 4, {'act_pcts': (100.0,)}),
+    ('tcaq_w4a4_tcr_conv_only', 'tcaq', 4, 4, {'tcr_dense': False}),
+]
 
 
 def row_specs():
@@ -53,12 +67,14 @@ def row_specs():
       rows.append(('tcaq_w4a4_no_par', 'tcaq', 4, 4, {'par': False}))
       rows.append(('tcaq_w4a4_no_tcr', 'tcaq', 4, 4, {'tcr': False}))
       rows.append(('tcaq_w4a4_no_daq', 'tcaq', 4, 4, {'daq': False}))
+  if FLAGS.diagnostics:
+    rows += DIAG_ROWS
   return rows
 
 
 def sample(eps_fn, config, n, steps, seed=123, batch=250):
   coeffs = sampler_coefficients(config, steps, 'quad', 0.0)
-  sampler = par.make_sampler(eps_fn, coeffs, (16, 16, 1))        # host loop on CPU (see par.HostLoopSampler)
+  sampler = make_sampler(eps_fn, coeffs, (16, 16, 1))        # host loop on CPU (diffusion/host_sampler.py)
   out = [np.asarray(sampler.sample(seed, i, min(batch, n - i))['images']) for i in range(0, n, batch)]
   return np.clip(np.concatenate(out), -1., 1.)
 
@@ -81,6 +97,8 @@ def main(argv):
     if name in results:
       continue
     t0 = time.time()
+    extra = dict(extra)
+    sample_seed = extra.pop('sample_seed', 123)
     if method is None:
       params, config = load_model_dir(digits.DEMO_UNET_DIR)
       model = build_model(config)
@@ -97,10 +115,12 @@ def main(argv):
       calib_s = time.time() - t0
       q = C.load_quantized(cfg.out_dir)
       eps, config, n_units = q.eps_fn, q.config, len(report['units'])
-    images = sample(eps, config, FLAGS.num_samples, FLAGS.num_steps)
+    images = sample(eps, config, FLAGS.num_samples, FLAGS.num_steps, seed=sample_seed)
     feats, probs = digits.classify(clf, clf_params, images)
     mu, sig = feature_stats(feats)
     fid = frechet_distance(mu_r, sig_r, mu, sig)
+    if sample_seed != 123:
+      extra['sample_seed'] = sample_seed
     results[name] = {'method': method or 'fp', 'w': w, 'a': a, 'extra': extra, 'fid': fid,
                      'conf': float(probs.max(1).mean()), 'calib_s': calib_s, 'recon_units': n_units,
                      'total_s': time.time() - t0}
@@ -108,6 +128,7 @@ def main(argv):
     with open(results_path, 'w') as f:
       json.dump(results, f, indent=1)
     write_table(results)
+  write_table(results)
   print(open(os.path.join(FLAGS.out, 'table.md')).read())
 
 
