@@ -38,8 +38,8 @@ flags.DEFINE_integer('calib_samples', 32, 'calibration samples per selected step
 flags.DEFINE_integer('recon_samples', 320, 'reconstruction set size')
 flags.DEFINE_list('rows', [], 'only these rows (names as in the table); empty = all')
 flags.DEFINE_bool('diagnostics', False, 'also run the diagnostic rows (DIAG_ROWS: FP with other seeds, and W4A4 '
-                  'with min-max activation ranges instead of the percentile search, TCR on conv layers only, '
-                  'no TCR and no PAR)')
+                  'with TCR on conv layers only, min-max activation ranges instead of the percentile search, '
+                  '10x the iterations, no TCR and no PAR)')
 flags.DEFINE_bool('compile_cache', True, 'persistent JAX compilation cache under --out/jax_cache')
 FLAGS = flags.FLAGS
 
@@ -48,10 +48,11 @@ BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 # 'sample_seed' changes the evaluation seeds (fp_seed2: the FID difference from 'fp' is pure sampling noise).
 DIAG_ROWS = [
     ('fp_seed2', None, 32, 32, {'sample_seed': 456}),
-    ('tcaq_w4a4_no_tcr_pct100', 'tcaq', 4, 4, {'tcr': False, 'act_pcts': (100.0,)}),
-    ('tcaq_w4a4_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'par': False}),
-    ('tcaq_w4a4_pct100', 'tcaq', 4, 4, {'act_pcts': (100.0,)}),
     ('tcaq_w4a4_tcr_conv_only', 'tcaq', 4, 4, {'tcr_dense': False}),
+    ('tcaq_w4a4_no_tcr_pct100', 'tcaq', 4, 4, {'tcr': False, 'act_pcts': (100.0,)}),
+    ('tcaq_w4a4_iters10x', 'tcaq', 4, 4, {'iters_scale': 0.05}),
+    ('tcaq_w4a4_pct100', 'tcaq', 4, 4, {'act_pcts': (100.0,)}),
+    ('tcaq_w4a4_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'par': False}),
 ]
 
 
@@ -107,10 +108,11 @@ def main(argv):
       eps = Partial(partial(C._fp_eps, model, False), jax.tree.map(np.asarray, params))
       calib_s, n_units = 0.0, 0
     else:
-      cfg = C.CalibConfig(out_dir=os.path.join(FLAGS.out, name), method=method, w_bits=w, a_bits=a,
-                          num_steps=FLAGS.num_steps, calib_samples=FLAGS.calib_samples,
-                          recon_samples=FLAGS.recon_samples, iters_scale=FLAGS.iters_scale, chunk=100,
-                          png_samples=16, eval_units=False, **extra)
+      kw = dict(out_dir=os.path.join(FLAGS.out, name), method=method, w_bits=w, a_bits=a,
+                num_steps=FLAGS.num_steps, calib_samples=FLAGS.calib_samples, recon_samples=FLAGS.recon_samples,
+                iters_scale=FLAGS.iters_scale, chunk=100, png_samples=16, eval_units=False)
+      kw.update(extra)                                                  # a row may override any of these
+      cfg = C.CalibConfig(**kw)
       report = C.run(cfg)
       calib_s = time.time() - t0
       q = C.load_quantized(cfg.out_dir)
