@@ -44,11 +44,15 @@ flags.DEFINE_bool('compile_cache', True, 'persistent JAX compilation cache under
 FLAGS = flags.FLAGS
 
 BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
-# Diagnostic W4A4 rows (--diagnostics): why is tcaq without TCR worse than plain minmax?
+# Diagnostic rows (--diagnostics): why is tcaq without TCR worse than plain minmax at W4A4, and tcaq worse than
+# qdiff at W6A6?
 # 'sample_seed' changes the evaluation seeds (fp_seed2: the FID difference from 'fp' is pure sampling noise).
 DIAG_ROWS = [
     ('fp_seed2', None, 32, 32, {'sample_seed': 456}),
+    ('fp_seed3', None, 32, 32, {'sample_seed': 789}),
     ('tcaq_w4a4_tcr_conv_only', 'tcaq', 4, 4, {'tcr_dense': False}),
+    ('tcaq_w6a6_tcr_conv_only', 'tcaq', 6, 6, {'tcr_dense': False}),
+    ('tcaq_w6a6_no_tcr', 'tcaq', 6, 6, {'tcr': False}),
     ('tcaq_w4a4_no_tcr_pct100', 'tcaq', 4, 4, {'tcr': False, 'act_pcts': (100.0,)}),
     ('tcaq_w4a4_iters10x', 'tcaq', 4, 4, {'iters_scale': 0.05}),
     ('tcaq_w4a4_pct100', 'tcaq', 4, 4, {'act_pcts': (100.0,)}),
