@@ -148,8 +148,25 @@ def write_table(results):
     wa = 'FP' if r['method'] == 'fp' else f"W{r['w']}A{r['a']}"
     lines.append(f"| {name} | {r['method']}{' ' + json.dumps(r['extra']) if r['extra'] else ''} | {wa} | "
                  f"{r['fid']:.3f} | {r['conf']:.3f} | {r['calib_s']:.0f} |")
+  lines += ['', *pivot_lines(results)]
   with open(os.path.join(FLAGS.out, 'table.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
+
+
+def pivot_lines(results):
+  """The main rows as one FID grid: methods down, bit widths across (FP repeated in its own row)."""
+  head = ' | '.join(f'W{w}A{a}' for w, a in BITS)
+  lines = [f'| FID | {head} |', '|---' * (len(BITS) + 1) + '|']
+  if 'fp' in results:
+    lines.append('| fp | ' + ' | '.join(f"{results['fp']['fid']:.2f}" for _ in BITS) + ' |')
+  for method in ('minmax', 'qdiff', 'tcaq'):
+    cells = [results.get(f'{method}_w{w}a{a}') for w, a in BITS]
+    lines.append(f'| {method} | ' + ' | '.join('-' if c is None else f"{c['fid']:.2f}" for c in cells) + ' |')
+  abl = [(n[len('tcaq_w4a4_'):], results[n]['fid']) for n in ('tcaq_w4a4_no_tcr', 'tcaq_w4a4_no_daq',
+                                                                'tcaq_w4a4_no_par') if n in results]
+  if abl:
+    lines += ['', 'W4A4 ablations: ' + ', '.join(f'{k} {v:.2f}' for k, v in abl)]
+  return lines
 
 
 if __name__ == '__main__':
