@@ -53,8 +53,10 @@ DIAG_ROWS = [
     ('tcaq_w4a4_tcr_conv_only', 'tcaq', 4, 4, {'tcr_dense': False}),
     ('tcaq_w6a6_tcr_conv_only', 'tcaq', 6, 6, {'tcr_dense': False}),
     ('tcaq_w6a6_no_tcr', 'tcaq', 6, 6, {'tcr': False}),
+    ('tcaq_w6a6_rtru3', 'tcaq', 6, 6, {'r_tru': 3.0}),
     ('tcaq_w4a4_no_tcr_pct100', 'tcaq', 4, 4, {'tcr': False, 'act_pcts': (100.0,)}),
     ('tcaq_w4a4_iters10x', 'tcaq', 4, 4, {'iters_scale': 0.05}),
+    ('tcaq_w6a6_pct100', 'tcaq', 6, 6, {'act_pcts': (100.0,)}),
     ('tcaq_w4a4_pct100', 'tcaq', 4, 4, {'act_pcts': (100.0,)}),
     ('tcaq_w4a4_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'par': False}),
 ]
