@@ -59,6 +59,8 @@ DIAG_ROWS = [
     ('tcaq_w6a6_pct100', 'tcaq', 6, 6, {'act_pcts': (100.0,)}),
     ('tcaq_w4a4_pct100', 'tcaq', 4, 4, {'act_pcts': (100.0,)}),
     ('tcaq_w4a4_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'par': False}),
+    ('tcaq_w4a4_no_tcr_keep_act', 'tcaq', 4, 4, {'tcr': False, 'par_research_act': False}),
+    ('tcaq_w6a6_iters10x', 'tcaq', 6, 6, {'iters_scale': 0.05}),
 ]
 
 
