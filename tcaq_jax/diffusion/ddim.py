@@ -37,7 +37,7 @@ from tcaq_jax.diffusion import sharding
 from tcaq_jax.diffusion.schedules import (DDIMCoefficients, ddim_coefficients, ddim_timesteps,
                                           schedule_from_config)
 
-__all__ = ['SamplerError', 'sampler_coefficients', 'sample_keys', 'initial_noise', 'ddim_trajectory',
+__all__ = ['SamplerError', 'sampler_coefficients', 'sample_keys', 'initial_noise', 'ddim_step', 'ddim_trajectory',
            'DDIMSampler', 'as_partial']
 
 
@@ -80,6 +80,25 @@ def _concat(a, b):
   return jax.tree.map(lambda u, v: jnp.concatenate([u, v], axis=0), a, b)
 
 
+def ddim_step(eps_fn: Callable, x, keys, cond, uncond, i, t, a, a_prev, sigma, guidance_scale,
+              use_noise: bool, use_guidance: bool):
+  """One DDIM step from x_t (step index i, model timestep t, scalars a = alpha_bar_t, a_prev, sigma) -> x_prev.
+  Shared by the scan sampler below and `tcaq_jax.diffusion.host_sampler.HostLoopSampler`."""
+  b = x.shape[0]
+  tt = jnp.full((b,), t, jnp.int32)
+  if use_guidance:
+    e = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), i, _concat(uncond, cond))
+    eps = e[:b] + guidance_scale * (e[b:] - e[:b])
+  else:
+    eps = eps_fn(x, tt, i, cond)
+  eps = eps.astype(jnp.float32)
+  x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
+  x_next = jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma ** 2, 0.0)) * eps
+  if use_noise:
+    x_next = x_next + sigma * _per_sample_normal(keys, i + 1, x.shape[1:])
+  return x_next
+
+
 def ddim_trajectory(eps_fn: Callable, consts: dict, x_T: jax.Array, keys: jax.Array | None = None,
                     cond: Any = None, uncond: Any = None, guidance_scale: float | jax.Array = 1.0,
                     record: str | Sequence[int] | None = None, use_noise: bool = True,
@@ -105,23 +124,11 @@ def ddim_trajectory(eps_fn: Callable, consts: dict, x_T: jax.Array, keys: jax.Ar
     slot_of[steps] = np.arange(len(steps), dtype=np.int32)
     slots = jnp.asarray(slot_of)
 
-  def model_eps(x, t, i):
-    if not use_guidance:
-      return eps_fn(x, t, i, cond)
-    e = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), i, _concat(uncond, cond))
-    e_u, e_c = e[:B], e[B:]
-    return e_u + guidance_scale * (e_c - e_u)
-
   def body(carry, inp):
     x, buf = carry
     i = inp['i']
-    t = jnp.full((B,), inp['t'], jnp.int32)
-    a, a_prev, sigma = inp['a'], inp['a_prev'], inp['sigma']
-    eps = model_eps(x, t, i).astype(jnp.float32)
-    x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-    x_next = jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma ** 2, 0.0)) * eps
-    if use_noise:
-      x_next = x_next + sigma * _per_sample_normal(keys, i + 1, x.shape[1:])
+    x_next = ddim_step(eps_fn, x, keys, cond, uncond, i, inp['t'], inp['a'], inp['a_prev'], inp['sigma'],
+                       guidance_scale, use_noise, use_guidance)
     if slots is not None:
       slot = inp['slot']
       buf = lax.cond(slot >= 0, lambda b: lax.dynamic_update_index_in_dim(b, x, slot, 0), lambda b: b, buf)

@@ -44,19 +44,7 @@ class HostLoopSampler:
     return self.coeffs.num_steps
 
   def _step_impl(self, eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, use_guidance):
-    b = x.shape[0]
-    tt = jnp.full((b,), t, jnp.int32)
-    if use_guidance:
-      e = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), i, ddim._concat(uncond, cond))
-      eps = e[:b] + gs * (e[b:] - e[:b])
-    else:
-      eps = eps_fn(x, tt, i, cond)
-    eps = eps.astype(jnp.float32)
-    x0 = (x - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
-    x_next = jnp.sqrt(a_prev) * x0 + jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma ** 2, 0.0)) * eps
-    if self.use_noise:
-      x_next = x_next + sigma * ddim._per_sample_normal(keys, i + 1, x.shape[1:])
-    return x_next
+    return ddim.ddim_step(eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, self.use_noise, use_guidance)
 
   def sample(self, seed: int, start: int, batch_size: int, cond=None, uncond=None, record=None) -> dict:
     use_guidance = self.guidance_scale != 1.0

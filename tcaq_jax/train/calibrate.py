@@ -442,7 +442,7 @@ class _Pipeline:
       out = sampler.sample(self.c['seed'] + 1, i, bs, cond=None if cond is None else cond[i:i + bs],
                            uncond=None if uncond is None else uncond[i:i + bs])
       imgs.append(np.asarray(out['images']))
-    save_grid(path, to_uint8(np.concatenate(imgs)))
+    save_grid(path, np.concatenate(imgs))
 
 
 class _TupleRecord:
@@ -464,15 +464,10 @@ def _jsonable(d):
   return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
 
 
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] -> uint8 (clamp((x + 1) / 2) * 255 + 0.5, floored)."""
-  return np.floor(np.clip((np.asarray(x, np.float32) + 1.) / 2., 0., 1.) * 255. + 0.5).astype(np.uint8)
-
-
 def save_grid(path: str, images: np.ndarray) -> None:
-  """images: uint8 [N, H, W, C] -> one PNG grid, tiles upscaled to ~128 px (eval.sample.save_grid)."""
-  from tcaq_jax.eval.sample import save_grid as _save_grid
-  _save_grid(path, images, scale=max(1, 128 // images.shape[2]))
+  """images: float [-1, 1] [N, H, W, C] -> one PNG grid, tiles upscaled to ~128 px (eval.sample's writers)."""
+  from tcaq_jax.eval.sample import save_grid as _save_grid, to_uint8
+  _save_grid(path, to_uint8(images), scale=max(1, 128 // images.shape[2]))
 
 
 def _check_compatible(stored: dict, now: dict, out_dir: str):
