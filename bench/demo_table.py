@@ -22,13 +22,17 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tcaq_jax.checkpoint import load_model_dir, quiet_orbax_logs  # noqa: E402
+from tcaq_jax.checkpoint import quiet_orbax_logs  # noqa: E402
+from tcaq_jax.diffusion.batched import sample_all  # noqa: E402
 from tcaq_jax.diffusion.ddim import sampler_coefficients  # noqa: E402
-from tcaq_jax.eval import digits  # noqa: E402
+from tcaq_jax.assets import DEMO_UNET_DIR  # noqa: E402
+from tcaq_jax.demo.classifier import classify, load_classifier  # noqa: E402
+from tcaq_jax.demo.data import load_digits_16  # noqa: E402
 from tcaq_jax.eval.metrics import feature_stats, frechet_distance  # noqa: E402
-from tcaq_jax.models.configs import build_model  # noqa: E402
 from tcaq_jax.diffusion.host_sampler import make_sampler  # noqa: E402
-from tcaq_jax.train import calibrate as C  # noqa: E402
+from tcaq_jax.models import family  # noqa: E402
+from tcaq_jax.quantized import load_quantized  # noqa: E402
+from tcaq_jax.train import pipeline  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k reconstruction iterations')
@@ -84,8 +88,7 @@ def row_specs():
 def sample(eps_fn, config, n, steps, seed=123, batch=250):
   coeffs = sampler_coefficients(config, steps, 'quad', 0.0)
   sampler = make_sampler(eps_fn, coeffs, (16, 16, 1))        # host loop on CPU (diffusion/host_sampler.py)
-  out = [np.asarray(sampler.sample(seed, i, min(batch, n - i))['images']) for i in range(0, n, batch)]
-  return np.clip(np.concatenate(out), -1., 1.)
+  return np.clip(sample_all(sampler, n, batch, seed), -1., 1.)
 
 
 def main(argv):
@@ -95,9 +98,9 @@ def main(argv):
   if FLAGS.compile_cache:
     jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(FLAGS.out, 'jax_cache')))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  clf, clf_params = digits.load_classifier()
-  real, _ = digits.load_digits_16()
-  mu_r, sig_r = feature_stats(digits.classify(clf, clf_params, real)[0])
+  clf, clf_params = load_classifier()
+  real, _ = load_digits_16()
+  mu_r, sig_r = feature_stats(classify(clf, clf_params, real)[0])
   results_path = os.path.join(FLAGS.out, 'table.json')
   results = json.load(open(results_path)) if os.path.exists(results_path) else {}
   for name, method, w, a, extra in row_specs():
@@ -109,24 +112,20 @@ def main(argv):
     extra = dict(extra)
     sample_seed = extra.pop('sample_seed', 123)
     if method is None:
-      params, config = load_model_dir(digits.DEMO_UNET_DIR)
-      model = build_model(config)
-      from functools import partial
-      from jax.tree_util import Partial
-      eps = Partial(partial(C._fp_eps, model, False), jax.tree.map(np.asarray, params))
+      model, params, config = family.load(DEMO_UNET_DIR)
+      eps = family.eps_fn(model, params, config)
       calib_s, n_units = 0.0, 0
     else:
       kw = dict(out_dir=os.path.join(FLAGS.out, name), method=method, w_bits=w, a_bits=a,
                 num_steps=FLAGS.num_steps, calib_samples=FLAGS.calib_samples, recon_samples=FLAGS.recon_samples,
                 iters_scale=FLAGS.iters_scale, chunk=100, png_samples=16, eval_units=False)
       kw.update(extra)                                                  # a row may override any of these
-      cfg = C.CalibConfig(**kw)
-      report = C.run(cfg)
+      report = pipeline.run(kw)
       calib_s = time.time() - t0
-      q = C.load_quantized(cfg.out_dir)
+      q = load_quantized(kw['out_dir'])
       eps, config, n_units = q.eps_fn, q.config, len(report['units'])
     images = sample(eps, config, FLAGS.num_samples, FLAGS.num_steps, seed=sample_seed)
-    feats, probs = digits.classify(clf, clf_params, images)
+    feats, probs = classify(clf, clf_params, images)
     mu, sig = feature_stats(feats)
     fid = frechet_distance(mu_r, sig_r, mu, sig)
     if sample_seed != 123:

@@ -64,6 +64,7 @@ def bench_features(rows):
 
 
 def _synthetic_qstate(policy, params, n_steps):
+  from tcaq_jax.quant.state import LayerQState, QState
   """Shape-correct quantizer state with min-max weight scales and a fixed activation scale (speed only)."""
   layers = {}
   for spec in policy.quantized():
@@ -80,8 +81,8 @@ def _synthetic_qstate(policy, params, n_steps):
     if spec.acts:
       st['a_scale'] = jnp.full((1, spec.n_segments), 0.05, jnp.float32)
       st['a_zero'] = jnp.full((1, spec.n_segments), 2 ** (spec.a_bits - 1), jnp.float32)
-    layers[spec.path] = st
-  return {'step_slot': jnp.zeros((n_steps,), jnp.int32), 'layers': layers}
+    layers[spec.path] = LayerQState(**st)
+  return QState(jnp.zeros((n_steps,), jnp.int32), layers)
 
 
 def bench_sampling(rows, inc_params, notes):

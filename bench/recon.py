@@ -24,6 +24,8 @@ import numpy as np  # noqa: E402
 from tcaq_jax.models.configs import build_model, get_config  # noqa: E402
 from tcaq_jax.quant import apply as A  # noqa: E402
 from tcaq_jax.quant import policy as P  # noqa: E402
+from tcaq_jax.models import family  # noqa: E402
+from tcaq_jax.quant.state import LayerQState, QState, merge_layers  # noqa: E402
 from tcaq_jax.train import act_search, blocks, init as qinit, recon  # noqa: E402
 
 flags.DEFINE_list('units', ['down_1/block_0', 'down_1/attn_0'], 'ddim_cifar10 units to time')
@@ -50,42 +52,42 @@ def time_units():
   layers = qinit.init_weights(params, pol, {}, 'lp', adaround=True)
   acts = act_search.search_act_scales(fp, pol, layers, (x, t, steps, cond), qinit.calib_slot_ids(step_slot, steps),
                                       k, batch=16, consts=params)
-  for p, st in acts.items():
-    layers.setdefault(p, {}).update(st)
-  qs = {'step_slot': jnp.asarray(step_slot), 'layers': layers}
+  qs = QState(jnp.asarray(step_slot), merge_layers(layers, acts))
   qf = lambda c, x, t, s, cc: A.quantized_apply(model, {'params': c[0]}, c[1], pol, x, t, step_index=s)
-  units = {u.path: u for u in blocks.find_units(model, {'params': params}, (x[:1], t[:1]), {}, pol, 'ddim')}
+  units = {u.path: u for u in blocks.find_units(model, {'params': params}, (x[:1], t[:1]), {}, pol,
+                                                family.BLOCK_CLASSES['ddim'])}
   rows = []
   for path in FLAGS.units:
     unit = units[path]
-    io = blocks.capture_unit_io(path, (x, t, steps, cond), 16, in_forward=qf, in_consts=(params, qs),
-                                out_forward=fp, out_consts=params)
+    io = blocks.capture_unit_io(blocks.make_io_capture(path, in_forward=qf, out_forward=fp), (x, t, steps, cond),
+                                16, in_consts=(params, qs), out_consts=params)
     soft = blocks.unit_apply_fn(model, pol, unit, io, 'soft')
-    theta = {p: {'alpha': layers[p]['alpha']} for p in unit.layers if 'alpha' in layers[p]}
+    theta = {p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers if qs.layers[p].alpha is not None}
     aux = blocks.unit_aux(params, qs, unit)
-    cache = {}
     st = jnp.asarray(steps)
+    chunk_fn = recon.make_chunk(soft, int(st.shape[0]), recon.ReconConfig(batch=FLAGS.batch))
     t0 = time.perf_counter()
     recon.reconstruct(soft, theta, aux, io.leaves, io.output, st,
-                      recon.ReconConfig(iters=2, batch=FLAGS.batch, chunk=2), jax.random.PRNGKey(0), cache=cache)
+                      recon.ReconConfig(iters=2, batch=FLAGS.batch, chunk=2), jax.random.PRNGKey(0),
+                      chunk_fn=chunk_fn)
     compile_s = time.perf_counter() - t0
     cfg = recon.ReconConfig(iters=FLAGS.iters, batch=FLAGS.batch, chunk=FLAGS.iters)
     _, stats = recon.reconstruct(soft, theta, aux, io.leaves, io.output, st, cfg, jax.random.PRNGKey(1),
-                                 cache=cache)
-    n_w = sum(int(np.prod(layers[p]['alpha'].shape)) for p in theta)
+                                 chunk_fn=chunk_fn)
+    n_w = sum(int(np.prod(th.alpha.shape)) for th in theta.values())
     in_shape = 'x'.join(str(d) for d in io.leaves[0].shape[1:])
     rows.append((path, unit.cls, in_shape, n_w, compile_s, stats['it_per_s']))
   return rows
 
 
 def time_demo():
-  from tcaq_jax.train import calibrate as C
+  from tcaq_jax.train import pipeline
   out = tempfile.mkdtemp(prefix='bench_demo_')
-  cfg = C.CalibConfig(out_dir=out, num_steps=100, calib_steps=20, calib_samples=64, method='tcaq', w_bits=4,
-                      a_bits=8, r_tru=3.0, iters_scale=FLAGS.demo_iters_scale, chunk=100, recon_samples=512,
-                      png_samples=16)
+  cfg = dict(out_dir=out, num_steps=100, calib_steps=20, calib_samples=64, method='tcaq', w_bits=4,
+             a_bits=8, r_tru=3.0, iters_scale=FLAGS.demo_iters_scale, chunk=100, recon_samples=512,
+             png_samples=16)
   t0 = time.perf_counter()
-  report = C.run(cfg)
+  report = pipeline.run(cfg)
   wall = time.perf_counter() - t0
   shutil.rmtree(out, ignore_errors=True)
   return wall, report

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.diffusion.ddim import DDIMSampler, _run, sampler_coefficients
-from tcaq_jax.eval.digits import DEMO_UNET_DIR
-from tcaq_jax.eval.sample import load_model, make_eps_fn
+from tcaq_jax.models import family
 from tcaq_jax.models.configs import build_model, get_config
 
 flags.DEFINE_list('models', ['demo', 'cifar10'], 'demo and/or cifar10')
@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 
 def _model(name):
   if name == 'demo' and os.path.isfile(os.path.join(DEMO_UNET_DIR, 'config.json')):
-    model, params, config = load_model(DEMO_UNET_DIR)
+    model, params, config = family.load(DEMO_UNET_DIR)
     return model, params, config, 'demo_unet (trained)'
   config = get_config('ddim_digits' if name == 'demo' else 'ddim_cifar10')
   model = build_model(config)
@@ -45,7 +45,7 @@ def main(argv):
     model, params, config, label = _model(name)
     n_params = sum(int(a.size) for a in jax.tree.leaves(params))
     r, c = config['resolution'], config['in_channels']
-    sampler = DDIMSampler(make_eps_fn(model, params, config),
+    sampler = DDIMSampler(family.eps_fn(model, params, config),
                           sampler_coefficients(config, FLAGS.steps, 'quad', 0.0), (r, r, c))
     sizes = FLAGS.demo_batch_sizes if name == 'demo' else FLAGS.cifar_batch_sizes
     for bs in map(int, sizes):

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from tcaq_jax.diffusion.batched import sample_batches
+
 __all__ = ['CaptureError', 'select_steps', 'capture', 'CalibData']
 
 INDEX = 'index.json'
@@ -63,20 +65,12 @@ def capture(sampler, out_dir: str, num_samples: int = 256, num_select: int = 20,
     os.remove(index_path)  # the directory is being rewritten: not complete until the new index lands
   xt = np.lib.format.open_memmap(os.path.join(out_dir, 'xt.npy'), mode='w+', dtype=np.float32,
                                  shape=(len(steps), num_samples) + tuple(sampler.shape))
-  rng = range(0, num_samples, batch_size)
-  if progress:
-    from tqdm import tqdm
-    rng = tqdm(rng, desc='calibration capture', unit='batch')
   t0 = time.time()
-  for start in rng:
-    bs = min(batch_size, num_samples - start)
-    sl = slice(start, start + bs)
-    c = None if cond is None else np.asarray(cond)[sl]
-    u = None if uncond is None else np.asarray(uncond)[sl]
-    out = sampler.sample(seed, start, bs, cond=c, uncond=u, record=steps)
+  for sl, out in sample_batches(sampler, num_samples, batch_size, seed, cond, uncond, record=steps,
+                                progress=progress, desc='calibration capture'):
     rec = np.asarray(out['recorded'])
     if not np.isfinite(rec).all():
-      raise CaptureError(f'non-finite x_t captured for samples {start}..{start + bs - 1} (out_dir {out_dir})')
+      raise CaptureError(f'non-finite x_t captured for samples {sl.start}..{sl.stop - 1} (out_dir {out_dir})')
     xt[:, sl] = rec
   xt.flush()
   del xt

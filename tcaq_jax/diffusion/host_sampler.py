@@ -50,6 +50,8 @@ class HostLoopSampler:
     use_guidance = self.guidance_scale != 1.0
     if use_guidance and (uncond is None or cond is None):
       raise ddim.SamplerError(f'guidance_scale={self.guidance_scale} needs both cond and uncond')
+    if not (record is None or isinstance(record, str)):
+      record = tuple(int(v) for v in np.asarray(record).reshape(-1))
     keys = ddim.sample_keys(seed, start, batch_size)
     x = x_T = self._init(keys)
     cond = None if cond is None else jnp.asarray(cond)

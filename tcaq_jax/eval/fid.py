@@ -77,12 +77,13 @@ def _inception_factory(options: dict) -> FeatureFn:
 
 
 def _digits_factory(options: dict) -> FeatureFn:
-  """The demo's digit classifier (tcaq_jax.eval.digits): 'pool3' = its 64-d penultimate features, 'logits'."""
-  try:
-    from tcaq_jax.eval import digits
+  """The demo's digit classifier (tcaq_jax.demo.classifier): 'pool3' = its 64-d penultimate features, 'logits'."""
+  try:  # the demo registers as a plug-in feature network: imported only when --feature=digits is asked for
+    from tcaq_jax.assets import CLASSIFIER_DIR
+    from tcaq_jax.demo import classifier
   except ImportError as e:
-    raise FidError(f'--feature=digits needs tcaq_jax.eval.digits ({e})') from e
-  model, params = digits.load_classifier(options.get('digits_dir') or digits.CLASSIFIER_DIR)
+    raise FidError(f'--feature=digits needs tcaq_jax.demo.classifier ({e})') from e
+  model, params = classifier.load_classifier(options.get('digits_dir') or CLASSIFIER_DIR)
   res = model.config['resolution']
 
   @jax.jit

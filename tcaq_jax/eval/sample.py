@@ -1,113 +1,37 @@
-"""Samples N images from a model directory with the jitted DDIM sampler: an .npz (arr_0 uint8 [N, H, W, C], as
-the guided-diffusion evaluator reads it) and a PNG grid.
+"""Samples N images from a model directory (or a calibrated run) with the DDIM sampler: an .npz (arr_0 uint8
+[N, H, W, C], as the guided-diffusion evaluator reads it) and a PNG grid.
 
   python -m tcaq_jax.eval.sample --flagfile configs/sample_demo.flags
   python -m tcaq_jax.eval.sample --model_dir DIR --num_samples 50000 --steps 100 --skip_type quad --eta 0
+  python -m tcaq_jax.eval.sample --quant_dir runs/calib/demo_tcaq_w4a8 --out_dir samples/demo_w4a8
 
-Hook for quantized models: `generate(..., eps_fn_builder=f)` where f(model, params, config) returns the eps_fn
-(a `jax.tree_util.Partial`, see tcaq_jax/diffusion/ddim.py). The full-precision builder is `make_eps_fn`.
+Hook for other eps functions: `generate(..., eps_fn_builder=f)` where f(model, params, config) returns the eps_fn
+(a `jax.tree_util.Partial`, see tcaq_jax/diffusion/ddim.py); the full-precision one is `models.family.eps_fn`.
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
 import time
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from jax.tree_util import Partial
 
-from tcaq_jax.checkpoint import load_model_dir, quiet_orbax_logs
+from tcaq_jax.assets import DEMO_UNET_DIR
+from tcaq_jax.checkpoint import quiet_orbax_logs
+from tcaq_jax.diffusion.batched import sample_all
 from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.diffusion.host_sampler import make_sampler
-from tcaq_jax.eval.digits import DEMO_UNET_DIR
-from tcaq_jax.models.configs import build_model
+from tcaq_jax.images import grid_scale, save_grid, save_npz, to_uint8
+from tcaq_jax.models import family
 
-__all__ = ['define_flags', 'load_model', 'make_eps_fn', 'make_decode_fn', 'sample_images', 'generate', 'to_uint8', 'save_npz',
-           'save_grid']
-
-
-def load_model(model_dir: str):
-  """-> (flax module, params as jnp arrays, config) from a `save_model_dir` directory."""
-  params, config = load_model_dir(model_dir)
-  return build_model(config), jax.tree.map(jnp.asarray, params), config
-
-
-def _ddim_eps(model, params, x, t, step_index, cond):
-  del step_index, cond
-  return model.apply({'params': params}, x, t)
-
-
-def _ldm_eps(model, params, x, t, step_index, cond):
-  del step_index
-  return model.apply({'params': params}, x, t, y=cond)
-
-
-def _ldm_decode(model, params, z):
-  return model.apply({'params': params}, z, method='decode')
-
-
-def make_eps_fn(model, params, config: dict | None = None) -> Partial:
-  """The full-precision eps_fn(x, t, step_index, cond) for a DDIM UNet (cond ignored) or an LDM (cond = class
-  labels y [B] int32, 1000 = unconditional). params are the Partial's traced leaves."""
-  family = (config or getattr(model, 'config', {}) or {}).get('family', 'ddim')
-  fn = _ldm_eps if family == 'ldm' else _ddim_eps
-  return Partial(functools.partial(fn, model), params)
-
-
-def make_decode_fn(model, params, config: dict) -> Partial | None:
-  """LDM: latents -> images through the first stage; DDIM: None (x is the image)."""
-  if config.get('family') != 'ldm':
-    return None
-  return Partial(functools.partial(_ldm_decode, model), params)
-
-
-def to_uint8(x) -> np.ndarray:
-  """[-1, 1] float -> uint8 exactly like the DDIM repo: clamp((x + 1) / 2, 0, 1) * 255 + 0.5, floored."""
-  x01 = np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-  return np.floor(x01 * 255.0 + 0.5).astype(np.uint8)
+__all__ = ['define_flags', 'sample_images', 'generate']
 
 
 def sample_images(sampler: Any, num_samples: int, batch_size: int, seed: int = 0,
                   cond: Any = None, uncond: Any = None, progress: bool = True) -> np.ndarray:
   """uint8 [N, H, W, C]; sample i depends only on (seed, i). cond/uncond: arrays [N, ...] or None."""
-  from tqdm import tqdm
-  out = []
-  starts = range(0, num_samples, batch_size)
-  for start in tqdm(starts, desc='sampling', unit='batch', disable=not progress):
-    bs = min(batch_size, num_samples - start)
-    sl = slice(start, start + bs)
-    c = None if cond is None else np.asarray(cond)[sl]
-    u = None if uncond is None else np.asarray(uncond)[sl]
-    res = sampler.sample(seed, start, bs, cond=c, uncond=u)
-    out.append(to_uint8(res['images']))
-  return np.concatenate(out)
-
-
-def save_npz(path: str, images: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  np.savez(path, arr_0=images)
-
-
-def save_grid(path: str, images: np.ndarray, nrow: int | None = None, pad: int = 1, scale: int = 1) -> None:
-  """images: uint8 [N, H, W, C] (C 1 or 3) -> one PNG, nrow per row, `pad` black pixels between tiles."""
-  from PIL import Image
-  n, h, w, c = images.shape
-  nrow = nrow or int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / nrow))
-  grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), np.uint8)
-  for k in range(n):
-    r, q = divmod(k, nrow)
-    grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[k]
-  img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-  if scale != 1:
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img.save(path)
+  return sample_all(sampler, num_samples, batch_size, seed, cond, uncond, progress=progress, convert=to_uint8)
 
 
 def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip_type: str, eta: float,
@@ -118,16 +42,13 @@ def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip
 
   sampler_loop: 'device' (one jitted lax.scan, sharded over local devices), 'host' (a Python loop over one jitted
   step; much faster on XLA:CPU) or 'auto' (host on CPU, device otherwise). Both give the same images."""
-  model, params, config = load_model(model_dir)
-  builder = eps_fn_builder or make_eps_fn
+  model, params, config = family.load(model_dir)
+  builder = eps_fn_builder or family.eps_fn
   eps_fn = builder(model, params, config)
   coeffs = sampler_coefficients(config, steps, skip_type, eta)
-  if config.get('family') == 'ldm':
-    shape = tuple(config['latent_shape'])
-  else:
-    shape = (config['resolution'], config['resolution'], config['in_channels'])
-  sampler = make_sampler(eps_fn, coeffs, shape, decode_fn=make_decode_fn(model, params, config),
-                         guidance_scale=guidance_scale, loop=sampler_loop)
+  sampler = make_sampler(eps_fn, coeffs, family.sample_shape(config),
+                         decode_fn=family.decode_fn(model, params, config), guidance_scale=guidance_scale,
+                         loop=sampler_loop)
   t0 = time.time()
   images = sample_images(sampler, num_samples, batch_size, seed, cond, uncond, progress)
   logging.info('%d samples in %.1f s (%d steps, %s, eta %g)', num_samples, time.time() - t0, coeffs.num_steps,
@@ -135,7 +56,7 @@ def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip
   if out_dir:
     n, h, w, c = images.shape
     save_npz(os.path.join(out_dir, f'samples_{n}x{h}x{w}x{c}.npz'), images)
-    save_grid(os.path.join(out_dir, 'grid.png'), images[:grid], scale=max(1, 128 // w))
+    save_grid(os.path.join(out_dir, 'grid.png'), images[:grid], scale=grid_scale(w))
   return images
 
 
@@ -162,7 +83,7 @@ def main(argv):
   f = flags.FLAGS
   builder = None
   if f.quant_dir:
-    from tcaq_jax.train.calibrate import load_quantized
+    from tcaq_jax.quantized import load_quantized
     quantized = load_quantized(f.quant_dir)
     builder = lambda model, params, config: quantized.eps_fn
   generate(f.model_dir, f.num_samples, f.batch_size, f.steps, f.skip_type, f.eta, f.seed, f.out_dir,

@@ -23,11 +23,10 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax import checkpoint
-from tcaq_jax.models import configs, torch_pickle
+from tcaq_jax.models import configs, family, torch_pickle
 
 __all__ = ['ConversionError', 'abstract_params', 'key_to_path', 'convert_state_dict', 'convert_checkpoint',
            'config_from_yaml', 'REPORT_NAME']
@@ -46,25 +45,12 @@ class ConversionError(ValueError):
   """The checkpoint does not fit the target model (lists missing / unexpected keys and shape mismatches)."""
 
 
-def example_inputs(config: dict):
-  """Abstract inputs for `model.init`: (args tuple, method or None)."""
-  if config['family'] == 'ddim':
-    r = config['resolution']
-    return (jax.ShapeDtypeStruct((1, r, r, config['in_channels']), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32)), None
-  if config['family'] == 'ldm':
-    return (jax.ShapeDtypeStruct((1, *config['latent_shape']), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32)), 'init_all'
-  raise ConversionError(f'config {config.get("name")!r}: unknown family {config.get("family")!r}')
-
-
 def abstract_params(config: dict, model=None) -> dict:
   """The model's parameter tree as nested dicts of jax.ShapeDtypeStruct (no computation)."""
-  model = configs.build_model(config) if model is None else model
-  args, method = example_inputs(config)
-  kw = {'method': method} if method else {}
-  shapes = jax.eval_shape(lambda *a: model.init(jax.random.key(0), *a, **kw), *args)
-  return shapes['params']
+  try:
+    return family.abstract_params(config, model)
+  except family.FamilyError as e:
+    raise ConversionError(str(e)) from e
 
 
 def key_to_path(key: str) -> tuple[tuple[str, ...], str]:

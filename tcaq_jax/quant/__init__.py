@@ -2,7 +2,9 @@
 
 uniform: affine fake quantization (STE / LSQ); ranges: min-max, percentile, Lp search; adaround: learnable
 rounding; log2: log2 / log-sqrt2 quantizers for post-Softmax values; tcr: timestep-channel reparameterization;
-daq: power-law vs exponential test choosing log2 or uniform per (layer, step). See docs/quant.md.
+daq: power-law vs exponential test choosing log2 or uniform per (layer, step); state: the typed per-layer
+quantizer state of a model (QState / LayerQState); intercept: collect what chosen submodules receive in a
+forward. See docs/quant.md.
 """
 from tcaq_jax.quant.uniform import (QuantConfigError, UniformQuantizer, dequantize, fake_quant,
                                     fake_quant_with, lsq_grad_scale, qrange, quantize, quantize_with, round_ste)
@@ -16,3 +18,5 @@ from tcaq_jax.quant.log2 import (LogQuantizer, log2_fake_quant, log2_search_delt
 from tcaq_jax.quant.tcr import channel_peaks, scale_activation, scale_kernel_inputs, tcr_ratio
 from tcaq_jax.quant.daq import (DAQQuantizer, choice_table, choose_log2, daq_fake_quant, default_x_min,
                                 init_daq_quantizer, powerlaw_vs_exponential_llr)
+from tcaq_jax.quant.state import LayerQState, QState, merge_layers
+from tcaq_jax.quant.intercept import Call, collect_calls

@@ -9,16 +9,8 @@ Two parts (DESIGN.md):
      shortcut conv that eats concat([h, skip]) uses two quantizers split at the boundary; post-Softmax points
      select log2 or uniform per timestep (DAQ).
 
-Quantizer state (`qstate`) is a pytree of arrays:
-  {'step_slot': int32 [n_steps]                 sampler step index -> calibration slot (K slots)
-   'layers': {path: {                           one dict per quantized layer, keyed by module path
-      'r':          [Cin]                       TCR ratio (optional; kernel * r, activation / r; used only
-                                                when the layer's input is quantized)
-      'w_scale', 'w_zero': keepdims [.., Cout]  per-output-channel weight quantizer
-      'alpha':      kernel shape                AdaRound logits (optional)
-      'a_scale', 'a_zero': [K, S]               per-slot activation quantizer (S = 2 when split)
-      'log2_delta' or 'logsqrt2_delta': [K]     post-Softmax log quantizer (optional, DAQ)
-      'use_log2':   [K] float 0/1               DAQ choice per slot}}}
+Quantizer state (`qstate`) is a `tcaq_jax.quant.state.QState`: the step -> slot map and one `LayerQState` per
+quantized layer (TCR ratio, weight scales, AdaRound logits, per-slot activation scales, DAQ choice).
 `step_index` may be a scalar (sampler) or one index per sample [B] (reconstruction minibatches mixing steps).
 Imports nothing from the rest of tcaq_jax except its sibling quantizers.
 """
@@ -33,11 +25,12 @@ import jax.numpy as jnp
 
 from tcaq_jax.quant import log2 as log2q
 from tcaq_jax.quant.adaround import adaround_fake_quant
+from tcaq_jax.quant.state import LayerQState, QState
 from tcaq_jax.quant.tcr import scale_activation, scale_kernel_inputs
 from tcaq_jax.quant.uniform import fake_quant
 
 __all__ = ['ApplyError', 'WEIGHT_MODES', 'quantize_weights', 'act_interceptor', 'quantized_apply',
-           'submodule', 'block_method', 'qstate_to_tree', 'qstate_from_tree', 'slot_of']
+           'submodule', 'block_method', 'slot_of']
 
 WEIGHT_MODES = ('soft', 'hard', 'nearest', 'fp')
 
@@ -54,16 +47,16 @@ def _in_paths(path: str, paths: Sequence[str] | None) -> bool:
 
 def _weight_fq(w, st, bits: int, mode: str, use_r: bool = True):
   """w: kernel (conv HWIO / dense [in, out]) -> W diag(r) fake-quantized per output channel."""
-  if use_r and 'r' in st:
-    w = scale_kernel_inputs(w, st['r'])
+  if use_r and st.r is not None:
+    w = scale_kernel_inputs(w, st.r)
   if mode == 'fp':
     return w
-  if mode in ('soft', 'hard') and 'alpha' in st:
-    return adaround_fake_quant(w, st['alpha'], st['w_scale'], st['w_zero'], bits, hard=(mode == 'hard'))
-  return fake_quant(w, jax.lax.stop_gradient(st['w_scale']), st['w_zero'], bits)
+  if mode in ('soft', 'hard') and st.alpha is not None:
+    return adaround_fake_quant(w, st.alpha, st.w_scale, st.w_zero, bits, hard=(mode == 'hard'))
+  return fake_quant(w, jax.lax.stop_gradient(st.w_scale), st.w_zero, bits)
 
 
-def quantize_weights(params: Any, qstate: dict, policy, mode: str = 'hard',
+def quantize_weights(params: Any, qstate: QState, policy, mode: str = 'hard',
                      paths: Sequence[str] | None = None) -> Any:
   """params with every policy-selected kernel replaced by its fake-quantized W diag(r).
 
@@ -72,7 +65,7 @@ def quantize_weights(params: Any, qstate: dict, policy, mode: str = 'hard',
   """
   if mode not in WEIGHT_MODES:
     raise ApplyError(f'weight mode {mode!r} not in {WEIGHT_MODES}')
-  layers = qstate['layers']
+  layers = qstate.layers
 
   def fn(kp, leaf):
     keys = [getattr(k, 'key', getattr(k, 'name', str(k))) for k in kp]
@@ -84,19 +77,19 @@ def quantize_weights(params: Any, qstate: dict, policy, mode: str = 'hard',
     if spec is None or st is None or not _in_paths(path, paths):
       return leaf
     if spec.weights:
-      if 'w_scale' not in st:
+      if st.w_scale is None:
         raise ApplyError(f'layer {path!r}: policy quantizes weights but qstate has no w_scale')
       return _weight_fq(leaf, st, spec.w_bits, mode, use_r=spec.acts)
-    if 'r' in st and spec.acts:
-      return scale_kernel_inputs(leaf, st['r'])
+    if st.r is not None and spec.acts:
+      return scale_kernel_inputs(leaf, st.r)
     return leaf
 
   return jax.tree_util.tree_map_with_path(fn, params)
 
 
-def slot_of(qstate: dict, step_index) -> jax.Array:
+def slot_of(qstate: QState, step_index) -> jax.Array:
   """Calibration slot(s) of a step index: scalar -> scalar, [B] -> [B]."""
-  return qstate['step_slot'][jnp.asarray(step_index, jnp.int32)]
+  return qstate.step_slot[jnp.asarray(step_index, jnp.int32)]
 
 
 def _bcast(v, x):
@@ -115,16 +108,16 @@ def _uniform(x, scale, zero, bits):
   return fake_quant(x, _bcast(scale, x), _bcast(zero, x), bits)
 
 
-def act_fake_quant(x, st: dict, spec, slot, learn_scale: bool = False, quantize: bool = True):
+def act_fake_quant(x, st: LayerQState, spec, slot, learn_scale: bool = False, quantize: bool = True):
   """Fake-quantizes one layer input (x / r first when TCR is on). x: [B, ..., C]; slot: scalar or [B].
 
   quantize=False only applies the TCR division (the FP reparameterised model).
   """
-  if 'r' in st and spec.kind in ('conv', 'dense'):
-    x = scale_activation(x, st['r'])
+  if st.r is not None and spec.kind in ('conv', 'dense'):
+    x = scale_activation(x, st.r)
   if not quantize:
     return x
-  scale, zero = st['a_scale'][slot], st['a_zero'][slot]       # [S] or [B, S]
+  scale, zero = st.a_scale[slot], st.a_zero[slot]       # [S] or [B, S]
   if not learn_scale:
     scale = jax.lax.stop_gradient(scale)
   bits = spec.a_bits
@@ -133,21 +126,21 @@ def act_fake_quant(x, st: dict, spec, slot, learn_scale: bool = False, quantize:
     return jnp.concatenate([_uniform(x[..., :s], scale[..., 0], zero[..., 0], bits),
                             _uniform(x[..., s:], scale[..., 1], zero[..., 1], bits)], axis=-1)
   x_uni = _uniform(x, scale[..., 0], zero[..., 0], bits)
-  if spec.kind == 'softmax' and 'use_log2' in st:
-    if 'log2_delta' in st:
-      x_log = log2q.log2_fake_quant(x, _bcast(st['log2_delta'][slot], x), bits)
+  if spec.kind == 'softmax' and st.use_log2 is not None:
+    if st.log2_delta is not None:
+      x_log = log2q.log2_fake_quant(x, _bcast(st.log2_delta[slot], x), bits)
     else:
-      x_log = log2q.logsqrt2_fake_quant(x, _bcast(st['logsqrt2_delta'][slot], x), bits)
-    return jnp.where(_bcast(st['use_log2'][slot], x) > 0.5, x_log, x_uni)
+      x_log = log2q.logsqrt2_fake_quant(x, _bcast(st.logsqrt2_delta[slot], x), bits)
+    return jnp.where(_bcast(st.use_log2[slot], x) > 0.5, x_log, x_uni)
   return x_uni
 
 
-def act_interceptor(qstate: dict, policy, step_index, paths: Sequence[str] | None = None,
+def act_interceptor(qstate: QState, policy, step_index, paths: Sequence[str] | None = None,
                     learn_scale: bool = False, quantize: bool = True):
   """An interceptor (for `nn.intercept_methods`) that fake-quantizes policy-selected layer inputs
   (quantize=False: only divides them by the TCR ratio, keeping the model exact in FP)."""
   slot = slot_of(qstate, step_index)
-  layers = qstate['layers']
+  layers = qstate.layers
 
   def interceptor(next_fun, args, kwargs, ctx):
     if ctx.method_name != '__call__' or not args:
@@ -158,9 +151,9 @@ def act_interceptor(qstate: dict, policy, step_index, paths: Sequence[str] | Non
       return next_fun(*args, **kwargs)
     st = layers.get(path)
     if not quantize:
-      if st is None or 'r' not in st:
+      if st is None or st.r is None:
         return next_fun(*args, **kwargs)
-    elif st is None or 'a_scale' not in st:
+    elif st is None or st.a_scale is None:
       raise ApplyError(f'layer {path!r}: policy quantizes its input but qstate has no a_scale')
     x = act_fake_quant(args[0], st, spec, slot, learn_scale, quantize)
     return next_fun(x, *args[1:], **kwargs)
@@ -194,7 +187,7 @@ def block_method(path: str):
   return method
 
 
-def quantized_apply(model: nn.Module, variables: Any, qstate: dict, policy, *args, step_index,
+def quantized_apply(model: nn.Module, variables: Any, qstate: QState, policy, *args, step_index,
                     weight_mode: str = 'hard', act_quant: bool = True, paths: Sequence[str] | None = None,
                     learn_act_scale: bool = False, method=None, **kwargs):
   """model.apply with quantized weights and activations.
@@ -210,28 +203,3 @@ def quantized_apply(model: nn.Module, variables: Any, qstate: dict, policy, *arg
   with nn.intercept_methods(icpt):
     return model.apply(variables, *args, method=method, **kwargs)
 
-
-def qstate_to_tree(qstate: dict) -> dict:
-  """Flat layer keys ('a/b/c') -> nested dicts (for orbax, which dislikes '/' in keys)."""
-  tree = {'step_slot': qstate['step_slot'], 'layers': {}}
-  for path, st in qstate['layers'].items():
-    node = tree['layers']
-    for seg in path.split('/'):
-      node = node.setdefault(seg, {})
-    node['__state__'] = dict(st)
-  return tree
-
-
-def qstate_from_tree(tree: dict) -> dict:
-  """Inverse of qstate_to_tree (arrays converted to jnp)."""
-  layers = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if k == '__state__':
-        layers['/'.join(prefix)] = {n: jnp.asarray(a) for n, a in v.items()}
-      else:
-        walk(v, prefix + [k])
-
-  walk(tree['layers'], [])
-  return {'step_slot': jnp.asarray(tree['step_slot'], jnp.int32), 'layers': layers}

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 
+from tcaq_jax.quant.intercept import Call, collect_calls, module_path
+
 __all__ = ['PolicyError', 'LayerInfo', 'LayerSpec', 'Rule', 'Policy', 'discover_layers', 'preset_rules',
            'parse_override', 'build_policy', 'PRESETS']
 
@@ -135,33 +137,31 @@ def discover_layers(model: nn.Module, variables: Any, *args, method=None, **kwar
 
   Uses `jax.eval_shape` (no FLOPs). A module called twice is listed once (first call).
   """
-  found: dict[str, LayerInfo] = {}
+  def kind_of(m) -> str | None:
+    if isinstance(m, nn.Conv):
+      return 'conv'
+    if isinstance(m, nn.Dense):
+      return 'dense'
+    if _is_quant_point(m):
+      if m.kind not in ('matmul', 'softmax'):
+        raise PolicyError(f'QuantPoint at {module_path(m)!r} has unknown kind {m.kind!r}')
+      return m.kind
+    return None
 
-  def interceptor(next_fun, a, kw, ctx):
-    if ctx.method_name == '__call__' and a:
-      m = ctx.module
-      kind = None
-      if isinstance(m, nn.Conv):
-        kind = 'conv'
-      elif isinstance(m, nn.Dense):
-        kind = 'dense'
-      elif _is_quant_point(m):
-        kind = m.kind
-        if kind not in ('matmul', 'softmax'):
-          raise PolicyError(f'QuantPoint at {"/".join(m.path)!r} has unknown kind {kind!r}')
-      if kind is not None:
-        path = '/'.join(m.path)
-        if path not in found:
-          parent = m.parent
-          split = getattr(parent, 'concat_split', None) if isinstance(parent, nn.Module) else None
-          found[path] = LayerInfo(path, kind, int(a[0].shape[-1]), split)
-    return next_fun(*a, **kw)
+  def info(call: Call) -> LayerInfo:
+    parent = call.module.parent
+    split = getattr(parent, 'concat_split', None) if isinstance(parent, nn.Module) else None
+    return LayerInfo(call.path, kind_of(call.module), int(call.args[0].shape[-1]), split)
+
+  found: dict = {}
 
   def fwd(v, *a):
-    return model.apply(v, *a, method=method, **kwargs)
+    out, rec = collect_calls(lambda: model.apply(v, *a, method=method, **kwargs),
+                             select=lambda path, m: kind_of(m) is not None, record=info, need_args=True)
+    found.update(rec)              # static metadata leaves the trace through this closure
+    return out
 
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(fwd, variables, *args)
+  jax.eval_shape(fwd, variables, *args)
   return list(found.values())
 
 

@@ -9,23 +9,26 @@ zero point 0 and, with DAQ, a log2 (or log-sqrt2) delta and the per-slot log2-vs
 (`tcaq_jax.quant.daq.choose_log2` on a sample of values).
 
   layers = search_act_scales(forward, policy, qlayers, data, slot_ids, num_slots, batch=64, daq=True)
+  (a compiled `make_search(...)` passed as search_fn is reused across calls, e.g. PAR rounds)
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.quant.daq import choose_log2
+from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.log2 import log2_search_delta
 from tcaq_jax.quant.ranges import params_from_range
+from tcaq_jax.quant.state import LayerQState
 from tcaq_jax.quant.tcr import scale_activation
 from tcaq_jax.quant.uniform import fake_quant
 
-__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'search_act_scales']
+__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'make_search', 'search_act_scales']
 
 DEFAULT_PCTS = (100.0, 99.999, 99.99, 99.9)
 _MAX_SUB = 1 << 20
@@ -60,62 +63,63 @@ def _search_uniform(x, bits, pcts, key, symmetric):
   return s[best], z[best]
 
 
+def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts: Sequence[float] = DEFAULT_PCTS,
+                daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096) -> Callable:
+  """The compiled per-slot search: fn(consts, ratios {path: r}, key, *data_batch) -> {path: per-slot record}.
+
+  ratio_paths: the layers whose inputs are divided by a TCR ratio (part of the compiled signature). Reuse the
+  returned function across calls with the same forward, policy and options (PAR rounds).
+  """
+  specs = {s.path: s for s in policy.layers.values() if s.acts}
+  ratio_paths = frozenset(ratio_paths)
+  pcts = tuple(float(p) for p in pcts)
+
+  def search(ratios, key, call):
+    spec = specs[call.path]
+    x = call.args[0].astype(jnp.float32)
+    if call.path in ratio_paths and spec.kind in ('conv', 'dense'):
+      x = scale_activation(x, ratios[call.path])
+    k = jax.random.fold_in(key, call.index)
+    rec = {}
+    if spec.kind == 'softmax':
+      s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=True)
+      rec['a_scale'], rec['a_zero'] = s[None], z[None]
+      if daq:
+        sub = _subsample(x, jax.random.fold_in(k, 1), n=max(n_daq_values, 1 << 16))
+        rec['delta'] = log2_search_delta(sub, spec.a_bits, log_kind)
+        rec['values'] = sub[jax.random.randint(jax.random.fold_in(k, 2), (n_daq_values,), 0, sub.size)]
+    elif spec.split:
+      segs = [x[..., :spec.split], x[..., spec.split:]]
+      sz = [_search_uniform(sg, spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False)
+            for i, sg in enumerate(segs)]
+      rec['a_scale'] = jnp.stack([s for s, _ in sz])
+      rec['a_zero'] = jnp.stack([z for _, z in sz])
+    else:
+      s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=False)
+      rec['a_scale'], rec['a_zero'] = s[None], z[None]
+    return rec
+
+  def run(consts, ratios, key, *d):
+    return collect_calls(lambda: forward(consts, *d), select=lambda path, m: path in specs,
+                         record=functools.partial(search, ratios, key), need_args=True)[1]
+
+  return jax.jit(run)
+
+
 def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[np.ndarray],
                       slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
                       daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0,
-                      consts: Any = None, cache: dict | None = None) -> dict:
-  """Returns {path: {'a_scale': [K, S], 'a_zero': [K, S], ['<log_kind>_delta': [K], 'use_log2': [K]]}}.
+                      consts: Any = None, search_fn: Callable | None = None) -> dict:
+  """Returns {path: LayerQState(a_scale [K, S], a_zero [K, S], [<log_kind>_delta [K], use_log2 [K]])}.
 
-  forward(consts, *data_batch) runs the FP model (consts: params, passed as jit arguments); qlayers: current per-layer state (for the TCR ratios 'r');
-  data: arrays [N, ...]; slot_ids: [N] slot of every sample. cache: a dict keeping the compiled search between
-  calls with the same forward / policy / options (PAR rounds).
+  forward(consts, *data_batch) runs the FP model (consts: params, passed as jit arguments); qlayers: current
+  {path: LayerQState} (for the TCR ratios r); data: arrays [N, ...]; slot_ids: [N] slot of every sample.
+  search_fn: a compiled search from `make_search` with the same options (built when None).
   """
   specs = {s.path: s for s in policy.layers.values() if s.acts}
-  ratios = {p: st['r'] for p, st in qlayers.items() if 'r' in st and p in specs}
-  pcts = tuple(float(p) for p in pcts)
-
-  def run(consts, ratios, key, *d):
-    out = {}
-
-    def icpt(next_fun, a, kw, ctx):
-      if ctx.method_name == '__call__' and a:
-        p = '/'.join(ctx.module.path)
-        spec = specs.get(p)
-        if spec is not None and p not in out:
-          x = a[0].astype(jnp.float32)
-          if p in ratios and spec.kind in ('conv', 'dense'):
-            x = scale_activation(x, ratios[p])
-          k = jax.random.fold_in(key, len(out))
-          rec = {}
-          if spec.kind == 'softmax':
-            s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=True)
-            rec['a_scale'], rec['a_zero'] = s[None], z[None]
-            if daq:
-              sub = _subsample(x, jax.random.fold_in(k, 1), n=max(n_daq_values, 1 << 16))
-              rec['delta'] = log2_search_delta(sub, spec.a_bits, log_kind)
-              rec['values'] = sub[jax.random.randint(jax.random.fold_in(k, 2), (n_daq_values,), 0, sub.size)]
-          elif spec.split:
-            segs = [x[..., :spec.split], x[..., spec.split:]]
-            sz = [_search_uniform(sg, spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False)
-                  for i, sg in enumerate(segs)]
-            rec['a_scale'] = jnp.stack([s for s, _ in sz])
-            rec['a_zero'] = jnp.stack([z for _, z in sz])
-          else:
-            s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=False)
-            rec['a_scale'], rec['a_zero'] = s[None], z[None]
-          out[p] = rec
-      return next_fun(*a, **kw)
-
-    with nn.intercept_methods(icpt):
-      forward(consts, *d)
-    return out
-
-  ckey = ('act_search', id(forward), id(policy), tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values)
-  fn = cache.get(ckey) if cache is not None else None
-  if fn is None:
-    fn = jax.jit(run)
-    if cache is not None:
-      cache[ckey] = fn
+  ratios = {p: st.r for p, st in qlayers.items() if st.r is not None and p in specs}
+  if search_fn is None:
+    search_fn = make_search(forward, policy, tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values)
   rng = np.random.default_rng(seed)
   per_slot = []
   for k in range(num_slots):
@@ -124,7 +128,8 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
       raise ActSearchError(f'activation search: calibration slot {k} has no samples')
     if idx.size > batch:
       idx = np.sort(rng.choice(idx, batch, replace=False))
-    res = fn(consts, ratios, jax.random.PRNGKey(seed * 7919 + k), *[jnp.asarray(np.asarray(a)[idx]) for a in data])
+    res = search_fn(consts, ratios, jax.random.PRNGKey(seed * 7919 + k),
+                    *[jnp.asarray(np.asarray(a)[idx]) for a in data])
     per_slot.append(jax.device_get(res))
   missing = set(specs) - set(per_slot[0])
   if missing:
@@ -140,5 +145,5 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
       st[f'{log_kind}_delta'] = np.asarray([r[p]['delta'] for r in per_slot], np.float32).reshape(num_slots)
       values = np.stack([r[p]['values'] for r in per_slot])
       st['use_log2'] = np.asarray(choose_log2(values), np.float32).reshape(num_slots)
-    out[p] = {k: jnp.asarray(v) for k, v in st.items()}
+    out[p] = LayerQState(**{k: jnp.asarray(v) for k, v in st.items()})
   return out

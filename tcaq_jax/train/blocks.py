@@ -1,11 +1,12 @@
-"""Reconstruction units per model family, and capture of a unit's inputs / outputs during a full forward.
+"""Reconstruction units of a model, and capture of a unit's inputs / outputs during a full forward.
 
-A unit is either a block (the outermost module whose class is a residual / attention / transformer block of
-the family) or a single quantized layer outside every block (time embedding, input / output conv, resampling
-convs), in call order (METHOD.md section 5).
+A unit is either a block (the outermost module whose class matches the family's block classes,
+`tcaq_jax.models.family.block_class_regex`) or a single quantized layer outside every block (time embedding,
+input / output conv, resampling convs), in call order (METHOD.md section 5).
 
-  units = find_units(model, variables, args, kwargs, policy, family='ddim')
-  io = capture_unit_io(forward, unit.path, data_args, data_kwargs, batch=64)   # inputs or outputs over a set
+  units = find_units(model, variables, args, kwargs, policy, block_regex)
+  capture = make_io_capture(unit.path, in_forward=q_fwd, out_forward=fp_fwd)     # compiled once, reusable
+  io = capture_unit_io(capture, data, batch=64, in_consts=(params, qstate), out_consts=params)
 """
 from __future__ import annotations
 
@@ -18,16 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['BLOCK_CLASSES', 'Unit', 'find_units', 'CapturedIO', 'capture_unit_io']
+from tcaq_jax.quant.apply import block_method, quantized_apply
+from tcaq_jax.quant.intercept import collect_calls
+from tcaq_jax.quant.state import QState, merge_layers
 
-BLOCK_CLASSES = {
-    'ddim': r'^(ResnetBlock|AttnBlock)$',
-    'ldm': r'^(ResBlock|AttentionBlock|SpatialTransformer)$',
-}
+__all__ = ['Unit', 'BlockError', 'find_units', 'CapturedIO', 'make_io_capture', 'capture_unit_io', 'unit_aux',
+           'unit_apply_fn']
 
 
 class BlockError(ValueError):
-  """Unknown family, no units, or a unit that is never called in the forward pass."""
+  """No units, or a unit that is never called in the forward pass."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,21 +47,17 @@ def _inside(path: str, prefix: str) -> bool:
 
 
 def find_units(model: nn.Module, variables: Any, args: Sequence, kwargs: dict | None, policy,
-               family: str = 'ddim', block_regex: str | None = None) -> list[Unit]:
-  """Units in call order. Units without any quantized layer are dropped."""
-  if block_regex is None:
-    if family not in BLOCK_CLASSES:
-      raise BlockError(f'unknown model family {family!r} for block units; known {sorted(BLOCK_CLASSES)}')
-    block_regex = BLOCK_CLASSES[family]
+               block_regex: str) -> list[Unit]:
+  """Units in call order (block_regex: class names of block modules). Units without a quantized layer are
+  dropped."""
+  def trace(v, *a):
+    _, rec = collect_calls(lambda: model.apply(v, *a, **(kwargs or {})), select=lambda path, m: True,
+                           record=lambda c: type(c.module).__name__)
+    calls.extend(rec.items())      # static metadata leaves the trace through this closure
+    return None
+
   calls: list[tuple[str, str]] = []
-
-  def icpt(next_fun, a, kw, ctx):
-    if ctx.method_name == '__call__':
-      calls.append(('/'.join(ctx.module.path), type(ctx.module).__name__))
-    return next_fun(*a, **kw)
-
-  with nn.intercept_methods(icpt):
-    jax.eval_shape(lambda v, *a: model.apply(v, *a, **(kwargs or {})), variables, *args)
+  jax.eval_shape(trace, variables, *args)
   quantized = [s.path for s in policy.quantized()]
   blocks: list[tuple[str, str]] = []
   for path, cls in calls:
@@ -102,55 +99,46 @@ class CapturedIO:
     return jax.tree_util.tree_unflatten(self.treedef, full)
 
 
-def capture_unit_io(path: str, data: Sequence[np.ndarray], batch: int = 64, in_forward: Callable | None = None,
-                    in_consts: Any = None, out_forward: Callable | None = None, out_consts: Any = None,
-                    cache: dict | None = None) -> CapturedIO:
-  """Records the (args, kwargs) and/or the output of the module at `path` over a data set, in batches.
+def make_io_capture(path: str, in_forward: Callable | None = None, out_forward: Callable | None = None):
+  """The compiled recorder of the module at `path`: (fn(in_consts, out_consts, *data_batch), meta).
 
   in_forward(in_consts, *data_batch) runs the model whose *inputs* to the unit are recorded (the partially
   quantized model); out_forward(out_consts, *data_batch) the model whose unit *output* is recorded (FP). Both
   run in one jitted call (consts are jit arguments, not baked-in constants); XLA drops what follows the unit.
-  data: arrays [N, ...] sliced along axis 0. cache: a dict keeping the compiled function between calls with
-  the same forwards (e.g. across PAR rounds). Returns CapturedIO with device arrays.
+  Reuse the pair across calls with the same forwards (e.g. PAR rounds); pass it to `capture_unit_io`.
   """
-  key = ('capture', path, in_forward is not None, out_forward is not None)
-  entry = cache.get(key) if cache is not None else None
-  if entry is None:
-    meta: dict = {}
+  meta: dict = {}
 
-    def record(forward, consts, d):
-      rec = {}
+  def record(forward, consts, d):
+    _, rec = collect_calls(lambda: forward(consts, *d), select=lambda p, m: p == path,
+                           record=lambda c: (c.args, c.kwargs, c.output))
+    if path not in rec:
+      raise BlockError(f'unit {path!r} was not called by the forward pass')
+    return rec[path]
 
-      def icpt(next_fun, a, kw, ctx):
-        if ctx.method_name == '__call__' and 'out' not in rec and '/'.join(ctx.module.path) == path:
-          out = next_fun(*a, **kw)
-          rec['in'] = (tuple(a), dict(kw))
-          rec['out'] = out
-          return out
-        return next_fun(*a, **kw)
+  def run(ic, oc, *d):
+    dyn, out = [], None
+    if in_forward is not None:
+      args, kwargs, _ = record(in_forward, ic, d)
+      flat, treedef = jax.tree_util.tree_flatten((args, kwargs))
+      meta['treedef'] = treedef
+      meta['statics'] = [None if isinstance(v, jax.Array) else v for v in flat]
+      dyn = [v for v in flat if isinstance(v, jax.Array)]
+    if out_forward is not None:
+      out = record(out_forward, oc, d)[2]
+    return dyn, out
 
-      with nn.intercept_methods(icpt):
-        forward(consts, *d)
-      if 'out' not in rec:
-        raise BlockError(f'unit {path!r} was not called by the forward pass')
-      return rec
+  return jax.jit(run), meta
 
-    def run(ic, oc, *d):
-      dyn, out = [], None
-      if in_forward is not None:
-        rec = record(in_forward, ic, d)
-        flat, treedef = jax.tree_util.tree_flatten(rec['in'])
-        meta['treedef'] = treedef
-        meta['statics'] = [None if isinstance(v, jax.Array) else v for v in flat]
-        dyn = [v for v in flat if isinstance(v, jax.Array)]
-      if out_forward is not None:
-        out = record(out_forward, oc, d)['out']
-      return dyn, out
 
-    entry = (jax.jit(run), meta)
-    if cache is not None:
-      cache[key] = entry
-  fn, meta = entry
+def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_consts: Any = None,
+                    out_consts: Any = None) -> CapturedIO:
+  """Runs a `make_io_capture` recorder over a data set (arrays [N, ...] sliced along axis 0) in batches.
+
+  Returns CapturedIO with device arrays (inputs when the recorder has an in_forward, output when it has an
+  out_forward).
+  """
+  fn, meta = capture
   n = int(data[0].shape[0])
   ins, outs = [], []
   for i in range(0, n, batch):
@@ -159,7 +147,7 @@ def capture_unit_io(path: str, data: Sequence[np.ndarray], batch: int = 64, in_f
     ins.append(dyn)
     outs.append(out)
   leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if ins[0] else []
-  output = jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if out_forward is not None else None
+  output = (jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if outs[0] is not None else None)
   return CapturedIO(leaves, meta.get('statics', []), meta.get('treedef'), output)
 
 
@@ -181,29 +169,23 @@ def prune_tree(tree: dict, prefixes: Sequence[str]) -> dict:
   return out
 
 
-def unit_aux(params: dict, qstate: dict, unit: Unit) -> dict:
-  """Frozen arrays a unit needs: its params subtree, its layers' quantizer state and the step map."""
-  return {'params': prune_tree(params, [unit.path]),
-          'layers': {p: st for p, st in qstate['layers'].items() if _inside(p, unit.path)},
-          'step_slot': qstate['step_slot']}
+def unit_aux(params: dict, qstate: QState, unit: Unit) -> dict:
+  """Frozen arrays a unit needs: its params subtree and the quantizer state of its layers (+ the step map)."""
+  return {'params': prune_tree(params, [unit.path]), 'qstate': qstate.subset(unit.path)}
 
 
 def unit_apply_fn(model: nn.Module, policy, unit: Unit, io: CapturedIO, weight_mode: str = 'soft',
                   learn_act_scale: bool = False) -> Callable:
   """apply_fn(theta, aux, inputs_batch, steps_batch) -> the unit's quantized output (for recon.reconstruct).
 
-  theta: {layer path: {'alpha': .., ['a_scale': ..]}} overrides of aux['layers'].
+  theta: {layer path: LayerQState} (the trained fields: alpha, a_scale) merged over aux['qstate'].
   """
-  from tcaq_jax.quant.apply import block_method, quantized_apply
-
   method = block_method(unit.path)
 
   def apply_fn(theta, aux, xb, sb):
-    layers = dict(aux['layers'])
-    for p, st in theta.items():
-      layers[p] = {**layers[p], **st}
+    qs = aux['qstate']
+    qs = qs.replace(layers=merge_layers(qs.layers, theta))
     args, kwargs = io.rebuild(xb)
-    qs = {'step_slot': aux['step_slot'], 'layers': layers}
     return quantized_apply(model, {'params': aux['params']}, qs, policy, *args, step_index=sb,
                            weight_mode=weight_mode, paths=[unit.path], learn_act_scale=learn_act_scale,
                            method=method, **kwargs)

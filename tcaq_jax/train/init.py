@@ -11,14 +11,15 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.quant.adaround import init_alpha
+from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.ranges import lp_error, lp_search_params, minmax_params, params_from_range
 from tcaq_jax.quant.uniform import fake_quant
+from tcaq_jax.quant.state import LayerQState
 from tcaq_jax.quant.tcr import scale_kernel_inputs, tcr_ratio
 
 __all__ = ['InitError', 'step_slots', 'collect_peaks', 'tcr_ratios', 'init_weights', 'get_kernel']
@@ -56,21 +57,14 @@ def collect_peaks(forward: Callable, paths: Sequence[str], data: Sequence[np.nda
   """
   paths = set(paths)
 
+  def peaks(slots, call):
+    x = jnp.abs(call.args[0].astype(jnp.float32))
+    per = jnp.max(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1)          # [B, C]
+    return jax.ops.segment_max(per, slots, num_segments=num_slots)
+
   def run(consts, slots, *d):
-    out = {}
-
-    def icpt(next_fun, a, kw, ctx):
-      if ctx.method_name == '__call__' and a:
-        p = '/'.join(ctx.module.path)
-        if p in paths and p not in out:
-          x = jnp.abs(a[0].astype(jnp.float32))
-          per = jnp.max(x.reshape(x.shape[0], -1, x.shape[-1]), axis=1)          # [B, C]
-          out[p] = jax.ops.segment_max(per, slots, num_segments=num_slots)
-      return next_fun(*a, **kw)
-
-    with nn.intercept_methods(icpt):
-      forward(consts, *d)
-    return out
+    return collect_calls(lambda: forward(consts, *d), select=lambda path, m: path in paths,
+                         record=functools.partial(peaks, slots), need_args=True)[1]
 
   fn = jax.jit(run)
   acc: dict = {}
@@ -173,8 +167,8 @@ def init_weights(params: Any, policy, ratios: dict | None = None, method: str = 
   """Weight quantizer state for every layer whose weights the policy quantizes (plus TCR-only layers).
 
   Scales per output channel (axis -1) of W diag(r): 'lp' (BRECQ Lp search, all layers of one bit width in
-  one compiled call) or 'minmax'. Returns {path: {'w_scale', 'w_zero' (keepdims [1, .., Cout]), ['alpha'],
-  ['r']}}.
+  one compiled call) or 'minmax'. Returns {path: LayerQState(w_scale, w_zero (keepdims [1, .., Cout]), [alpha],
+  [r])}.
   """
   if method not in ('lp', 'minmax'):
     raise InitError(f'unknown weight init method {method!r} (lp | minmax)')
@@ -206,4 +200,4 @@ def init_weights(params: Any, policy, ratios: dict | None = None, method: str = 
       st['w_zero'] = jnp.asarray(zero, jnp.float32).reshape(shape)
       if adaround:
         st['alpha'] = init_alpha(w, st['w_scale'], st['w_zero'])
-  return out
+  return {path: LayerQState(**st) for path, st in out.items()}

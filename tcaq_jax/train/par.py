@@ -14,9 +14,8 @@ import os
 from typing import Any, Callable
 
 from tcaq_jax.diffusion.capture import CalibData, capture
-from tcaq_jax.diffusion.host_sampler import HostLoopSampler, make_sampler  # noqa: F401  (re-exported)
 
-__all__ = ['recapture', 'round_dir', 'HostLoopSampler', 'make_sampler']
+__all__ = ['recapture', 'round_dir']
 
 
 def round_dir(out_dir: str, rnd: int) -> str:

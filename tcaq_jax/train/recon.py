@@ -23,7 +23,8 @@ import optax
 
 from tcaq_jax.quant.adaround import b_schedule, rounding_regularizer
 
-__all__ = ['ReconConfig', 'NonFiniteLossError', 'rec_loss', 'reconstruct', 'eval_loss']
+__all__ = ['ReconConfig', 'NonFiniteLossError', 'rec_loss', 'make_optimizer', 'make_chunk', 'reconstruct',
+           'make_eval', 'eval_loss']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -37,22 +38,28 @@ class NonFiniteLossError(FloatingPointError):
     self.last_good = last_good
 
 
-@dataclasses.dataclass
+def _f(default, help_: str, flag: str | None = None, **meta):
+  meta = {'help': help_, **meta} if flag is None else {'help': help_, 'flag': flag, **meta}
+  return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
 class ReconConfig:
-  """iters: total iterations; batch; lam: rounding-loss weight; b_start/b_end/warmup: annealing; lr: Adam on
-  alpha; act_lr: Adam on learned activation scales; chunk: iterations per jitted call; nan_at_iter: test hook
-  (inject a NaN into the loss at this global iteration, -1 = off); loop: see `_device_loop`."""
-  iters: int = 20000
-  batch: int = 16
-  lam: float = 0.01
-  b_start: float = 20.0
-  b_end: float = 2.0
-  warmup: float = 0.2
-  lr: float = 1e-3
-  act_lr: float = 4e-5
-  chunk: int = 1000
-  nan_at_iter: int = -1
-  loop: str = 'auto'
+  """Settings of one reconstruction (nested in the calibration config as `recon`; the metadata 'flag' is the
+  flag name where it differs from the field name)."""
+  iters: int = _f(20000, 'AdaRound iterations per unit in the first reconstruction (scaled by --iters_scale)',
+                  'recon_iters')
+  batch: int = _f(16, 'reconstruction minibatch size', 'recon_batch')
+  lam: float = _f(0.01, 'weight of the AdaRound rounding regulariser')
+  b_start: float = _f(20.0, 'AdaRound annealing: exponent b at the start of the regularised phase')
+  b_end: float = _f(2.0, 'AdaRound annealing: exponent b at the end')
+  warmup: float = _f(0.2, 'share of the iterations without the rounding regulariser')
+  lr: float = _f(1e-3, 'Adam learning rate of the AdaRound alphas')
+  act_lr: float = _f(4e-5, 'Adam learning rate of learned activation scales (--learn_act_scale)')
+  chunk: int = _f(1000, 'iterations per jitted call (progress and NaN checks between chunks)')
+  loop: str = _f('auto', "'device': a chunk is one lax.fori_loop; 'host': a Python loop over one jitted "
+                         "iteration (XLA:CPU runs while-loop bodies ~20x slower); 'auto': host on CPU", 'recon_loop',
+                enum=('auto', 'device', 'host'))
 
 
 def _device_loop(loop: str) -> bool:
@@ -74,25 +81,38 @@ def rec_loss(pred, target):
   return sum(leaves)
 
 
+def _field_name(key) -> str | None:
+  return getattr(key, 'name', getattr(key, 'key', None))
+
+
 def _labels(theta):
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, _: 'alpha' if getattr(kp[-1], 'key', None) == 'alpha' else 'act', theta)
+  """'alpha' for AdaRound logits, 'act' for everything else (learned activation scales)."""
+  return jax.tree_util.tree_map_with_path(lambda kp, _: 'alpha' if _field_name(kp[-1]) == 'alpha' else 'act',
+                                          theta)
 
 
 def _round_reg(theta, b):
-  regs = [rounding_regularizer(st['alpha'], b) for st in theta.values() if 'alpha' in st]
+  regs = [rounding_regularizer(st.alpha, b) for st in theta.values() if st.alpha is not None]
   return sum(regs) if regs else jnp.float32(0.)
+
+
+def make_optimizer(cfg: ReconConfig) -> optax.GradientTransformation:
+  """Adam on AdaRound alphas (lr) and on learned activation scales (act_lr)."""
+  return optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_lr)}, _labels)
 
 
 def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
                 steps: jax.Array, cfg: ReconConfig, key: jax.Array, block: str = '',
-                progress: Callable | None = None, cache: dict | None = None) -> tuple[dict, dict]:
-  """Optimises theta ({layer path: {'alpha': ..., ['a_scale': ...]}}) for one block.
+                progress: Callable | None = None, chunk_fn: Callable | None = None,
+                loss_hook: Callable | None = None) -> tuple[dict, dict]:
+  """Optimises theta ({layer path: LayerQState with alpha (and a_scale when learned)}) for one block.
 
   apply_fn(theta, aux, inputs_batch: list, steps_batch [B]) -> block output (soft rounding); aux: frozen
   arrays (params, other quantizer state) passed as jit arguments rather than baked-in constants;
   inputs: arrays [N, ...]; targets: [N, ...] (pytree); steps: [N] int step index of every sample.
-  progress(done, total, loss, theta): called after every chunk. cache: a dict keeping the compiled chunk function between calls with the same apply_fn (PAR rounds).
+  progress(done, total, loss, theta): called after every chunk. chunk_fn: a compiled chunk from `make_chunk`
+  (reuse it across calls with the same apply_fn, set size and settings, e.g. PAR rounds); built when None, then
+  with loss_hook(loss, iteration) -> loss applied to every iteration's loss (tests inject NaNs with it).
   Returns (theta, stats) with stats = {'iters', 'final_rec', 'final_total', 'seconds', 'it_per_s'}.
   """
   n = int(steps.shape[0])
@@ -100,23 +120,16 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
   if total == 0 or not jax.tree.leaves(theta):
     return theta, {'iters': 0, 'final_rec': float('nan'), 'final_total': float('nan'), 'seconds': 0.0,
                    'it_per_s': 0.0}
-  opt = optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_lr)}, _labels(theta))
-  opt_state = opt.init(theta)
-  ckey = ('chunk', id(apply_fn), n, dataclasses.astuple(dataclasses.replace(cfg, iters=0, chunk=0, nan_at_iter=0)))
-  if cache is not None and ckey in cache:
-    chunk_jit = cache[ckey]
-  else:
-    chunk_jit = _make_chunk(apply_fn, opt, n, cfg)
-    if cache is not None:
-      cache[ckey] = chunk_jit
+  opt_state = make_optimizer(cfg).init(theta)
+  if chunk_fn is None:
+    chunk_fn = make_chunk(apply_fn, n, cfg, loss_hook)
   t0 = time.perf_counter()
   done, last_loss, last_rec = 0, float('nan'), float('nan')
   while done < total:
     length = min(cfg.chunk, total - done)
-    th, st, bad, bad_it, loss_sum, rec_sum, cnt = chunk_jit(theta, opt_state, key, jnp.int32(done),
-                                                            jnp.int32(length), jnp.float32(total),
-                                                            jnp.int32(cfg.nan_at_iter), aux, list(inputs), targets,
-                                                            steps)
+    th, st, bad, bad_it, loss_sum, rec_sum, cnt = chunk_fn(theta, opt_state, key, jnp.int32(done),
+                                                           jnp.int32(length), jnp.float32(total), aux,
+                                                           list(inputs), targets, steps)
     cnt = int(cnt)
     if bool(bad):
       raise NonFiniteLossError(block, int(bad_it), jax.device_get(th))
@@ -134,25 +147,28 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
 _SCHED_GRID = 1e6
 
 
-def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
-  """The chunk: `length` (traced) iterations of minibatch sampling + Adam steps, as one jitted fori_loop
-  (device loop) or a host loop over one jitted iteration (see `_device_loop`).
+def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable | None = None) -> Callable:
+  """The compiled chunk: `length` (traced) iterations of minibatch sampling + Adam steps over a set of n
+  samples, as one jitted fori_loop (device loop) or a host loop over one jitted iteration (see `_device_loop`).
 
   The total iteration count is traced too (one compile serves the 20k first pass and the 10k PAR rounds): the
-  annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total).
+  annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total). cfg.iters and
+  cfg.chunk do not enter the compiled function.
   """
+  opt = make_optimizer(cfg)
 
-  def loss_fn(th, aux, xb, yb, sb, it, total, nan_at):
+  def loss_fn(th, aux, xb, yb, sb, it, total):
     rec = rec_loss(apply_fn(th, aux, xb, sb), yb)
     b, on = b_schedule(it.astype(jnp.float32) * (_SCHED_GRID / total), _SCHED_GRID, cfg.warmup, cfg.b_start,
                        cfg.b_end)
     loss = rec + cfg.lam * on * _round_reg(th, b)
-    loss = jnp.where(it == nan_at, jnp.nan, loss)          # test hook (nan_at = -1: off)
+    if loss_hook is not None:
+      loss = loss_hook(loss, it)
     return loss, rec
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def make_body(key, start, total, nan_at, aux, inputs, targets, steps):
+  def make_body(key, start, total, aux, inputs, targets, steps):
     def body(i, carry):
       th, st, bad, bad_it, loss_sum, rec_sum, cnt = carry
       it = start + i
@@ -160,7 +176,7 @@ def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
       idx = jax.random.randint(k, (cfg.batch,), 0, n)
       xb = [a[idx] for a in inputs]
       yb = jax.tree.map(lambda a: a[idx], targets)
-      (loss, rec), g = grad_fn(th, aux, xb, yb, steps[idx], it, total, nan_at)
+      (loss, rec), g = grad_fn(th, aux, xb, yb, steps[idx], it, total)
       upd, st2 = opt.update(g, st, th)
       th2 = optax.apply_updates(th, upd)
       ok = jnp.isfinite(loss) & jnp.logical_not(bad) & jax.tree.reduce(
@@ -175,38 +191,37 @@ def _make_chunk(apply_fn, opt, n: int, cfg: ReconConfig):
     return (th, st, jnp.bool_(False), jnp.int32(-1), jnp.float32(0.), jnp.float32(0.), jnp.int32(0))
 
   if _device_loop(cfg.loop):
-    def chunk_fn(th, st, key, start, length, total, nan_at, aux, inputs, targets, steps):
-      body = make_body(key, start, total, nan_at, aux, inputs, targets, steps)
+    def chunk_fn(th, st, key, start, length, total, aux, inputs, targets, steps):
+      body = make_body(key, start, total, aux, inputs, targets, steps)
       return jax.lax.fori_loop(0, length, body, init_carry(th, st))
     return jax.jit(chunk_fn)
 
   step_jit = jax.jit(lambda i, carry, *a: make_body(*a)(i, carry))
 
-  def host_chunk(th, st, key, start, length, total, nan_at, aux, inputs, targets, steps):
+  def host_chunk(th, st, key, start, length, total, aux, inputs, targets, steps):
     carry = init_carry(th, st)
     for i in range(int(length)):
-      carry = step_jit(jnp.int32(i), carry, key, start, total, nan_at, aux, inputs, targets, steps)
+      carry = step_jit(jnp.int32(i), carry, key, start, total, aux, inputs, targets, steps)
     return carry
 
   return host_chunk
 
 
-def eval_loss(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
-              steps: jax.Array, batch: int = 64, max_samples: int = 256, cache: dict | None = None) -> float:
-  """Mean rec_loss over max_samples evenly spaced samples of the set with apply_fn(theta, aux, inputs, steps)."""
+def make_eval(apply_fn: Callable) -> Callable:
+  """Compiled fn(theta, aux, inputs_batch, targets_batch, steps_batch) -> summed rec_loss (for `eval_loss`)."""
+  return jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
+
+
+def eval_loss(eval_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
+              steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
+  """Mean rec_loss over max_samples evenly spaced samples of the set; eval_fn from `make_eval(apply_fn)`."""
   total = int(steps.shape[0])
   n = min(total, max_samples)
   if n > batch:
     n -= n % batch                      # equal batches: one compiled shape
   sel = jnp.asarray(np.linspace(0, total - 1, n).round().astype(np.int32))
-  ekey = ('eval', id(apply_fn))
-  fn = cache.get(ekey) if cache is not None else None
-  if fn is None:
-    fn = jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
-    if cache is not None:
-      cache[ekey] = fn
   tot = 0.0
   for i in range(0, n, batch):
     ix = sel[i:i + batch]
-    tot += float(fn(theta, aux, [a[ix] for a in inputs], jax.tree.map(lambda a: a[ix], targets), steps[ix]))
+    tot += float(eval_fn(theta, aux, [a[ix] for a in inputs], jax.tree.map(lambda a: a[ix], targets), steps[ix]))
   return tot / max(n, 1)

@@ -53,10 +53,10 @@ def test_make_sampler_picks_and_rejects():
 
 
 def test_generate_same_images_either_loop():
-  from tcaq_jax.eval import digits
+  from tcaq_jax.assets import DEMO_UNET_DIR
   from tcaq_jax.eval.sample import generate
   kw = dict(num_samples=4, batch_size=4, steps=4, skip_type='uniform', eta=0.0, seed=2, progress=False)
-  host = generate(digits.DEMO_UNET_DIR, sampler_loop='host', **kw)
-  dev = generate(digits.DEMO_UNET_DIR, sampler_loop='device', **kw)
+  host = generate(DEMO_UNET_DIR, sampler_loop='host', **kw)
+  dev = generate(DEMO_UNET_DIR, sampler_loop='device', **kw)
   assert host.dtype == np.uint8 and host.shape == (4, 16, 16, 1)
   assert np.abs(host.astype(int) - dev.astype(int)).max() <= 1      # uint8 rounding of ~1e-6 float differences

@@ -55,7 +55,7 @@ def _torch_and_flax(config, seed=0, meta_init=False):
   meta_init: build on the meta device (skips torch's default init; the weights are randomised anyway).
   """
   torch = pytest.importorskip('torch')
-  from tests import torch_ref_ldm as ref
+  from tests.models import torch_ref_ldm as ref
   if meta_init:
     with torch.device('meta'):
       tm = ref.UNetModel(**config['unet'])

@@ -120,7 +120,7 @@ _SHARD_SCRIPT = textwrap.dedent('''
   import sys
   import jax, jax.numpy as jnp, numpy as np
   from tcaq_jax.diffusion import DDIMSampler, sampler_coefficients
-  from tcaq_jax.eval.sample import make_eps_fn
+  from tcaq_jax.models import family
   from tcaq_jax.models.configs import build_model
 
   MU, S, AB = 0.3, 0.5, None
@@ -138,7 +138,7 @@ _SHARD_SCRIPT = textwrap.dedent('''
     model = build_model(CFG)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32))['params']
     out = {}
-    for name, fn, steps in (('gauss', gauss_eps, 20), ('unet', make_eps_fn(model, params, CFG), 4)):
+    for name, fn, steps in (('gauss', gauss_eps, 20), ('unet', family.eps_fn(model, params, CFG), 4)):
       sampler = DDIMSampler(fn, sampler_coefficients(CFG, steps, 'uniform', eta=1.0), (8, 8, 1))
       out[name] = np.concatenate([np.asarray(sampler.sample(seed=3, start=s, batch_size=6)['images'])
                                   for s in (0, 6)])
@@ -156,7 +156,7 @@ def test_four_devices_give_the_same_images_as_one(tmp_path):
   env = dict(os.environ)
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
   env['JAX_PLATFORMS'] = 'cpu'
-  env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env['PYTHONPATH'] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   path = tmp_path / 'four.npz'
   res = subprocess.run([sys.executable, '-c', _SHARD_SCRIPT, str(path)], env=env, capture_output=True, text=True,
                        timeout=600)

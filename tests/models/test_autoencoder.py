@@ -15,7 +15,7 @@ from tcaq_jax.models.configs import build_model, get_config
 torch = pytest.importorskip('torch')
 diffusers = pytest.importorskip('diffusers')
 
-from tests import torch_ref_ldm as ref  # noqa: E402
+from tests.models import torch_ref_ldm as ref  # noqa: E402
 
 
 def _diffusers_model(first_stage: dict):

@@ -1,4 +1,4 @@
-"""The calibration pipeline end to end (tcaq_jax/train/calibrate.py) on ddim_tiny with random weights.
+"""The calibration pipeline end to end (tcaq_jax/train/pipeline.py, and the calibrate CLI) on ddim_tiny with random weights.
 
 To stay fast, the policy quantizes three reconstruction units (a ResBlock, the mid attention block with DAQ, an
 up-path ResBlock with the split concat shortcut) and keeps the rest FP; the sampler has 6 steps.
@@ -17,15 +17,17 @@ from tcaq_jax import checkpoint
 from tcaq_jax.diffusion.capture import CalibData
 from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
 from tcaq_jax.quant.apply import quantized_apply
-from tcaq_jax.train import calibrate as C
+from tcaq_jax.diffusion.host_sampler import make_sampler
+from tcaq_jax.quantized import load_quantized
 from tcaq_jax.train import par
+from tcaq_jax.train.pipeline import CalibrationError, Hooks, run
 
 UNITS = ['down_0/block_0', 'mid/attn_1', 'up_0/block_1']
 BASE = dict(model_config='ddim_tiny', num_steps=6, calib_steps=2, calib_samples=4, capture_batch=4,
             forward_batch=8, act_batch=4, iters_scale=0.001, chunk=10, par_rounds=1, png_samples=2,
             eval_units=False, seed=3,
             policy_override=('.*:fp', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8', '^up_0/block_1/:w4a8'))
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -44,15 +46,15 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope='module')
 def full_run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('calib') / 'full')
-  report = C.run(dict(BASE, out_dir=out))
+  report = run(dict(BASE, out_dir=out))
   return out, report
 
 
 def _qstate_arrays(out_dir):
-  qs = C.load_quantized(out_dir).qstate
-  flat = {'step_slot': np.asarray(qs['step_slot'])}
-  for p, st in qs['layers'].items():
-    for n, v in st.items():
+  qs = load_quantized(out_dir).qstate
+  flat = {'step_slot': np.asarray(qs.step_slot)}
+  for p, st in qs.layers.items():
+    for n, v in st.set_fields().items():
       flat[f'{p}:{n}'] = np.asarray(v)
   return flat
 
@@ -68,14 +70,14 @@ def test_full_run_report_checkpoint_and_outputs(full_run):
   assert os.path.isfile(os.path.join(out, 'report.json')) and os.path.isfile(os.path.join(out, 'samples.png'))
   meta = checkpoint.restore(out)['meta']
   assert meta['progress']['done'] and meta['config']['w_bits'] == 4
-  q = C.load_quantized(out)
+  q = load_quantized(out)
   model, params, qstate, policy, eps_fn = q
   # TCR ratios (>= 1 for the min target), per-step activation scales [K=2 slots, S], DAQ choice per slot.
-  st = qstate['layers']['down_0/block_0/conv1']
-  assert np.all(np.asarray(st['r']) >= 1.0) and st['a_scale'].shape == (2, 1)
-  assert qstate['layers']['up_0/block_1/nin_shortcut']['a_scale'].shape == (2, 2)
-  assert qstate['layers']['mid/attn_1/attn_probs']['use_log2'].shape == (2,)
-  assert 'conv_out' not in qstate['layers'] and policy.layers['conv_out'].w_bits is None
+  st = qstate.layers['down_0/block_0/conv1']
+  assert np.all(np.asarray(st.r) >= 1.0) and st.a_scale.shape == (2, 1)
+  assert qstate.layers['up_0/block_1/nin_shortcut'].a_scale.shape == (2, 2)
+  assert qstate.layers['mid/attn_1/attn_probs'].use_log2.shape == (2,)
+  assert 'conv_out' not in qstate.layers and policy.layers['conv_out'].w_bits is None
   # eps_fn == quantized_apply with hard rounding (independently assembled call)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
   t = jnp.asarray([500, 500], jnp.int32)
@@ -88,11 +90,18 @@ def test_full_run_report_checkpoint_and_outputs(full_run):
 def test_resume_after_interrupt_gives_the_same_result(full_run, tmp_path):
   ref_dir, _ = full_run
   out = str(tmp_path / 'resumed')
-  with pytest.raises(C._StopForTest):
-    C.run(dict(BASE, out_dir=out, debug_stop_after_unit=1))
+  class Killed(Exception):
+    pass
+
+  def kill_after_unit_1(state):        # as if the process died right after unit 1's checkpoint
+    if (state.progress.round, state.progress.next_unit) == (0, 2):
+      raise Killed()
+
+  with pytest.raises(Killed):
+    run(dict(BASE, out_dir=out), hooks=Hooks(after_save=kill_after_unit_1))
   prog = checkpoint.restore(out)['meta']['progress']
   assert (prog['round'], prog['next_unit'], prog['done']) == (0, 2, False)
-  report = C.run(dict(BASE, out_dir=out))
+  report = run(dict(BASE, out_dir=out))
   assert report['resumed'] == [{'round': 0, 'unit': 2}]
   assert [u['unit'] for u in report['units']] == UNITS * 2
   a, b = _qstate_arrays(ref_dir), _qstate_arrays(out)
@@ -103,21 +112,22 @@ def test_resume_after_interrupt_gives_the_same_result(full_run, tmp_path):
 
 def test_incompatible_flags_on_resume_are_refused(full_run):
   out, _ = full_run
-  with pytest.raises(C.CalibrationError, match='--w_bits=4'):
-    C.run(dict(BASE, out_dir=out, w_bits=8))
+  with pytest.raises(CalibrationError, match='--w_bits=4'):
+    run(dict(BASE, out_dir=out, w_bits=8))
 
 
 def test_nan_in_a_block_loss_stops_with_a_named_error_and_keeps_state(tmp_path):
   out = str(tmp_path / 'nan')
   cfg = dict(BASE, out_dir=out, par_rounds=0)
-  with pytest.raises(C.CalibrationError, match=r"'mid/attn_1' at iteration 3.*unit 1"):
-    C.run(dict(cfg, debug_nan_unit=1, debug_nan_iter=3))
+  nan_hook = lambda loss, it: jnp.where(it == 3, jnp.nan, loss)
+  with pytest.raises(CalibrationError, match=r"'mid/attn_1' at iteration 3.*unit 1"):
+    run(cfg, hooks=Hooks(loss_hook=lambda rnd, k: nan_hook if (rnd, k) == (0, 1) else None))
   ck = checkpoint.restore(out)
   assert ck['meta']['progress']['next_unit'] == 1 and not ck['meta']['progress']['done']
   leaves = jax.tree.leaves(ck['qstate'])
   assert leaves and all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
   # fixing the cause (no hook) and re-running resumes at that block and finishes
-  report = C.run(cfg)
+  report = run(cfg)
   assert report['resumed'] == [{'round': 0, 'unit': 1}]
   assert checkpoint.restore(out)['meta']['progress']['done']
 
@@ -130,10 +140,10 @@ def test_par_recapture_differs_from_fp_and_comes_from_the_quantized_model(full_r
   np.testing.assert_array_equal(d1.x[0], d0.x[0])                   # same x_T (same seeds)
   assert float(np.mean((np.asarray(d1.x[1]) - np.asarray(d0.x[1])) ** 2)) > 1e-8
   # recapture with a quantized model == that model's own DDIM trajectory (sampled independently, all steps)
-  q = C.load_quantized(out)
+  q = load_quantized(out)
   coeffs = sampler_coefficients(q.config, 6, 'quad', 0.0)
   # host-loop sampler (CPU default) here, the lax.scan DDIMSampler for the reference trajectory
-  factory = lambda eps: C._TupleRecord(par.make_sampler(eps, coeffs, (16, 16, 3), loop='host'))
+  factory = lambda eps: make_sampler(eps, coeffs, (16, 16, 3), loop='host')
   rec = par.recapture(factory, q.eps_fn, str(tmp_path / 'rc'), num_samples=4, num_select=2, seed=3, batch_size=4)
   traj = np.asarray(DDIMSampler(q.eps_fn, coeffs, (16, 16, 3)).sample(3, 0, 4, record='all')['recorded'])
   np.testing.assert_allclose(np.asarray(rec.x), traj[[0, 5]], rtol=1e-5, atol=1e-5)
@@ -142,11 +152,11 @@ def test_par_recapture_differs_from_fp_and_comes_from_the_quantized_model(full_r
 
 
 def test_minmax_method_has_no_reconstruction(tmp_path):
-  report = C.run(dict(BASE, out_dir=str(tmp_path / 'mm'), method='minmax', w_bits=8, a_bits=8))
+  report = run(dict(BASE, out_dir=str(tmp_path / 'mm'), method='minmax', w_bits=8, a_bits=8))
   assert report['units'] == [] and report['components']['tcr'] is False
-  q = C.load_quantized(str(tmp_path / 'mm'))
-  assert all('alpha' not in st for st in q.qstate['layers'].values())
-  assert q.qstate['layers']['down_0/block_0/conv1']['a_scale'].shape == (1, 1)       # one scale for all steps
+  q = load_quantized(str(tmp_path / 'mm'))
+  assert all(st.alpha is None for st in q.qstate.layers.values())
+  assert q.qstate.layers['down_0/block_0/conv1'].a_scale.shape == (1, 1)       # one scale for all steps
 
 
 @pytest.mark.slow
@@ -172,4 +182,4 @@ def test_cifar10_w4a8_flagfile_end_to_end_random_weights(tmp_path):
   ckpt = checkpoint.restore(out)
   assert ckpt['meta']['progress']['done']
   qs = ckpt['qstate']['layers']
-  assert np.asarray(qs['up_3']['block_0']['nin_shortcut']['__state__']['a_scale']).shape == (2, 2)   # 2 slots x split
+  assert np.asarray(qs['up_3.block_0.nin_shortcut']['a_scale']).shape == (2, 2)   # 2 slots x split

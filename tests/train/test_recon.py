@@ -11,6 +11,8 @@ import pytest
 from tcaq_jax.models.configs import build_model, get_config
 from tcaq_jax.quant import apply as A
 from tcaq_jax.quant import policy as P
+from tcaq_jax.models import family
+from tcaq_jax.quant.state import LayerQState, QState, merge_layers
 from tcaq_jax.train import act_search, blocks, init as qinit, recon
 
 UNIT = 'down_0/block_0'
@@ -34,28 +36,32 @@ def block_setup():
   layers = qinit.init_weights(params, pol, {}, 'lp', adaround=True)
   acts = act_search.search_act_scales(fp, pol, layers, (x, t, steps, cond), sid, k, batch=12, consts=params)
   assert set(acts) == {f'{UNIT}/conv1', f'{UNIT}/temb_proj', f'{UNIT}/conv2'}
-  for p, st in acts.items():
-    layers.setdefault(p, {}).update(st)
-  qs = {'step_slot': jnp.asarray(step_slot), 'layers': layers}
+  qs = QState(jnp.asarray(step_slot), merge_layers(layers, acts))
   qf = lambda c, x, t, s, cc: A.quantized_apply(model, {'params': c[0]}, c[1], pol, x, t, step_index=s)
-  unit = next(u for u in blocks.find_units(model, {'params': params}, (x[:1], t[:1]), {}, pol, 'ddim')
+  unit = next(u for u in blocks.find_units(model, {'params': params}, (x[:1], t[:1]), {}, pol,
+                                           family.block_class_regex(get_config('ddim_tiny')))
               if u.path == UNIT)
-  io = blocks.capture_unit_io(UNIT, (x, t, steps, cond), 16, in_forward=qf, in_consts=(params, qs),
-                              out_forward=fp, out_consts=params)
+  io = blocks.capture_unit_io(blocks.make_io_capture(UNIT, in_forward=qf, out_forward=fp), (x, t, steps, cond), 16,
+                              in_consts=(params, qs), out_consts=params)
   soft = blocks.unit_apply_fn(model, pol, unit, io, 'soft')
   return model, params, pol, qs, unit, io, jnp.asarray(steps), soft
 
 
-CACHE = {}     # one compiled chunk for every reconstruct call below (same apply_fn, batch and data size)
+CHUNKS = {}    # one compiled chunk per (iters, chunk) setting below: make_chunk ignores both, so any would do
+
+
+def chunk_fn(soft, cfg, hook=None):
+  if hook is not None:
+    return recon.make_chunk(soft, 32, cfg, hook)
+  if 'fn' not in CHUNKS:
+    CHUNKS['fn'] = recon.make_chunk(soft, 32, cfg)
+  return CHUNKS['fn']
 
 
 def block_mse(model, params, pol, qs, unit, io, steps, theta):
   """NumPy MSE between the hard-rounded quantized block and the FP block output."""
-  layers = dict(qs['layers'])
-  for p, th in theta.items():
-    layers[p] = {**layers[p], **th}
   args, kwargs = io.rebuild(io.leaves)
-  out = A.quantized_apply(model, {'params': params}, {'step_slot': qs['step_slot'], 'layers': layers}, pol, *args,
+  out = A.quantized_apply(model, {'params': params}, qs.merge(theta), pol, *args,
                           step_index=steps, weight_mode='hard', method=A.block_method(unit.path), **kwargs)
   return float(np.mean((np.asarray(out, np.float64) - np.asarray(io.output, np.float64)) ** 2))
 
@@ -63,37 +69,38 @@ def block_mse(model, params, pol, qs, unit, io, steps, theta):
 def test_reconstruction_lowers_block_mse(block_setup):
   model, params, pol, qs, unit, io, steps, soft = block_setup
   assert unit.layers == (f'{UNIT}/conv1', f'{UNIT}/temb_proj', f'{UNIT}/conv2')
-  theta0 = {p: {'alpha': qs['layers'][p]['alpha']} for p in unit.layers}
+  theta0 = {p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers}
   before = block_mse(model, params, pol, qs, unit, io, steps, theta0)
   cfg = recon.ReconConfig(iters=200, batch=16, chunk=200)
   theta, stats = recon.reconstruct(soft, theta0, blocks.unit_aux(params, qs, unit), io.leaves, io.output, steps,
-                                   cfg, jax.random.PRNGKey(0), block=UNIT, cache=CACHE)
+                                   cfg, jax.random.PRNGKey(0), block=UNIT, chunk_fn=chunk_fn(soft, cfg))
   after = block_mse(model, params, pol, qs, unit, io, steps, theta)
   assert stats['iters'] == 200 and np.isfinite(stats['final_rec'])
   assert after < 0.9 * before, (before, after)
   # the rounding regulariser pushed h towards 0/1: more h near an integer than at init (h = residual).
   from tcaq_jax.quant.adaround import soft_rounding
   near = lambda th: np.mean(np.concatenate(
-      [np.minimum(h, 1. - h).ravel() < 0.1 for h in (np.asarray(soft_rounding(t['alpha'])) for t in th.values())]))
+      [np.minimum(h, 1. - h).ravel() < 0.1 for h in (np.asarray(soft_rounding(t.alpha)) for t in th.values())]))
   assert near(theta) > near(theta0) + 0.1
 
 
 def test_nan_loss_stops_the_block_and_keeps_last_good_state(block_setup):
   model, params, pol, qs, unit, io, steps, soft = block_setup
-  theta0 = {p: {'alpha': qs['layers'][p]['alpha']} for p in unit.layers}
-  cfg = recon.ReconConfig(iters=40, batch=16, chunk=20, nan_at_iter=27)
+  theta0 = {p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers}
+  cfg = recon.ReconConfig(iters=40, batch=16, chunk=20)
+  nan_at_27 = lambda loss, it: jnp.where(it == 27, jnp.nan, loss)      # the test's hook, not production code
   with pytest.raises(recon.NonFiniteLossError, match=f"'{UNIT}' at iteration 27") as ei:
     recon.reconstruct(soft, theta0, blocks.unit_aux(params, qs, unit), io.leaves, io.output, steps, cfg,
-                      jax.random.PRNGKey(0), block=UNIT, cache=CACHE)
+                      jax.random.PRNGKey(0), block=UNIT, loss_hook=nan_at_27)
   err = ei.value
   assert err.block == UNIT and err.iteration == 27
   good = err.last_good
-  assert all(np.all(np.isfinite(np.asarray(th['alpha']))) for th in good.values())
+  assert all(np.all(np.isfinite(np.asarray(th.alpha))) for th in good.values())
   # the last good state is the one after iteration 26: equal to the first 27 iterations of a clean run.
   ref = _theta_after(soft, theta0, blocks.unit_aux(params, qs, unit), io, steps,
                      recon.ReconConfig(iters=40, batch=16, chunk=27))
   for p in good:
-    np.testing.assert_allclose(np.asarray(good[p]['alpha']), np.asarray(ref[p]['alpha']), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(good[p].alpha), np.asarray(ref[p].alpha), rtol=1e-5, atol=1e-6)
 
 
 def _theta_after(apply_fn, theta, aux, io, steps, cfg):
@@ -109,7 +116,7 @@ def _theta_after(apply_fn, theta, aux, io, steps, cfg):
 
   with pytest.raises(Stop):
     recon.reconstruct(apply_fn, theta, aux, io.leaves, io.output, steps, cfg, jax.random.PRNGKey(0), block=UNIT,
-                      progress=progress, cache=CACHE)
+                      progress=progress, chunk_fn=chunk_fn(apply_fn, cfg))
   return seen['theta']
 
 
@@ -121,5 +128,5 @@ def test_packed_weight_init_equals_per_layer_lp_search(block_setup):
   for path in ('conv_in', 'temb/dense_0', 'down_1/block_0/conv1', 'up_1/block_0/nin_shortcut'):
     w = qinit.get_kernel(params, path)
     s, z = lp_search_params(w, 3, channel_axis=-1, p=2.4, n_candidates=80)
-    np.testing.assert_allclose(np.asarray(qs['layers'][path]['w_scale']), np.asarray(s), rtol=1e-6, err_msg=path)
-    np.testing.assert_array_equal(np.asarray(qs['layers'][path]['w_zero']), np.asarray(z), err_msg=path)
+    np.testing.assert_allclose(np.asarray(qs.layers[path].w_scale), np.asarray(s), rtol=1e-6, err_msg=path)
+    np.testing.assert_array_equal(np.asarray(qs.layers[path].w_zero), np.asarray(z), err_msg=path)

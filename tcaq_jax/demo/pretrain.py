@@ -1,6 +1,6 @@
 """Trains the demo DDIM UNet (config ddim_digits) on scikit-learn's digits at 16x16.
 
-  python -m tcaq_jax.train.pretrain --out_dir tcaq_jax/assets/demo_unet --steps 2000
+  python -m tcaq_jax.demo.pretrain --out_dir tcaq_jax/assets/demo_unet --steps 2000
 
 eps-prediction MSE at uniform t in [0, T) (antithetic pairs t, T-1-t as in the DDIM repo), Adam with warmup and
 cosine decay, global-norm clipping, an EMA of the params (what ships), one jitted train step. A run directory
@@ -20,8 +20,9 @@ import optax
 from absl import app, flags, logging
 
 from tcaq_jax import checkpoint
+from tcaq_jax.assets import DEMO_UNET_DIR
+from tcaq_jax.demo.data import load_digits_16
 from tcaq_jax.diffusion.schedules import schedule_from_config
-from tcaq_jax.eval.digits import DEMO_UNET_DIR, load_digits_16
 from tcaq_jax.models.configs import build_model, get_config
 
 flags.DEFINE_string('config', 'ddim_digits', 'model config name')

@@ -13,6 +13,8 @@ import pytest
 from tcaq_jax.models.qpoint import QuantPoint
 from tcaq_jax.quant import apply as A
 from tcaq_jax.quant import policy as P
+from tcaq_jax.quant import state as S
+from tcaq_jax.quant.state import LayerQState, QState
 
 
 class Skip(nn.Module):
@@ -82,12 +84,12 @@ def setup():
                 'log2_delta': jnp.asarray([1., 0.5, 1.]), 'use_log2': jnp.asarray([1., 0., 1.])},
   }
   step_slot = jnp.asarray([0, 0, 1, 1, 2], jnp.int32)     # 5 sampler steps -> 3 slots
-  return model, params, pol, {'step_slot': step_slot, 'layers': layers}, x
+  return model, params, pol, QState(step_slot, {p: LayerQState(**st) for p, st in layers.items()}), x
 
 
 def reference(params, qs, x, slots):
   """Float64 NumPy forward of Toy with every quantizer; slots: [B] slot of each sample."""
-  L = {p: {n: np.asarray(v, np.float64) for n, v in st.items()} for p, st in qs['layers'].items()}
+  L = {p: {n: np.asarray(v, np.float64) for n, v in st.set_fields().items()} for p, st in qs.layers.items()}
   x = np.asarray(x, np.float64)
   b = x.shape[0]
   col = lambda v: v.reshape(b, 1, 1, 1)
@@ -126,7 +128,7 @@ def test_policy_of_toy(setup):
 def test_quantized_apply_matches_numpy_per_sample_steps(setup, steps):
   model, params, pol, qs, x = setup
   got = A.quantized_apply(model, {'params': params}, qs, pol, x, step_index=jnp.asarray(steps, jnp.int32))
-  slots = np.asarray(qs['step_slot'])[steps]
+  slots = np.asarray(qs.step_slot)[steps]
   np.testing.assert_allclose(np.asarray(got), reference(params, qs, x, slots), rtol=2e-4, atol=2e-4)
 
 
@@ -134,7 +136,7 @@ def test_scalar_step_index_uses_one_slot_for_the_batch(setup):
   model, params, pol, qs, x = setup
   f = jax.jit(lambda s: A.quantized_apply(model, {'params': params}, qs, pol, x, step_index=s))
   for step in (1, 3):
-    slot = int(qs['step_slot'][step])
+    slot = int(qs.step_slot[step])
     np.testing.assert_allclose(np.asarray(f(jnp.int32(step))), reference(params, qs, x, np.array([slot, slot])),
                                rtol=2e-4, atol=2e-4)
 
@@ -151,12 +153,10 @@ def test_adaround_soft_hard_and_nearest_weights(setup):
   w = np.asarray(params['fc']['kernel'], np.float64) * np.array([1., 2., 3.])[:, None]
   v = w / 0.1
   frac = v - np.floor(v)
-  layers = dict(qs['layers'])
   # alpha with h(alpha) = frac -> soft weights are the unquantized ones (inside the range); hard = round-up
   # where alpha >= 0 (frac >= 0.5 up to the sigmoid/clip boundary).
   alpha = -np.log(1.2 / (frac + 0.1) - 1.)
-  layers['fc'] = {**layers['fc'], 'alpha': jnp.asarray(alpha, jnp.float32)}
-  q2 = {'step_slot': qs['step_slot'], 'layers': layers}
+  q2 = qs.merge({'fc': {'alpha': jnp.asarray(alpha, jnp.float32)}})
   soft = np.asarray(A.quantize_weights(params, q2, pol, 'soft')['fc']['kernel'])
   hard = np.asarray(A.quantize_weights(params, q2, pol, 'hard')['fc']['kernel'])
   near = np.asarray(A.quantize_weights(params, q2, pol, 'nearest')['fc']['kernel'])
@@ -176,13 +176,10 @@ def test_grad_flows_to_alpha_and_learned_act_scale(setup):
   alpha = jnp.zeros_like(params['fc']['kernel'])
 
   def loss(th):
-    layers = dict(qs['layers'])
-    layers['fc'] = {**layers['fc'], **th}
-    out = A.quantized_apply(model, {'params': params}, {'step_slot': qs['step_slot'], 'layers': layers}, pol, x,
-                            step_index=jnp.asarray([0, 4]), weight_mode='soft', learn_act_scale=True)
+    out = A.quantized_apply(model, {'params': params}, qs.merge({'fc': th}), pol, x, step_index=jnp.asarray([0, 4]), weight_mode='soft', learn_act_scale=True)
     return jnp.sum(out ** 2)
 
-  g = jax.grad(loss)({'alpha': alpha, 'a_scale': qs['layers']['fc']['a_scale']})
+  g = jax.grad(loss)({'alpha': alpha, 'a_scale': qs.layers['fc'].a_scale})
   assert float(jnp.abs(g['alpha']).sum()) > 0
   ga = np.asarray(g['a_scale'])
   assert ga[0, 0] != 0 and ga[2, 0] != 0 and ga[1, 0] == 0       # only the slots used by the batch (0 and 2)
@@ -201,17 +198,39 @@ def test_submodule_by_path_runs_a_block_alone(setup):
 
 def test_missing_state_is_a_named_error(setup):
   model, params, pol, qs, x = setup
-  layers = dict(qs['layers'])
+  layers = dict(qs.layers)
   del layers['qk']
   with pytest.raises(A.ApplyError, match="'qk'"):
-    A.quantized_apply(model, {'params': params}, {'step_slot': qs['step_slot'], 'layers': layers}, pol, x,
-                      step_index=0)
+    A.quantized_apply(model, {'params': params}, qs.replace(layers=layers), pol, x, step_index=0)
 
 
-def test_qstate_tree_round_trip(setup):
+def test_qstate_tree_round_trip_and_merge(setup):
   _, _, _, qs, _ = setup
-  back = A.qstate_from_tree(A.qstate_to_tree(qs))
-  assert set(back['layers']) == set(qs['layers'])
-  for p, st in qs['layers'].items():
-    for n, v in st.items():
-      np.testing.assert_array_equal(back['layers'][p][n], v)
+  back = S.from_tree(S.to_tree(qs))
+  assert set(back.layers) == set(qs.layers)
+  for p, st in qs.layers.items():
+    assert set(back.layers[p].set_fields()) == set(st.set_fields())
+    for n, v in st.set_fields().items():
+      np.testing.assert_array_equal(getattr(back.layers[p], n), v)
+  # merge: set fields override, unset ones are kept, new paths are added
+  m = qs.merge({'fc': {'w_zero': jnp.zeros((1, 3))}, 'new': LayerQState(r=jnp.ones(2))})
+  np.testing.assert_array_equal(m.layers['fc'].w_zero, np.zeros((1, 3)))
+  np.testing.assert_array_equal(m.layers['fc'].a_scale, qs.layers['fc'].a_scale)
+  assert set(m.layers['new'].set_fields()) == {'r'}
+  with pytest.raises(KeyError, match='nope'):
+    qs.merge({'fc': {'nope': jnp.ones(1)}})
+
+
+def test_qstate_reads_the_earlier_nested_layout(setup):
+  """Run dirs written before the typed state nest the module path and keep the fields under '__state__'."""
+  _, _, _, qs, _ = setup
+  old = {'step_slot': np.asarray(qs.step_slot), 'layers': {}}
+  for path, st in qs.layers.items():
+    node = old['layers']
+    for seg in path.split('/'):
+      node = node.setdefault(seg, {})
+    node['__state__'] = {n: np.asarray(v) for n, v in st.set_fields().items()}
+  back = S.from_tree(old)
+  assert set(back.layers) == set(qs.layers)
+  np.testing.assert_array_equal(back.layers['blocks_0/nin_shortcut'].a_scale,
+                                qs.layers['blocks_0/nin_shortcut'].a_scale)

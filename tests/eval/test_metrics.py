@@ -189,16 +189,16 @@ def test_evaluate_streams_and_matches_direct_computation(tmp_path):
 def test_digits_feature_plugs_into_the_pipeline(tmp_path):
   import jax
   from tcaq_jax import checkpoint
-  from tcaq_jax.eval import digits
-  model = digits.DigitClassifier(digits.CLASSIFIER_CONFIG)
+  from tcaq_jax.demo.classifier import CLASSIFIER_CONFIG, DigitClassifier, classify
+  model = DigitClassifier(CLASSIFIER_CONFIG)
   params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1), np.float32))['params']
-  checkpoint.save_model_dir(str(tmp_path / 'clf'), params, digits.CLASSIFIER_CONFIG)
+  checkpoint.save_model_dir(str(tmp_path / 'clf'), params, CLASSIFIER_CONFIG)
   fn = fid_lib.make_feature_fn('digits', digits_dir=str(tmp_path / 'clf'))
   rng = np.random.default_rng(9)
   grey = rng.integers(0, 256, size=(21, 16, 16), dtype=np.uint8)
   stats = fid_lib.extract(fn, fid_lib.open_images(_write_npz(tmp_path / 'd.npz', grey)), batch_size=8,
                           keep_features=True, progress=False)
-  want, _ = digits.classify(model, params, grey[..., None])
+  want, _ = classify(model, params, grey[..., None])
   np.testing.assert_allclose(stats.features(), want, rtol=1e-5, atol=1e-5)
 
 

@@ -1,19 +1,18 @@
-"""The demo's data and feature network: scikit-learn's bundled 8x8 digits at 16x16, and a small Flax CNN.
+"""The demo's feature network: a small Flax CNN on the 16x16 digits (data: `tcaq_jax.demo.data`).
 
 The classifier's penultimate layer (64-d) is the demo's FID feature space; its softmax gives the
 "classifier confidence" quality check.
 
-  images, labels = load_digits_16()               # [1797, 16, 16, 1] float32 in [-1, 1], [1797] int32
+  images, labels = load_digits_16()               # tcaq_jax.demo.data
   clf, params = load_classifier()                 # the shipped tcaq_jax/assets/digit_classifier
   feats, probs = classify(clf, params, images)    # [N, 64], [N, 10]
 
 Train it (the command that made the shipped asset is in tcaq_jax/assets/README.md), or score samples:
-  python -m tcaq_jax.eval.digits --out_dir tcaq_jax/assets/digit_classifier
-  python -m tcaq_jax.eval.digits --evaluate samples/demo/samples_1000x16x16x1.npz
+  python -m tcaq_jax.demo.classifier --out_dir tcaq_jax/assets/digit_classifier
+  python -m tcaq_jax.demo.classifier --evaluate samples/demo/samples_1000x16x16x1.npz
 """
 from __future__ import annotations
 
-import os
 import time
 
 import flax.linen as nn
@@ -22,31 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ['ASSETS', 'DEMO_UNET_DIR', 'CLASSIFIER_DIR', 'CLASSIFIER_CONFIG', 'load_digits_16', 'DigitClassifier',
-           'load_classifier', 'classify', 'train_classifier', 'from_uint8', 'demo_quality']
+from tcaq_jax.assets import CLASSIFIER_DIR
+from tcaq_jax.demo.data import from_uint8, load_digits_16
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets')
-DEMO_UNET_DIR = os.path.join(ASSETS, 'demo_unet')
-CLASSIFIER_DIR = os.path.join(ASSETS, 'digit_classifier')
+__all__ = ['CLASSIFIER_CONFIG', 'DigitClassifier', 'load_classifier', 'classify', 'train_classifier',
+           'demo_quality']
+
 CLASSIFIER_CONFIG = {'family': 'digit_classifier', 'name': 'digit_classifier', 'resolution': 16,
                      'features': [32, 64], 'hidden': 64, 'num_classes': 10}
-
-
-def load_digits_16() -> tuple[np.ndarray, np.ndarray]:
-  """sklearn's digits (no download), 8x8 in 0..16, bilinearly upsampled to 16x16 and scaled to [-1, 1].
-
-  Returns images [1797, 16, 16, 1] float32 and labels [1797] int32.
-  """
-  from sklearn.datasets import load_digits
-  d = load_digits()
-  x = d.images.astype(np.float32) / 16.0                      # [N, 8, 8] in [0, 1]
-  x = jax.image.resize(jnp.asarray(x), (x.shape[0], 16, 16), method='linear')
-  x = np.clip(np.asarray(x) * 2.0 - 1.0, -1.0, 1.0)[..., None]
-  return x.astype(np.float32), d.target.astype(np.int32)
-
-
-def from_uint8(x) -> np.ndarray:
-  return np.asarray(x, np.float32) / 127.5 - 1.0
 
 
 class DigitClassifier(nn.Module):

@@ -17,7 +17,7 @@ from tcaq_jax.models import configs, load, torch_pickle
 from tcaq_jax.models.convert import REPORT_NAME, ConversionError, abstract_params, config_from_yaml, \
     convert_checkpoint, write_model_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _torch_key(path):
@@ -105,7 +105,7 @@ class ModelCheckpoint:  # stands in for pytorch_lightning's callback object insi
 
 
 def _ldm_lightning_file(torch, tmp_path, cfg):
-  from tests import torch_ref_ldm as ref
+  from tests.models import torch_ref_ldm as ref
   torch.manual_seed(0)
   unet = ref.randomize_(ref.UNetModel(**cfg['unet']).eval(), seed=0)
   raw = {f'model.diffusion_model.{k}': v.clone() for k, v in unet.state_dict().items()}

@@ -58,11 +58,11 @@ def test_incomplete_capture_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_demo_capture_256x20_is_one_sampling_pass(tmp_path):
-  from tcaq_jax.eval.digits import DEMO_UNET_DIR
-  from tcaq_jax.eval.sample import load_model, make_eps_fn
+  from tcaq_jax.assets import DEMO_UNET_DIR
+  from tcaq_jax.models import family
   from tcaq_jax.models.configs import build_model, get_config
   if os.path.isfile(os.path.join(DEMO_UNET_DIR, 'config.json')):
-    model, params, config = load_model(DEMO_UNET_DIR)
+    model, params, config = family.load(DEMO_UNET_DIR)
   else:  # before the asset exists: same architecture, random weights
     config = get_config('ddim_digits')
     model = build_model(config)
@@ -73,7 +73,7 @@ def test_demo_capture_256x20_is_one_sampling_pass(tmp_path):
     jax.debug.callback(lambda step: calls.append(int(step)), i)
     return inner(x, t, i, cond)
 
-  eps_fn = Partial(counted, make_eps_fn(model, params, config))
+  eps_fn = Partial(counted, family.eps_fn(model, params, config))
   sampler = DDIMSampler(eps_fn, sampler_coefficients(config, 20, 'uniform', 0.0), (16, 16, 1))
   passes = []
   orig = sampler.sample

@@ -1,0 +1,62 @@
+"""What every entry point shares: one-line errors instead of tracebacks, and `--debug` to get the traceback back.
+
+  if __name__ == '__main__':
+    define_flags()
+    cli.run(main)                  # instead of absl.app.run(main)
+
+An error the project raises on purpose (any exception class defined in a tcaq_jax module, e.g. CheckpointError,
+ConfigError, FidError) or a file-system error (missing file, permission denied, ...) is printed as one line
+`error: <message>` on stderr and the process exits with status 2; `--debug` re-raises it with its traceback.
+Extra positional arguments are refused (a misspelt flag such as `-out_dir x` would otherwise be ignored).
+`--help` / `--helpfull` exit with status 0.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from absl import app, flags
+
+__all__ = ['EXIT_ERROR', 'is_project_error', 'one_line', 'run']
+
+EXIT_ERROR = 2
+_FS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_project_error(e: BaseException) -> bool:
+  """True for exceptions the project raises on purpose (classes defined under tcaq_jax) and file errors."""
+  return isinstance(e, _FS_ERRORS) or any(c.__module__.startswith('tcaq_jax') for c in type(e).__mro__)
+
+
+def one_line(e: BaseException) -> str:
+  msg = ' '.join(str(e).split()) or type(e).__name__
+  return f'error: {msg}'
+
+
+def _define_debug():
+  if 'debug' not in flags.FLAGS:
+    flags.DEFINE_bool('debug', False, 'on an error, print the full traceback instead of one line')
+
+
+def run(main: Callable[[list], None]) -> None:
+  """absl.app.run(main) with the error handling above."""
+  _define_debug()
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected positional arguments {argv[1:]} (flags are --name=value)')
+    try:
+      return main(argv)
+    except Exception as e:  # noqa: BLE001  (filtered right below)
+      if flags.FLAGS.debug or not is_project_error(e):
+        raise
+      print(one_line(e), file=sys.stderr)
+      sys.exit(EXIT_ERROR)
+
+  if any(a in ('--help', '-help', '--helpfull', '-helpfull', '-h', '--helpshort') for a in sys.argv[1:]):
+    try:
+      app.run(wrapped)
+    except SystemExit as e:
+      sys.exit(0 if e.code in (0, 1, None) else e.code)
+    return
+  app.run(wrapped)

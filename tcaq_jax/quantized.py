@@ -1,0 +1,79 @@
+"""A quantized model: its eps_fn for the sampler, and loading one from a calibration run dir.
+
+Below both `train/` (which writes run dirs) and `eval/` (which samples from them):
+  q = load_quantized('runs/calib/demo_tcaq_w4a8')     # latest checkpoint of a `tcaq_jax.train.calibrate` run
+  model, params, qstate, policy, eps_fn = q            # also q.config (model config) and q.meta
+  eps = quant_eps_fn(model, params, qstate, policy, config)   # eps_fn(x, t, step_index, cond), hard rounding
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.tree_util import Partial
+
+from tcaq_jax import checkpoint
+from tcaq_jax.models import configs, family
+from tcaq_jax.quant.apply import quantized_apply
+from tcaq_jax.quant.policy import Policy
+from tcaq_jax.quant.state import QState, from_tree
+
+__all__ = ['RunDirError', 'QuantizedModel', 'quant_forward', 'quant_eps_fn', 'load_quantized']
+
+
+class RunDirError(checkpoint.CheckpointError):
+  """A directory is not (or not yet) a calibration output."""
+
+
+def _q_eps(model, policy, cond_kw, params, qstate, x, t, step_index, cond):
+  return quantized_apply(model, {'params': params}, qstate, policy, x, t, step_index=step_index,
+                         weight_mode='hard', **({'y': cond} if cond_kw else {}))
+
+
+def quant_forward(model, policy, config: dict):
+  """fwd((params, qstate), x, t, step_index, cond) -> eps of the quantized model (hard rounding)."""
+  fn = functools.partial(_q_eps, model, policy, family.has_cond(config))
+  return lambda consts, x, t, s, c: fn(consts[0], consts[1], x, t, s, c)
+
+
+def quant_eps_fn(model, params, qstate: QState, policy, config: dict) -> Partial:
+  """eps_fn(x, t, step_index, cond) of the quantized model (hard rounding) for the DDIM sampler; params and
+  qstate are the Partial's traced leaves."""
+  return Partial(functools.partial(_q_eps, model, policy, family.has_cond(config)), params, qstate)
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+  model: Any
+  params: Any
+  qstate: QState
+  policy: Policy
+  eps_fn: Partial
+  config: dict
+  meta: dict
+
+  def __iter__(self):
+    return iter((self.model, self.params, self.qstate, self.policy, self.eps_fn))
+
+
+def load_quantized(out_dir: str) -> QuantizedModel:
+  """Rebuilds a calibrated model from its run dir (latest checkpoint): unpacks as
+  (model, params, qstate, policy, eps_fn); also has .config (model config) and .meta."""
+  ck = checkpoint.restore(out_dir)
+  meta = ck['meta'] or {}
+  if 'model_config' not in meta or 'policy' not in meta or ck['qstate'] is None:
+    raise RunDirError(f'{out_dir!r} is not a calibration output (no model_config / policy / qstate)')
+  mconfig = meta['model_config']
+  model = configs.build_model(mconfig)
+  params = jax.tree.map(jnp.asarray, ck['params'])
+  qstate = from_tree(ck['qstate'])
+  policy = Policy.from_dict(meta['policy'])
+  eps_fn = quant_eps_fn(model, params, qstate, policy, mconfig)
+  if not meta.get('progress', {}).get('done'):
+    logging.warning('%s: calibration not finished (progress %s); using its latest state', out_dir,
+                    meta.get('progress'))
+  return QuantizedModel(model, params, qstate, policy, eps_fn, mconfig, meta)

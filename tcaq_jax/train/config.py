@@ -1,0 +1,239 @@
+"""The calibration config: one typed, frozen dataclass, resolved once (method defaults applied), with every
+field's help text in its definition (so `python -m tcaq_jax.train.calibrate --help` explains each flag).
+
+  cfg = Config(method='qdiff', w_bits=4, a_bits=4).resolve()        # programmatic
+  cfg = Config.from_flat({'recon_iters': 100, 'w_bits': 6})          # flat flag names, as in flagfiles
+  define_flags(); cfg = config_from_flags()                          # the CLI (flags defined only there)
+
+The reconstruction optimiser settings are nested (`cfg.recon`, a `recon.ReconConfig`); their flags keep flat
+names (`--recon_iters`, `--recon_batch`, `--lr`, ...). `to_flat()` gives the JSON form stored in a run's
+checkpoint meta (flag name -> value), which resuming compares against.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterator
+
+from tcaq_jax.train.act_search import DEFAULT_PCTS
+from tcaq_jax.train.recon import ReconConfig
+
+__all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'TRI_STATE', 'RESUMABLE', 'flat_fields', 'define_flags',
+           'config_from_flags']
+
+METHOD_DEFAULTS = {
+    'tcaq': dict(tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
+                 reconstruct=True),
+    'qdiff': dict(tcr=False, daq=False, par=False, act_per_step=False, learn_act_scale=True, weight_init='lp',
+                  reconstruct=True),
+    'minmax': dict(tcr=False, daq=False, par=False, act_per_step=False, learn_act_scale=False,
+                   weight_init='minmax', reconstruct=False),
+}
+# Fields whose None means "the method's default" (METHOD_DEFAULTS).
+TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct')
+# Flags that may change between a run and its resumption (they do not change the result).
+RESUMABLE = ('out_dir', 'png_samples', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
+             'eval_units')
+
+
+class CalibrationError(RuntimeError):
+  """The calibration cannot proceed (bad flag combination, incompatible out_dir, non-finite loss, ...)."""
+
+
+class ConfigError(CalibrationError, ValueError):
+  """A flag value or combination the calibration cannot run with (the message names the flag)."""
+
+
+def _f(default, help_: str, **meta):
+  if isinstance(default, (list, dict)):
+    raise TypeError('use tuples for sequence defaults')
+  return dataclasses.field(default=default, metadata={'help': help_, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Every option of the calibration pipeline. Each field is a flag of the same name (nested ones: see
+  `flat_fields`). None = the method's default (filled by `resolve`)."""
+  # model
+  model_dir: str = _f('', "converted model dir (tcaq_jax.models.convert --out); '' with no --model_config: the "
+                          'shipped digits demo UNet')
+  model_config: str = _f('', 'named model config with random weights instead of a model dir (tests, benchmarks), '
+                             'e.g. ddim_cifar10, ddim_tiny')
+  out_dir: str = _f('', 'run directory (checkpoints, report.json, samples.png); re-running with the same dir '
+                        "resumes; '' -> runs/calib/<model>_<method>_w<w>a<a>")
+  seed: int = _f(0, 'seed of the calibration capture, subsets, minibatches and the sample grid')
+  # sampler (calibration capture, PAR recapture, the sample grid)
+  num_steps: int = _f(100, 'DDIM steps of the sampler the model is calibrated for (and samples with)')
+  skip_type: str = _f('quad', "DDIM step sequence: 'uniform' or 'quad'", enum=('uniform', 'quad'))
+  eta: float = _f(0.0, 'DDIM eta (0: deterministic; 1: DDPM posterior variance)')
+  guidance_scale: float = _f(1.0, 'classifier-free guidance scale for class-conditional LDMs (1: none)')
+  sampler_loop: str = _f('auto', "'device': the trajectory is one lax.scan; 'host': a Python loop over one "
+                                  "jitted step (XLA:CPU runs scan bodies ~20x slower); 'auto': host on CPU",
+                         enum=('auto', 'device', 'host'))
+  # calibration data
+  calib_dir: str = _f('', "an existing capture (tcaq_jax.diffusion.capture) to calibrate on; '' -> capture one "
+                          'into out_dir/calib_round0')
+  calib_steps: int = _f(20, 'sampler steps recorded for calibration (evenly spaced, first and last included)')
+  calib_samples: int = _f(256, 'calibration samples per recorded step')
+  capture_batch: int = _f(64, 'batch size of the capture / recapture / grid sampler')
+  forward_batch: int = _f(64, 'batch size of the forwards that collect statistics and unit inputs / outputs')
+  recon_samples: int = _f(0, 'reconstruction set size (a random subset of the calibration set); 0 = all')
+  recon_units: str = _f('', "regex: reconstruct only the units whose module path matches ('' = all)")
+  # policy and bits
+  method: str = _f('tcaq', 'tcaq: TCR + DAQ + BRECQ/AdaRound + PAR; qdiff: BRECQ + learned activation scales; '
+                           'minmax: min-max PTQ without reconstruction', enum=tuple(METHOD_DEFAULTS))
+  preset: str = _f('qdiff', "quantization policy preset: 'qdiff' (every conv/linear, attention matmuls, "
+                            "post-Softmax) or 'tfmq' (TFMQ-DM's FP layers)", enum=('qdiff', 'tfmq'))
+  policy_override: tuple = _f((), "policy rules REGEX:SPEC applied after the preset, e.g. 'conv_out$:w8a8', "
+                                  "'temb:fp' (repeat the flag for several)", multi=True)
+  w_bits: int = _f(4, 'weight bit width (2..16)')
+  a_bits: int = _f(8, 'activation bit width (2..16)')
+  softmax_bits: int = _f(8, 'post-Softmax bit width (2..16)')
+  # TCAQ components (None = the method's default)
+  tcr: bool | None = _f(None, "timestep-channel joint reparameterization (default: the method's)")
+  daq: bool | None = _f(None, "dynamically adaptive post-Softmax quantizer, log2 or uniform per step (default: "
+                              "the method's)")
+  par: bool | None = _f(None, "progressively aligned reconstruction rounds on recaptured data (default: the "
+                              "method's)")
+  act_per_step: bool | None = _f(None, "one activation scale per calibration step instead of one for all steps "
+                                       "(default: the method's)")
+  learn_act_scale: bool | None = _f(None, "learn activation scales (LSQ) during reconstruction (default: the "
+                                          "method's)")
+  weight_init: str | None = _f(None, "weight scale init: 'lp' (BRECQ Lp search, p=2.4) or 'minmax' (default: "
+                                     "the method's)", enum=('lp', 'minmax'))
+  reconstruct: bool | None = _f(None, "run BRECQ/AdaRound block reconstruction (default: the method's)")
+  r_tru: float = _f(-1.0, 'TCR truncation R_tru; 0 = none; -1 = the paper default (3 at W4A8, else none)')
+  tcr_target: str = _f('min', "TCR target range over channels per step: 'min' or 'mean'", enum=('min', 'mean'))
+  tcr_dense: bool = _f(True, 'TCR also on linear layers (false: conv only)')
+  daq_log_kind: str = _f('log2', "DAQ's log quantizer: 'log2' or 'logsqrt2'", enum=('log2', 'logsqrt2'))
+  act_batch: int = _f(64, 'calibration samples per step for the activation range search')
+  act_pcts: tuple = _f(DEFAULT_PCTS, 'percentile candidates of the activation range search (100 = min-max)',
+                       item=float)
+  # reconstruction
+  recon: ReconConfig = dataclasses.field(default_factory=ReconConfig, metadata={'nested': True})
+  par_iters: int = _f(10000, 'iterations per unit in each PAR round (scaled by --iters_scale)')
+  par_rounds: int = _f(2, 'PAR rounds after the first reconstruction')
+  par_research_act: bool = _f(True, 're-search activation scales on the recaptured data of each PAR round')
+  iters_scale: float = _f(1.0, 'multiplies --recon_iters and --par_iters (e.g. 0.01 for a quick run)')
+  eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
+  # outputs
+  png_samples: int = _f(16, 'images in out_dir/samples.png (0: no grid)')
+
+  # ------------------------------------------------------------------ resolution
+  def resolve(self) -> 'Config':
+    """Method defaults filled in, derived values set, values checked. Idempotent."""
+    if self.method not in METHOD_DEFAULTS:
+      raise ConfigError(f'--method={self.method!r}: expected one of {sorted(METHOD_DEFAULTS)}')
+    md = METHOD_DEFAULTS[self.method]
+    new: dict[str, Any] = {k: md[k] for k in TRI_STATE if getattr(self, k) is None}
+    for name in ('w_bits', 'a_bits', 'softmax_bits'):
+      if not 2 <= getattr(self, name) <= 16:
+        raise ConfigError(f'--{name}={getattr(self, name)}: expected 2..16')
+    if self.r_tru < 0:
+      new['r_tru'] = 3.0 if (self.w_bits, self.a_bits) == (4, 8) else 0.0
+    if self.method == 'minmax':
+      new['act_pcts'] = (100.0,)
+    new['act_pcts'] = tuple(float(p) for p in new.get('act_pcts', self.act_pcts))
+    new['policy_override'] = tuple(self.policy_override)
+    cfg = dataclasses.replace(self, **new)
+    if cfg.learn_act_scale and not cfg.reconstruct:
+      cfg = dataclasses.replace(cfg, learn_act_scale=False)
+    if not cfg.out_dir:
+      model = (os.path.basename(os.path.normpath(cfg.model_dir)) if cfg.model_dir
+               else (cfg.model_config or 'demo'))
+      cfg = dataclasses.replace(cfg, out_dir=os.path.join('runs', 'calib',
+                                                          f'{model}_{cfg.method}_w{cfg.w_bits}a{cfg.a_bits}'))
+    return cfg
+
+  @property
+  def rounds(self) -> int:
+    """Reconstruction rounds: 1 + PAR rounds (0 when the method does not reconstruct)."""
+    if not self.reconstruct:
+      return 0
+    return 1 + (self.par_rounds if self.par else 0)
+
+  def round_iters(self, rnd: int) -> int:
+    """Iterations per unit in round `rnd` (0: the first reconstruction, > 0: PAR)."""
+    return int(round((self.recon.iters if rnd == 0 else self.par_iters) * self.iters_scale))
+
+  def recon_for_round(self, rnd: int) -> ReconConfig:
+    return dataclasses.replace(self.recon, iters=self.round_iters(rnd))
+
+  # ------------------------------------------------------------------ flat (flag-name) form
+  def to_flat(self) -> dict:
+    """{flag name: JSON value} (tuples as lists): what a run stores and resuming compares."""
+    out = {name: _get(self, path) for name, path, _ in flat_fields()}
+    return json.loads(json.dumps(out, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+  @classmethod
+  def from_flat(cls, flat: dict) -> 'Config':
+    """A Config from {flag name: value} (unknown names raise ConfigError listing them)."""
+    specs = {name: (path, f) for name, path, f in flat_fields()}
+    unknown = sorted(set(flat) - set(specs))
+    if unknown:
+      raise ConfigError(f'unknown calibration option(s) {unknown}')
+    top: dict[str, Any] = {}
+    nested: dict[str, dict] = {}
+    for name, value in flat.items():
+      path, f = specs[name]
+      if isinstance(f.default, tuple) and value is not None:
+        value = tuple(f.metadata.get('item', str)(v) for v in value)
+      if len(path) == 1:
+        top[path[0]] = value
+      else:
+        nested.setdefault(path[0], {})[path[1]] = value
+    for group, values in nested.items():
+      top[group] = dataclasses.replace(getattr(cls(), group), **values)
+    return cls(**top)
+
+
+def _get(cfg, path):
+  for p in path:
+    cfg = getattr(cfg, p)
+  return cfg
+
+
+def flat_fields(cls=Config) -> Iterator[tuple[str, tuple, dataclasses.Field]]:
+  """(flag name, attribute path, field) of every leaf option; nested fields use their 'flag' metadata name
+  (default: the field name)."""
+  for f in dataclasses.fields(cls):
+    if f.metadata.get('nested'):
+      for g in dataclasses.fields(f.default_factory()):
+        if 'help' in g.metadata:
+          yield g.metadata.get('flag', g.name), (f.name, g.name), g
+    else:
+      yield f.name, (f.name,), f
+
+
+def define_flags(flag_values=None) -> None:
+  """absl flags for every option, with each field's help text (called only by the entry point)."""
+  from absl import flags
+  fv = flag_values if flag_values is not None else flags.FLAGS
+  for name, _, f in flat_fields():
+    d, help_ = f.default, f.metadata['help']
+    if 'enum' in f.metadata:
+      flags.DEFINE_enum(name, d, list(f.metadata['enum']), help_, flag_values=fv)
+    elif f.metadata.get('multi'):
+      flags.DEFINE_multi_string(name, list(d), help_, flag_values=fv)
+    elif isinstance(d, tuple):
+      flags.DEFINE_list(name, [str(v) for v in d], help_ + ' (comma-separated)', flag_values=fv)
+    elif isinstance(d, bool) or (d is None and f.type in ('bool | None', bool)):
+      flags.DEFINE_bool(name, d, help_, flag_values=fv)
+    elif isinstance(d, int):
+      flags.DEFINE_integer(name, d, help_, flag_values=fv)
+    elif isinstance(d, float):
+      flags.DEFINE_float(name, d, help_, flag_values=fv)
+    else:
+      flags.DEFINE_string(name, d, help_, flag_values=fv)
+
+
+def config_from_flags(flag_values=None) -> Config:
+  """The (unresolved) Config given by the parsed flags."""
+  from absl import flags
+  fv = flag_values if flag_values is not None else flags.FLAGS
+  flat = {name: getattr(fv, name) for name, _, _ in flat_fields()}
+  try:
+    return Config.from_flat(flat)
+  except ValueError as e:
+    raise ConfigError(f'bad flag value: {e}') from e

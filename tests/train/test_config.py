@@ -1,0 +1,95 @@
+"""The calibration config (tcaq_jax/train/config.py): one frozen dataclass, flags with help from the field
+definitions, method defaults resolved once, the flat flag-name form a run stores, and the flagfiles."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+from absl import flags
+import pytest
+
+from tcaq_jax.train.config import Config, ConfigError, METHOD_DEFAULTS, define_flags, config_from_flags, flat_fields
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _parse(argv):
+  fv = flags.FlagValues()
+  define_flags(fv)
+  fv(['calibrate'] + argv)
+  return config_from_flags(fv)
+
+
+def test_every_flag_has_help_text_and_a_unique_name():
+  names = [name for name, _, _ in flat_fields()]
+  assert len(names) == len(set(names))
+  for name, _, f in flat_fields():
+    assert len(f.metadata.get('help', '')) > 15, name
+
+
+def test_help_of_the_cli_explains_every_flag():
+  proc = subprocess.run([sys.executable, '-m', 'tcaq_jax.train.calibrate', '--help'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+  out = proc.stdout + proc.stderr
+  for name, _, f in flat_fields():
+    assert f'--{name}:' in out or f'--[no]{name}:' in out, name
+    first_words = ' '.join(f.metadata['help'].split()[:3])
+    assert first_words in ' '.join(out.split()), (name, first_words)
+
+
+def test_resolve_fills_method_defaults_once():
+  for method, md in METHOD_DEFAULTS.items():
+    cfg = Config(method=method).resolve()
+    for k, v in md.items():
+      assert getattr(cfg, k) == v, (method, k)
+    assert cfg.resolve() == cfg                               # idempotent
+  cfg = Config(method='tcaq', tcr=False, w_bits=4, a_bits=8).resolve()
+  assert cfg.tcr is False and cfg.daq is True and cfg.r_tru == 3.0      # explicit override kept; paper R_tru
+  assert Config(w_bits=6, a_bits=6).resolve().r_tru == 0.0
+  assert Config(method='minmax', learn_act_scale=True).resolve().learn_act_scale is False   # no reconstruction
+  assert Config(method='minmax').resolve().act_pcts == (100.0,)
+  assert Config(method='qdiff', w_bits=4, a_bits=4).resolve().out_dir == os.path.join('runs', 'calib',
+                                                                                       'demo_qdiff_w4a4')
+  with pytest.raises(ConfigError, match='--w_bits=1'):
+    Config(w_bits=1).resolve()
+  with pytest.raises(ConfigError, match='--method'):
+    Config(method='nope').resolve()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    Config().w_bits = 3
+
+
+def test_rounds_and_iterations():
+  cfg = Config(iters_scale=0.01).resolve()
+  assert cfg.rounds == 3 and cfg.round_iters(0) == 200 and cfg.round_iters(2) == 100
+  assert cfg.recon_for_round(1).iters == 100 and cfg.recon_for_round(0).batch == 16
+  assert Config(method='qdiff').resolve().rounds == 1 and Config(method='minmax').resolve().rounds == 0
+
+
+def test_flat_form_round_trips_and_nests_the_reconstruction_settings():
+  cfg = Config.from_flat({'recon_iters': 123, 'recon_batch': 8, 'lr': 0.5, 'w_bits': 6, 'act_pcts': ['100', '99.9'],
+                          'policy_override': ['conv_out$:fp']})
+  assert cfg.recon.iters == 123 and cfg.recon.batch == 8 and cfg.recon.lr == 0.5 and cfg.w_bits == 6
+  assert cfg.act_pcts == (100.0, 99.9) and cfg.policy_override == ('conv_out$:fp',)
+  flat = cfg.resolve().to_flat()
+  assert flat['recon_iters'] == 123 and flat['act_pcts'] == [100.0, 99.9] and 'recon' not in flat
+  assert Config.from_flat(flat).resolve() == cfg.resolve()
+  with pytest.raises(ConfigError, match='bogus'):
+    Config.from_flat({'bogus': 1})
+
+
+def test_cifar10_flagfiles_are_the_base_plus_bit_widths(monkeypatch):
+  monkeypatch.chdir(ROOT)                                           # flagfile includes are relative to the cwd
+  want = {'4a4': (4, 4, 0.0), '4a8': (4, 8, 3.0), '6a6': (6, 6, 0.0), '8a8': (8, 8, 0.0)}
+  for tag, (w, a, r) in want.items():
+    cfg = _parse([f'--flagfile=configs/cifar10_w{tag}.flags']).resolve()
+    assert (cfg.w_bits, cfg.a_bits, cfg.r_tru) == (w, a, r)
+    assert cfg.out_dir == f'runs/calib/cifar10_w{tag}' and cfg.model_dir == 'checkpoints/ddim_cifar10'
+    assert (cfg.num_steps, cfg.skip_type, cfg.eta, cfg.calib_steps, cfg.calib_samples) == (100, 'quad', 0.0, 20, 256)
+    assert (cfg.recon.iters, cfg.par_rounds, cfg.par_iters, cfg.recon.batch, cfg.act_batch) == (20000, 2, 10000,
+                                                                                                 16, 64)
+    assert (cfg.method, cfg.preset, cfg.softmax_bits) == ('tcaq', 'qdiff', 8)
+
+
+def test_tri_state_flags_default_to_the_method():
+  cfg = _parse(['--method=qdiff', '--tcr']).resolve()
+  assert cfg.tcr is True and cfg.learn_act_scale is True and cfg.par is False
