@@ -32,6 +32,7 @@ flags.DEFINE_list('units', ['down_1/block_0', 'down_1/attn_0'], 'ddim_cifar10 un
 flags.DEFINE_integer('iters', 50, 'timed iterations per unit')
 flags.DEFINE_integer('batch', 16, 'reconstruction batch')
 flags.DEFINE_integer('n', 64, 'captured samples per unit')
+flags.DEFINE_bool('write', False, 'merge machine-readable records into docs/results/perf.json')
 flags.DEFINE_bool('demo', False, 'also time a whole demo calibration (configs/demo_w4a8.flags)')
 flags.DEFINE_float('demo_iters_scale', 0.01, 'iters_scale of the demo calibration')
 FLAGS = flags.FLAGS
@@ -61,8 +62,9 @@ def time_units():
     unit = units[path]
     io = blocks.capture_unit_io(blocks.make_io_capture(path, in_forward=qf, out_forward=fp), (x, t, steps, cond),
                                 16, in_consts=(params, qs), out_consts=params)
-    soft = blocks.unit_apply_fn(model, pol, unit, io, 'soft')
-    theta = {p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers if qs.layers[p].alpha is not None}
+    soft = blocks.unit_apply_fn(blocks.unit_program(model, params, pol, unit), io, 'soft')
+    theta = blocks.to_relative({p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers
+                                if qs.layers[p].alpha is not None}, unit)
     aux = blocks.unit_aux(params, qs, unit)
     st = jnp.asarray(steps)
     chunk_fn = recon.make_chunk(soft, int(st.shape[0]), recon.ReconConfig(batch=FLAGS.batch))
@@ -102,6 +104,13 @@ def main(argv):
   print('|---|---|---|---|---|---|')
   for path, cls, shape, nw, cs, ips in rows:
     print(f'| {path} | {cls} | {shape} | {nw:,} | {cs:.1f} | {ips:.2f} |')
+  if FLAGS.write:
+    from records import merge, record
+    recs = [record('recon', 'recon_it_s', ips, 'it/s', key=path, batch=FLAGS.batch, model='ddim_cifar10',
+                   bits='W4A8') for path, _, _, _, _, ips in rows]
+    recs += [record('recon', 'recon_compile_s', cs, 's', key=path, batch=FLAGS.batch, model='ddim_cifar10')
+             for path, _, _, _, cs, _ in rows]
+    print('records ->', merge(recs))
   if FLAGS.demo:
     wall, report = time_demo()
     n_units = report['num_units']

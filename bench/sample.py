@@ -20,6 +20,7 @@ from tcaq_jax.models import family
 from tcaq_jax.models.configs import build_model, get_config
 
 flags.DEFINE_list('models', ['demo', 'cifar10'], 'demo and/or cifar10')
+flags.DEFINE_bool('write', False, 'merge machine-readable records into docs/results/perf.json')
 flags.DEFINE_list('demo_batch_sizes', ['16', '64', '256'], 'batch sizes for the demo model')
 flags.DEFINE_list('cifar_batch_sizes', ['1', '4'], 'batch sizes for ddim_cifar10')
 flags.DEFINE_integer('steps', 100, 'DDIM steps')
@@ -65,6 +66,16 @@ def main(argv):
   print('|' + '---|' * len(head))
   for label, n, s, bs, nd, cs, rs, ips in rows:
     print(f'| {label} | {n:,} | {s} | {bs} | {nd} | {cs:.1f} | {rs:.2f} | {ips:.3f} |')
+  if FLAGS.write:
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from records import merge, record
+    recs = []
+    for label, n, s, bs, nd, cs, rs, ips in rows:
+      key = f'{label.split()[0]} batch {bs} steps {s}'
+      recs.append(record('sample', 'sample_fp_img_s', ips, 'img/s', key=key, batch=bs, steps=s, devices=nd))
+      recs.append(record('sample', 'sampler_compile_s', cs, 's', key=key, batch=bs, steps=s, devices=nd))
+    print('records ->', merge(recs))
 
 
 if __name__ == '__main__':

@@ -8,14 +8,19 @@ An error the project raises on purpose (any exception class defined in a tcaq_ja
 ConfigError, FidError) or a file-system error (missing file, permission denied, ...) is printed as one line
 `error: <message>` on stderr and the process exits with status 2; `--debug` re-raises it with its traceback.
 Extra positional arguments are refused (a misspelt flag such as `-out_dir x` would otherwise be ignored).
-`--help` / `--helpfull` exit with status 0.
+`--help` / `--helpfull` exit with status 0. `--compile_cache=DIR` (default ~/.cache/tcaq_jax/xla, or the
+environment variable TCAQ_JAX_COMPILE_CACHE; '' turns it off) enables JAX's persistent compilation cache, so a
+second run of the same programs loads them instead of compiling.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from absl import app, flags
+
+from tcaq_jax.jit_stats import DEFAULT_CACHE_DIR, enable_compile_cache
 
 __all__ = ['EXIT_ERROR', 'is_project_error', 'one_line', 'run']
 
@@ -23,9 +28,16 @@ EXIT_ERROR = 2
 _FS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
+def _project_module(name: str) -> bool:
+  if name == '__main__':                 # `python -m tcaq_jax.x.y`: its own classes live in __main__
+    spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+    name = getattr(spec, 'name', '') or ''
+  return name.startswith('tcaq_jax')
+
+
 def is_project_error(e: BaseException) -> bool:
   """True for exceptions the project raises on purpose (classes defined under tcaq_jax) and file errors."""
-  return isinstance(e, _FS_ERRORS) or any(c.__module__.startswith('tcaq_jax') for c in type(e).__mro__)
+  return isinstance(e, _FS_ERRORS) or any(_project_module(c.__module__) for c in type(e).__mro__)
 
 
 def one_line(e: BaseException) -> str:
@@ -33,19 +45,23 @@ def one_line(e: BaseException) -> str:
   return f'error: {msg}'
 
 
-def _define_debug():
+def _define_common():
   if 'debug' not in flags.FLAGS:
     flags.DEFINE_bool('debug', False, 'on an error, print the full traceback instead of one line')
+  if 'compile_cache' not in flags.FLAGS:
+    flags.DEFINE_string('compile_cache', os.environ.get('TCAQ_JAX_COMPILE_CACHE', DEFAULT_CACHE_DIR),
+                        "JAX persistent compilation cache dir ('' = off)")
 
 
 def run(main: Callable[[list], None]) -> None:
   """absl.app.run(main) with the error handling above."""
-  _define_debug()
+  _define_common()
 
   def wrapped(argv):
     if len(argv) > 1:
       raise app.UsageError(f'unexpected positional arguments {argv[1:]} (flags are --name=value)')
     try:
+      enable_compile_cache(flags.FLAGS.compile_cache)
       return main(argv)
     except Exception as e:  # noqa: BLE001  (filtered right below)
       if flags.FLAGS.debug or not is_project_error(e):

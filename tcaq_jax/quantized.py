@@ -22,11 +22,42 @@ from tcaq_jax.quant.apply import quantized_apply
 from tcaq_jax.quant.policy import Policy
 from tcaq_jax.quant.state import QState, from_tree
 
-__all__ = ['RunDirError', 'QuantizedModel', 'quant_forward', 'quant_eps_fn', 'load_quantized']
+__all__ = ['RunDirError', 'QuantizedModel', 'params_fingerprint', 'check_sampler_settings', 'quant_forward',
+           'quant_eps_fn', 'load_quantized']
 
 
 class RunDirError(checkpoint.CheckpointError):
-  """A directory is not (or not yet) a calibration output."""
+  """A directory is not (or not yet) a calibration output, or does not fit what it is used with."""
+
+
+def params_fingerprint(params) -> str:
+  """SHA-256 (hex, first 16 digits) over the params' paths, dtypes, shapes and bytes: the identity of a model's
+  weights, recorded in a run dir so that a resume or a sampling run with other weights is refused."""
+  import hashlib
+
+  import numpy as np
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
+
+
+def check_sampler_settings(meta: dict, steps: int | None, skip_type: str | None, eta: float | None,
+                           where: str) -> tuple[int, str, float]:
+  """The sampler settings a run was calibrated for (its per-step activation scales index those steps); given
+  values must equal them (RunDirError otherwise); None takes the run's. Returns (steps, skip_type, eta)."""
+  cfg = meta.get('config', {})
+  want = (cfg.get('num_steps'), cfg.get('skip_type'), cfg.get('eta'))
+  if None in want:
+    raise RunDirError(f'{where}: the run records no sampler settings (num_steps / skip_type / eta)')
+  got = tuple(w if g is None else g for g, w in zip((steps, skip_type, eta), want))
+  if (int(got[0]), str(got[1]), float(got[2])) != (int(want[0]), str(want[1]), float(want[2])):
+    raise RunDirError(f'{where} was calibrated for --steps={want[0]} --skip_type={want[1]} --eta={want[2]}, '
+                      f'asked for --steps={got[0]} --skip_type={got[1]} --eta={got[2]}: its per-step '
+                      'activation scales only fit the calibrated steps')
+  return int(want[0]), str(want[1]), float(want[2])
 
 
 def _q_eps(model, policy, cond_kw, params, qstate, x, t, step_index, cond):
@@ -40,10 +71,12 @@ def quant_forward(model, policy, config: dict):
   return lambda consts, x, t, s, c: fn(consts[0], consts[1], x, t, s, c)
 
 
-def quant_eps_fn(model, params, qstate: QState, policy, config: dict) -> Partial:
+def quant_eps_fn(model, params, qstate: QState, policy, config: dict, like: Partial | None = None) -> Partial:
   """eps_fn(x, t, step_index, cond) of the quantized model (hard rounding) for the DDIM sampler; params and
-  qstate are the Partial's traced leaves."""
-  return Partial(functools.partial(_q_eps, model, policy, family.has_cond(config)), params, qstate)
+  qstate are the Partial's traced leaves. like: an earlier result for the same model and policy, whose function
+  object is reused so that jitted samplers see the same structure and reuse their compiled step."""
+  fn = like.func if like is not None else functools.partial(_q_eps, model, policy, family.has_cond(config))
+  return Partial(fn, params, qstate)
 
 
 @dataclasses.dataclass

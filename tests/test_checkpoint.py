@@ -125,3 +125,168 @@ def test_quiet_orbax_logs_drops_only_orbax_info():
   finally:
     checkpoint.quiet_orbax_logs(False)
   assert absl_logger.filter(rec(logging.INFO, orbax_file))
+
+
+# ------------------------------------------------------------------ integrity (issue 13: manifest, fallback)
+
+def _small(step):
+  rng = np.random.default_rng(step)
+  return {'img': rng.standard_normal((32, 32), dtype=np.float32), 'bias': np.full(4, step, np.float32)}
+
+
+def _array_file(run_dir, step):
+  """The largest data file of a step's params item (the one holding the array values)."""
+  d = os.path.join(run_dir, str(step), 'params', 'ocdbt.process_0', 'd')
+  path = max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
+  return path, os.path.relpath(path, os.path.join(run_dir, str(step))).replace(os.sep, '/')
+
+
+def _flip(path, n=16):
+  data = bytearray(open(path, 'rb').read())
+  mid = len(data) // 2
+  for i in range(mid, min(mid + n, len(data))):
+    data[i] ^= 0xFF
+  with open(path, 'wb') as f:
+    f.write(bytes(data))
+
+
+def test_manifest_lists_every_file_with_its_sha256(tmp_path):
+  import hashlib
+  import json
+  run = str(tmp_path)
+  checkpoint.save(run, 1, _small(1), qstate={'s': np.ones(3, np.float32)}, meta={'a': 1})
+  step_dir = os.path.join(run, '1')
+  with open(os.path.join(step_dir, checkpoint.MANIFEST)) as f:
+    doc = json.load(f)
+  assert doc['format'] == 'tcaq_jax.checkpoint.manifest' and doc['version'] == 1 and doc['algorithm'] == 'sha256'
+  on_disk = sorted(os.path.relpath(os.path.join(r, n), step_dir).replace(os.sep, '/')
+                   for r, _, names in os.walk(step_dir) for n in names if n != checkpoint.MANIFEST)
+  assert sorted(doc['files']) == on_disk
+  assert any(k.startswith('params/') for k in on_disk) and any(k.startswith('qstate/') for k in on_disk)
+  for rel, rec in doc['files'].items():
+    data = open(os.path.join(step_dir, *rel.split('/')), 'rb').read()
+    assert rec == {'size': len(data), 'sha256': hashlib.sha256(data).hexdigest()}
+
+
+def test_flipped_bytes_in_the_only_step_raise_naming_step_and_file(tmp_path):
+  run = str(tmp_path / 'run')
+  checkpoint.save(run, 5, _small(5))
+  path, rel = _array_file(run, 5)
+  _flip(path)
+  for kwargs in ({}, {'step': 5}):
+    with pytest.raises(checkpoint.CheckpointError) as e:
+      checkpoint.restore(run, **kwargs)
+    msg = str(e.value)
+    assert run in msg and 'step 5' in msg and rel in msg and 'SHA-256' in msg and '\n' not in msg
+
+
+def test_corrupt_latest_step_falls_back_with_a_warning(tmp_path, caplog):
+  run = str(tmp_path / 'run')
+  checkpoint.save(run, 1, _small(1), meta={'step': 1})
+  checkpoint.save(run, 2, _small(2), meta={'step': 2})
+  path, rel = _array_file(run, 2)
+  _flip(path)
+  with caplog.at_level('WARNING'):
+    out = checkpoint.restore(run)
+  assert out['step'] == 1 and out['meta'] == {'step': 1}
+  _assert_bit_identical(out['params'], _small(1))
+  warned = [r.getMessage() for r in caplog.records
+            if r.levelname == 'WARNING' and 'instead of the latest' in r.getMessage()]
+  assert len(warned) == 1 and 'step 2' in warned[0] and rel in warned[0], caplog.text
+  with pytest.raises(checkpoint.CheckpointError, match=f'step 2: file {rel}'):
+    checkpoint.restore(run, step=2)                      # an explicit step never falls back
+  # the resumed writer's next save of step 2 replaces the corrupt one
+  checkpoint.save(run, 2, _small(7), meta={'step': 2})
+  out = checkpoint.restore(run)
+  assert out['step'] == 2
+  _assert_bit_identical(out['params'], _small(7))
+
+
+def test_unreadable_latest_old_format_step_falls_back(tmp_path, caplog):
+  run = str(tmp_path / 'run')
+  checkpoint.save(run, 1, _small(1))
+  checkpoint.save(run, 2, _small(2))
+  os.remove(os.path.join(run, '2', checkpoint.MANIFEST))   # written before manifests existed
+  _flip(os.path.join(run, '2', 'params', '_METADATA'))
+  with caplog.at_level('WARNING'):
+    out = checkpoint.restore(run)
+  assert out['step'] == 1
+  assert any('step 2: could not read it' in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_no_step_restores_lists_every_step_tried(tmp_path):
+  run = str(tmp_path / 'run')
+  for s in (1, 2):
+    checkpoint.save(run, s, _small(s))
+    _flip(_array_file(run, s)[0])
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.restore(run)
+  msg = str(e.value)
+  assert 'no step' in msg and run in msg and 'step 2: file params/' in msg and 'step 1: file params/' in msg
+  assert '\n' not in msg
+
+
+def test_old_format_step_without_manifest_restores(tmp_path):
+  run = str(tmp_path / 'run')
+  params, qstate = _small(3), {'s': np.arange(6, dtype=np.float32)}
+  checkpoint.save(run, 3, params, qstate=qstate, meta={'old': True})
+  os.remove(os.path.join(run, '3', checkpoint.MANIFEST))
+  out = checkpoint.restore(run)
+  assert out['step'] == 3 and out['meta'] == {'old': True}
+  _assert_bit_identical(out['params'], params)
+  _assert_bit_identical(out['qstate'], qstate)
+
+
+def test_params_target_mismatch_names_the_first_bad_key_and_both_shapes(tmp_path):
+  run = str(tmp_path / 'run')
+  params = {'a': {'kernel': np.ones((3, 4), np.float32)}, 'b': np.zeros(5, np.float32)}
+  checkpoint.save(run, 1, params)
+  good = checkpoint.restore(run, params_target=params)
+  _assert_bit_identical(good['params'], params)
+  wrong_shape = {'a': {'kernel': np.ones((4, 3), np.float32)}, 'b': np.zeros(5, np.float32)}
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 1: params key 'a/kernel' has shape \(3, 4\) in the "
+                                                       r'checkpoint but \(4, 3\) in the target'):
+    checkpoint.restore(run, params_target=wrong_shape)
+  with pytest.raises(checkpoint.CheckpointError, match="params has no key 'c' that the target has"):
+    checkpoint.restore(run, params_target={**params, 'c': np.ones(1, np.float32)})
+  with pytest.raises(checkpoint.CheckpointError, match="params has key 'b' that the target lacks"):
+    checkpoint.restore(run, params_target={'a': params['a']})
+  import jax
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), wrong_shape)
+  with pytest.raises(checkpoint.CheckpointError, match="'a/kernel'"):
+    checkpoint.restore(run, step=1, params_target=abstract)
+
+
+def test_target_mismatch_does_not_fall_back(tmp_path):
+  run = str(tmp_path / 'run')
+  checkpoint.save(run, 1, {'w': np.ones(3, np.float32)})
+  checkpoint.save(run, 2, {'w': np.ones(4, np.float32)})
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 2: params key 'w' has shape \(4,\)"):
+    checkpoint.restore(run, params_target={'w': np.ones(3, np.float32)})
+
+
+def test_tuple_and_dataclass_targets_keep_their_structure(tmp_path):
+  import flax.struct
+  import jax
+
+  @flax.struct.dataclass
+  class S:
+    a: np.ndarray
+    b: dict
+  run = str(tmp_path / 'run')
+  params = ({'w': np.ones(2, np.float32)}, {'w': np.zeros(2, np.float32)}, np.float32(3))
+  qstate = S(np.arange(3, dtype=np.float32), {'x': np.ones((2, 2), np.float32)})
+  checkpoint.save(run, 1, params, qstate=qstate)
+  out = checkpoint.restore(run, params_target=params, qstate_target=qstate)
+  assert jax.tree.structure(out['params']) == jax.tree.structure(params)
+  assert isinstance(out['qstate'], S)
+  _assert_bit_identical(out['qstate'], qstate)
+
+
+def test_save_model_dir_message_names_no_flag(tmp_path):
+  d = str(tmp_path / 'model')
+  checkpoint.save_model_dir(d, {'w': np.ones(3, np.float32)}, {'name': 'a'})
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.save_model_dir(d, {'w': np.zeros(3, np.float32)}, {'name': 'b'})
+  assert str(e.value) == (f'{d!r} already holds a saved model (step 0); choose another output directory or '
+                          'allow overwriting')

@@ -11,6 +11,8 @@ same images for the same (seed, sample index): the per-sample keys and per-step 
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,16 +37,10 @@ class HostLoopSampler:
     self.guidance_scale = float(guidance_scale)
     self.consts = {k: np.asarray(v) for k, v in ddim._consts(coeffs).items()}
     self.use_noise = bool(np.any(np.asarray(coeffs.sigmas) > 0))
-    self._step = jax.jit(self._step_impl, static_argnames=('use_guidance',))
-    self._init = jax.jit(lambda keys: ddim.initial_noise(keys, self.shape))
-    self._decode = jax.jit(lambda f, x: f(x)) if decode_fn is not None else None
 
   @property
   def num_steps(self) -> int:
     return self.coeffs.num_steps
-
-  def _step_impl(self, eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, use_guidance):
-    return ddim.ddim_step(eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, self.use_noise, use_guidance)
 
   def sample(self, seed: int, start: int, batch_size: int, cond=None, uncond=None, record=None) -> dict:
     use_guidance = self.guidance_scale != 1.0
@@ -53,7 +49,7 @@ class HostLoopSampler:
     if not (record is None or isinstance(record, str)):
       record = tuple(int(v) for v in np.asarray(record).reshape(-1))
     keys = ddim.sample_keys(seed, start, batch_size)
-    x = x_T = self._init(keys)
+    x = x_T = _initial_noise(keys, shape=self.shape)
     cond = None if cond is None else jnp.asarray(cond)
     uncond = None if uncond is None else jnp.asarray(uncond)
     c = self.consts
@@ -62,17 +58,34 @@ class HostLoopSampler:
     for i in range(len(c['timesteps'])):
       if record == 'all' or (steps is not None and i in steps):
         rec.append((i, x))
-      x = self._step(self.eps_fn, x, keys, cond, uncond, jnp.int32(i), jnp.int32(c['timesteps'][i]),
-                     jnp.float32(c['alphas'][i]), jnp.float32(c['alphas_prev'][i]), jnp.float32(c['sigmas'][i]),
-                     jnp.float32(self.guidance_scale), use_guidance=use_guidance)
+      x = _step(self.eps_fn, x, keys, cond, uncond, jnp.int32(i), jnp.int32(c['timesteps'][i]),
+                jnp.float32(c['alphas'][i]), jnp.float32(c['alphas_prev'][i]), jnp.float32(c['sigmas'][i]),
+                jnp.float32(self.guidance_scale), use_noise=self.use_noise, use_guidance=use_guidance)
     recorded = None
     if record == 'all':
       recorded = jnp.stack([r for _, r in rec])
     elif steps is not None:
       by_step = dict(rec)
       recorded = jnp.stack([by_step[s] for s in steps])
-    images = self._decode(self.decode_fn, x) if self._decode is not None else x
+    images = _decode(self.decode_fn, x) if self.decode_fn is not None else x
     return {'images': images, 'x_final': x, 'x_T': x_T, 'recorded': recorded}
+
+
+# Module-level jitted pieces: every HostLoopSampler whose eps_fn has the same structure (the same function and
+# leaf shapes, e.g. one quantized model's eps with successive quantizer states) reuses one compiled step.
+@functools.partial(jax.jit, static_argnames=('use_noise', 'use_guidance'))
+def _step(eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, use_noise, use_guidance):
+  return ddim.ddim_step(eps_fn, x, keys, cond, uncond, i, t, a, a_prev, sigma, gs, use_noise, use_guidance)
+
+
+@functools.partial(jax.jit, static_argnames=('shape',))
+def _initial_noise(keys, shape):
+  return ddim.initial_noise(keys, shape)
+
+
+@jax.jit
+def _decode(decode_fn, x):
+  return decode_fn(x)
 
 
 def make_sampler(eps_fn, coeffs, shape, decode_fn=None, guidance_scale: float = 1.0, loop: str = 'auto'):

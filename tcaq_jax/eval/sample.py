@@ -15,8 +15,9 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from tcaq_jax import cli
 from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.checkpoint import quiet_orbax_logs
 from tcaq_jax.diffusion.batched import sample_all
@@ -25,24 +26,49 @@ from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import grid_scale, save_grid, save_npz, to_uint8
 from tcaq_jax.models import family
 
-__all__ = ['define_flags', 'sample_images', 'generate']
+__all__ = ['SampleError', 'define_flags', 'sample_images', 'generate']
+
+
+class SampleError(ValueError):
+  """Bad sampling flags, non-finite samples, or an output that would overwrite earlier samples."""
+
+
+def _finite_uint8(images) -> np.ndarray:
+  images = np.asarray(images)
+  if not np.isfinite(images).all():
+    bad = int((~np.isfinite(images.reshape(images.shape[0], -1))).any(axis=1).sum())
+    raise SampleError(f'{bad} of {images.shape[0]} samples in a batch are not finite (NaN / Inf): the model or '
+                      'its quantizer state is broken; nothing was written')
+  return to_uint8(images)
 
 
 def sample_images(sampler: Any, num_samples: int, batch_size: int, seed: int = 0,
                   cond: Any = None, uncond: Any = None, progress: bool = True) -> np.ndarray:
-  """uint8 [N, H, W, C]; sample i depends only on (seed, i). cond/uncond: arrays [N, ...] or None."""
-  return sample_all(sampler, num_samples, batch_size, seed, cond, uncond, progress=progress, convert=to_uint8)
+  """uint8 [N, H, W, C]; sample i depends only on (seed, i). cond/uncond: arrays [N, ...] or None.
+  Raises SampleError when a sample is not finite."""
+  if num_samples < 1 or batch_size < 1:
+    raise SampleError(f'--num_samples={num_samples} and --batch_size={batch_size} must be >= 1')
+  return sample_all(sampler, num_samples, batch_size, seed, cond, uncond, progress=progress, convert=_finite_uint8)
 
 
-def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip_type: str, eta: float,
+def generate(model_dir: str | None, num_samples: int, batch_size: int, steps: int, skip_type: str, eta: float,
              seed: int, out_dir: str | None = None, eps_fn_builder: Callable | None = None,
              cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0, grid: int = 64,
-             progress: bool = True, sampler_loop: str = 'auto') -> np.ndarray:
+             progress: bool = True, sampler_loop: str = 'auto', loaded: tuple | None = None,
+             overwrite: bool = True) -> np.ndarray:
   """Samples `num_samples` images; writes samples_{N}x{H}x{W}x{C}.npz and grid.png to out_dir when given.
 
-  sampler_loop: 'device' (one jitted lax.scan, sharded over local devices), 'host' (a Python loop over one jitted
-  step; much faster on XLA:CPU) or 'auto' (host on CPU, device otherwise). Both give the same images."""
-  model, params, config = family.load(model_dir)
+  The model comes from model_dir, or `loaded` = (model, params, config). sampler_loop: 'device' (one jitted
+  lax.scan, sharded over local devices), 'host' (a Python loop over one jitted step; much faster on XLA:CPU) or
+  'auto' (host on CPU, device otherwise). Both give the same images. overwrite=False refuses an out_dir that
+  already holds samples (before sampling)."""
+  model, params, config = loaded if loaded is not None else family.load(model_dir)
+  if out_dir and not overwrite:
+    old = sorted(f for f in os.listdir(out_dir) if f.startswith('samples_') and f.endswith('.npz')) \
+        if os.path.isdir(out_dir) else []
+    if old:
+      raise SampleError(f'--out_dir={out_dir!r} already holds {old[0]}: pass --overwrite or choose another '
+                        '--out_dir')
   builder = eps_fn_builder or family.eps_fn
   eps_fn = builder(model, params, config)
   coeffs = sampler_coefficients(config, steps, skip_type, eta)
@@ -62,16 +88,21 @@ def generate(model_dir: str, num_samples: int, batch_size: int, steps: int, skip
 
 def define_flags() -> None:
   """The sampling flags (defined only by entry points, so importing this module defines none)."""
-  flags.DEFINE_string('model_dir', DEMO_UNET_DIR, 'model dir (save_model_dir format); default: the demo UNet')
+  flags.DEFINE_string('model_dir', None, 'model dir (save_model_dir format); default: the demo UNet, or with '
+                      "--quant_dir the calibrated run's own weights (a given --model_dir must hold the same weights)")
   flags.DEFINE_integer('num_samples', 64, 'number of samples')
   flags.DEFINE_integer('batch_size', 64, 'global batch size (split over local devices)')
-  flags.DEFINE_integer('steps', 100, 'DDIM steps')
-  flags.DEFINE_enum('skip_type', 'quad', ['uniform', 'quad'], 'step sequence')
-  flags.DEFINE_float('eta', 0.0, 'DDIM eta (0: deterministic, 1: DDPM posterior variance)')
+  flags.DEFINE_integer('steps', None, "DDIM steps (default 100; with --quant_dir: the run's, and no other is "
+                       'accepted)')
+  flags.DEFINE_enum('skip_type', None, ['uniform', 'quad'], "step sequence (default quad; with --quant_dir: the "
+                    "run's)")
+  flags.DEFINE_float('eta', None, "DDIM eta, 0: deterministic, 1: DDPM posterior variance (default 0; with "
+                     "--quant_dir: the run's)")
   flags.DEFINE_integer('seed', 0, 'seed (sample i uses fold_in(PRNGKey(seed), i))')
-  flags.DEFINE_string('out_dir', 'samples/demo', 'output directory')
+  flags.DEFINE_string('out_dir', None, 'output directory (default: samples/<name of the model or run dir>)')
+  flags.DEFINE_bool('overwrite', False, 'replace samples already in --out_dir')
   flags.DEFINE_string('quant_dir', None, 'sample the quantized model calibrated into this dir (the --out_dir of '
-                      'tcaq_jax.train.calibrate); --model_dir must be the FP model it was calibrated from')
+                      'tcaq_jax.train.calibrate)')
   flags.DEFINE_enum('sampler_loop', 'auto', ['auto', 'device', 'host'],
                     "'device': the trajectory is one jitted lax.scan (sharded over local devices); 'host': a Python "
                     "loop over one jitted step (XLA:CPU runs scan bodies ~20x slower); auto: host on CPU")
@@ -81,16 +112,28 @@ def main(argv):
   del argv
   quiet_orbax_logs()
   f = flags.FLAGS
-  builder = None
+  builder, loaded = None, None
+  steps, skip_type, eta = (100 if f.steps is None else f.steps, f.skip_type or 'quad',
+                           0.0 if f.eta is None else f.eta)
   if f.quant_dir:
-    from tcaq_jax.quantized import load_quantized
-    quantized = load_quantized(f.quant_dir)
-    builder = lambda model, params, config: quantized.eps_fn
-  generate(f.model_dir, f.num_samples, f.batch_size, f.steps, f.skip_type, f.eta, f.seed, f.out_dir,
-           eps_fn_builder=builder, sampler_loop=f.sampler_loop)
-  logging.info('wrote %s', f.out_dir)
+    from tcaq_jax.quantized import RunDirError, check_sampler_settings, load_quantized, params_fingerprint
+    q = load_quantized(f.quant_dir)
+    steps, skip_type, eta = check_sampler_settings(q.meta, f.steps, f.skip_type, f.eta, f.quant_dir)
+    if f.model_dir:
+      model, params, config = family.load(f.model_dir)
+      stored = q.meta.get('model_fingerprint')
+      if stored is not None and params_fingerprint(params) != stored:
+        raise RunDirError(f'--model_dir={f.model_dir!r} holds other weights than {f.quant_dir!r} was calibrated '
+                          'from: drop --model_dir to use the run\'s own weights')
+    loaded = (q.model, q.params, q.config)
+    builder = lambda model, params, config: q.eps_fn
+  source = f.quant_dir or f.model_dir or DEMO_UNET_DIR
+  out_dir = f.out_dir or os.path.join('samples', os.path.basename(os.path.normpath(source)))
+  generate(f.model_dir or DEMO_UNET_DIR, f.num_samples, f.batch_size, steps, skip_type, eta, f.seed, out_dir,
+           eps_fn_builder=builder, sampler_loop=f.sampler_loop, loaded=loaded, overwrite=f.overwrite)
+  logging.info('wrote %s', out_dir)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

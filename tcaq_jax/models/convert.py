@@ -15,7 +15,9 @@ stage encoder / quant_conv / loss, schedule buffers and EMA counters are skipped
 goes into the config. The output directory gets the orbax params + config.json (checkpoint.save_model_dir)
 and `conversion_report.json` (used and skipped keys).
 
-Any missing key, unexpected key or shape mismatch raises one ConversionError listing all of them.
+Any missing key, unexpected key or shape mismatch raises one ConversionError listing all of them; so does a
+weight holding NaN or Inf (each key named with its count). An existing model in --out is kept unless --overwrite.
+Errors come out as one line (`tcaq_jax.cli.run`; --debug for the traceback).
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ _MAX_LISTED = 60
 
 
 class ConversionError(ValueError):
-  """The checkpoint does not fit the target model (lists missing / unexpected keys and shape mismatches)."""
+  """The checkpoint does not fit the target model (lists missing / unexpected keys and shape mismatches) or
+  holds non-finite weights (lists the keys)."""
 
 
 def abstract_params(config: dict, model=None) -> dict:
@@ -110,17 +113,26 @@ def _listing(title: str, items: list[str]) -> str:
   return f'\n  {title} ({len(items)}):\n    ' + '\n    '.join(items[:_MAX_LISTED]) + more
 
 
+def _nonfinite(key: str, a: np.ndarray) -> str | None:
+  """'key: 2 NaN, 1 Inf of 12 values' when `a` holds non-finite values, else None."""
+  finite = np.isfinite(a)
+  if finite.all():
+    return None
+  n_nan = int(np.isnan(a).sum())
+  return f'{key}: {n_nan} NaN, {a.size - int(finite.sum()) - n_nan} Inf of {a.size} values'
+
+
 def convert_state_dict(sd: dict, target: dict, source: str = '<state dict>') -> tuple[dict, list[str]]:
   """Maps {torch key: array} onto the `target` tree (nested dicts of ShapeDtypeStruct).
 
   Returns (params as nested dicts of float32 numpy, list of used keys). Raises ConversionError listing
-  every missing target path, unexpected key and shape mismatch.
+  every missing target path, unexpected key and shape mismatch, or else every weight holding NaN / Inf.
   """
   flat_t = _flatten(target)
   modules: dict[tuple, set] = {}
   for path in flat_t:
     modules.setdefault(path[:-1], set()).add(path[-1])
-  out, used, unexpected, mismatch, bad = {}, [], [], [], set()
+  out, used, unexpected, mismatch, bad, nonfinite = {}, [], [], [], set(), []
   for key in sorted(sd):
     mod, leaf = key_to_path(key)
     have = modules.get(mod, set())
@@ -142,12 +154,18 @@ def convert_state_dict(sd: dict, target: dict, source: str = '<state dict>') -> 
       continue
     out[path] = np.asarray(b, np.float32)
     used.append(key)
+    bad_values = _nonfinite(key, out[path])
+    if bad_values:
+      nonfinite.append(bad_values)
   missing = [f'{"/".join(p)} {tuple(flat_t[p].shape)}' for p in flat_t if p not in out and p not in bad]
   if missing or unexpected or mismatch:
     raise ConversionError(
         f'{source} does not match the target model: {len(missing)} missing, {len(unexpected)} unexpected, '
         f'{len(mismatch)} shape mismatches' + _listing('missing target parameters', missing)
         + _listing('unexpected checkpoint keys', unexpected) + _listing('shape mismatches', mismatch))
+  if nonfinite:
+    raise ConversionError(f'{source}: refusing to convert, {len(nonfinite)} weights hold NaN / Inf.'
+                          + _listing('non-finite weights', nonfinite))
   return _unflatten(out), used
 
 
@@ -178,6 +196,14 @@ def _ddim_state_dict(obj, use_ema: bool, source: str) -> tuple[dict, dict]:
   return sd, {'skipped': skipped, **info}
 
 
+def _scale_factor(v, source: str) -> float:
+  a = np.asarray(v)
+  if a.size != 1 or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+    raise ConversionError(f'{source}: key scale_factor must be one finite number, got {a.dtype} {a.shape} '
+                          f'{a.ravel()[:3].tolist()}')
+  return float(a.reshape(()))
+
+
 def _ldm_state_dict(obj, use_ema: bool, source: str) -> tuple[dict, dict]:
   if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):
     obj = obj['state_dict']
@@ -192,7 +218,7 @@ def _ldm_state_dict(obj, use_ema: bool, source: str) -> tuple[dict, dict]:
     elif k in _SCHEDULE_BUFFERS:
       skipped[k] = 'noise-schedule buffer (recomputed from config diffusion)'
     elif k == 'scale_factor':
-      scale_factor = float(np.asarray(v).reshape(()))
+      scale_factor = _scale_factor(v, source)
       skipped[k] = 'moved into config.scale_factor'
     elif k.startswith(_LDM_SKIP_PREFIXES) or k == 'first_stage_model.quantize.used':
       skipped[k] = 'first-stage part not needed for sampling (encoder / quant_conv / loss)'
@@ -263,41 +289,68 @@ def _ddim_config_from_yaml(d: dict, name: str) -> dict:
 def config_from_yaml(path: str, name: str | None = None) -> dict:
   """A model config from an original YAML (ddim repo configs/*.yml or a latent-diffusion config)."""
   import yaml
+
+  from tcaq_jax.models import ldm_configs
   with open(path) as f:
-    d = yaml.safe_load(f)
+    try:
+      d = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+      raise ConversionError(f'{path}: not valid YAML ({" ".join(str(e).split())})') from e
   name = name or os.path.splitext(os.path.basename(path))[0]
-  if isinstance(d, dict) and isinstance(d.get('model'), dict) and 'target' in d['model']:
-    from tcaq_jax.models import ldm_configs
-    return ldm_configs.config_from_yaml(d, name=name)
-  if isinstance(d, dict) and isinstance(d.get('model'), dict) and 'ch_mult' in d['model']:
-    return _ddim_config_from_yaml(d, name)
+  try:
+    if isinstance(d, dict) and isinstance(d.get('model'), dict) and 'target' in d['model']:
+      return ldm_configs.config_from_yaml(d, name=name)
+    if isinstance(d, dict) and isinstance(d.get('model'), dict) and 'ch_mult' in d['model']:
+      return _ddim_config_from_yaml(d, name)
+  except ldm_configs.YamlConfigError as e:
+    raise ConversionError(f'{path}: {e}') from e
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConversionError(f'{path}: missing or invalid model setting ({type(e).__name__}: {e})') from e
   raise ConversionError(f'{path}: neither a DDIM config (model.ch_mult) nor a latent-diffusion config '
                         f'(model.target)')
 
 
-def write_model_dir(out_dir: str, params: dict, config: dict, report: dict) -> None:
-  """save_model_dir + conversion_report.json."""
+def write_model_dir(out_dir: str, params: dict, config: dict, report: dict, overwrite: bool = False) -> None:
+  """save_model_dir + conversion_report.json; an existing model in `out_dir` is an error unless `overwrite`."""
   summary = {k: report[k] for k in ('checkpoint', 'model', 'n_params', 'n_tensors') if k in report}
-  checkpoint.save_model_dir(out_dir, params, config, extra={'conversion': summary})
+  checkpoint.save_model_dir(out_dir, params, config, extra={'conversion': summary}, overwrite=overwrite)
   with open(os.path.join(out_dir, REPORT_NAME), 'w') as f:
     json.dump(report, f, indent=1, sort_keys=True)
 
 
+def _with_overwrite_flag(e: Exception) -> str:
+  """save_model_dir's message with its keyword argument replaced by the CLI flag (added when absent)."""
+  msg = str(e).replace('overwrite=True', '--overwrite')
+  if '--overwrite' in msg:
+    return msg
+  return f'{msg} (--overwrite)' if 'overwrit' in msg else f'{msg}; rerun with --overwrite to replace it'
+
+
+def _named_config(name: str) -> dict:
+  try:
+    return configs.get_config(name)
+  except KeyError as e:
+    raise ConversionError(f'--model: {e.args[0]}') from e
+
+
 def main(argv):
+  """Reads --checkpoint, converts it for --model / --config and writes --out (errors: one line, see cli.run)."""
+  del argv  # cli.run refuses positional arguments
   from absl import flags, logging
   checkpoint.quiet_orbax_logs()
   FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    raise SystemExit(f'unexpected arguments: {argv[1:]}')
   if bool(FLAGS.model) == bool(FLAGS.config):
-    raise SystemExit('give exactly one of --model (a named config) or --config (an original YAML)')
-  config = configs.get_config(FLAGS.model) if FLAGS.model else config_from_yaml(FLAGS.config, FLAGS.name)
+    raise ConversionError('give exactly one of --model (a named config) or --config (an original YAML)')
+  config = _named_config(FLAGS.model) if FLAGS.model else config_from_yaml(FLAGS.config, FLAGS.name)
   try:
     params, config, report = convert_checkpoint(FLAGS.checkpoint, config, FLAGS.ema, FLAGS.stub_unknown_globals)
   except torch_pickle.UnsafeGlobalError as e:
-    raise SystemExit(f'{e}\nIf the file is trusted to be a Lightning checkpoint whose extra objects only '
-                     f'need to be ignored, rerun with --stub_unknown_globals (they become inert stubs).')
-  write_model_dir(FLAGS.out, params, config, report)
+    raise ConversionError(f'{e}. If the file is trusted to be a Lightning checkpoint whose extra objects only '
+                          f'need to be ignored, rerun with --stub_unknown_globals (they become inert stubs).') from e
+  try:
+    write_model_dir(FLAGS.out, params, config, report, overwrite=FLAGS.overwrite)
+  except checkpoint.CheckpointError as e:
+    raise checkpoint.CheckpointError(f'--out: {_with_overwrite_flag(e)}') from e
   logging.info('converted %s: %d tensors, %d params -> %s', FLAGS.checkpoint, report['n_tensors'],
                report['n_params'], FLAGS.out)
 
@@ -309,6 +362,7 @@ def _define_flags():
   flags.DEFINE_string('config', None, 'Original YAML config (ddim configs/*.yml or latent-diffusion yaml).')
   flags.DEFINE_string('name', None, 'Config name when --config is used (default: the YAML file stem).')
   flags.DEFINE_string('out', None, 'Output model directory (orbax params + config.json + report).')
+  flags.DEFINE_bool('overwrite', False, 'Replace a model already saved (or half-written) in --out.')
   flags.DEFINE_bool('ema', True, 'Use EMA weights when the checkpoint has them.')
   flags.DEFINE_bool('stub_unknown_globals', False,
                     'Replace non-allow-listed pickle globals by inert stubs instead of refusing the file.')
@@ -316,6 +370,9 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from absl import app
-  _define_flags()
-  app.run(main)
+  # Run the imported module, not this __main__ copy: its error classes live in tcaq_jax, so cli.run prints them
+  # as one line.
+  from tcaq_jax import cli
+  from tcaq_jax.models import convert as _convert
+  _convert._define_flags()
+  cli.run(_convert.main)

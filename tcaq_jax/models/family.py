@@ -88,7 +88,8 @@ def abstract_params(config: dict, model=None) -> dict:
 def load(directory: str):
   """(model, params as jnp float32, config) from a model dir written by `checkpoint.save_model_dir`.
 
-  The stored tree must equal the model's exactly: CheckpointError lists missing / unexpected / misshaped leaves.
+  The stored tree must equal the model's exactly and hold only finite values: CheckpointError lists missing /
+  unexpected / misshaped leaves and leaves with NaN or Inf.
   """
   from flax import traverse_util
 
@@ -102,9 +103,12 @@ def load(directory: str):
   problems += [f'unexpected {"/".join(p)}' for p in got if p not in target]
   problems += [f'{"/".join(p)}: stored {tuple(got[p].shape)}, model expects {tuple(s.shape)}'
                for p, s in target.items() if p in got and tuple(got[p].shape) != tuple(s.shape)]
+  problems += [f'{"/".join(p)}: {int(np.size(got[p]) - np.isfinite(got[p]).sum())} non-finite values (NaN / Inf)'
+               for p in target if p in got and not np.isfinite(got[p]).all()]
   if problems:
-    raise checkpoint.CheckpointError(f'{directory}: params do not match model {config.get("name")!r}: '
-                                     + '; '.join(problems[:40]))
+    more = f'; ... and {len(problems) - 40} more' if len(problems) > 40 else ''
+    raise checkpoint.CheckpointError(f'{directory}: params unusable with model {config.get("name")!r}: '
+                                     + '; '.join(problems[:40]) + more)
   params = traverse_util.unflatten_dict({p: jnp.asarray(got[p], jnp.float32) for p in target})
   return model, params, config
 

@@ -88,8 +88,22 @@ def quantize_weights(params: Any, qstate: QState, policy, mode: str = 'hard',
 
 
 def slot_of(qstate: QState, step_index) -> jax.Array:
-  """Calibration slot(s) of a step index: scalar -> scalar, [B] -> [B]."""
-  return qstate.step_slot[jnp.asarray(step_index, jnp.int32)]
+  """Calibration slot(s) of a step index: scalar -> scalar, [B] -> [B]. A step index outside the calibrated
+  sampler's steps (negative ones included) gives an invalid slot (never a clamped or wrapped neighbour), whose
+  scales read as NaN (see `_at_slot`)."""
+  idx = jnp.asarray(step_index, jnp.int32)
+  n = qstate.step_slot.shape[0]
+  valid = (idx >= 0) & (idx < n)
+  return jnp.where(valid, qstate.step_slot[jnp.clip(idx, 0, n - 1)], _INVALID_SLOT)
+
+
+_INVALID_SLOT = 2 ** 30
+
+
+def _at_slot(values, slot):
+  """values[slot] along axis 0, NaN for an out-of-range slot (`_INVALID_SLOT`): an uncalibrated step makes the
+  output NaN, which samplers and evaluators refuse, instead of silently reusing another step's scales."""
+  return jnp.take(values, slot, axis=0, mode='fill', fill_value=jnp.nan)
 
 
 def _bcast(v, x):
@@ -117,7 +131,7 @@ def act_fake_quant(x, st: LayerQState, spec, slot, learn_scale: bool = False, qu
     x = scale_activation(x, st.r)
   if not quantize:
     return x
-  scale, zero = st.a_scale[slot], st.a_zero[slot]       # [S] or [B, S]
+  scale, zero = _at_slot(st.a_scale, slot), _at_slot(st.a_zero, slot)       # [S] or [B, S]
   if not learn_scale:
     scale = jax.lax.stop_gradient(scale)
   bits = spec.a_bits
@@ -128,10 +142,10 @@ def act_fake_quant(x, st: LayerQState, spec, slot, learn_scale: bool = False, qu
   x_uni = _uniform(x, scale[..., 0], zero[..., 0], bits)
   if spec.kind == 'softmax' and st.use_log2 is not None:
     if st.log2_delta is not None:
-      x_log = log2q.log2_fake_quant(x, _bcast(st.log2_delta[slot], x), bits)
+      x_log = log2q.log2_fake_quant(x, _bcast(_at_slot(st.log2_delta, slot), x), bits)
     else:
-      x_log = log2q.logsqrt2_fake_quant(x, _bcast(st.logsqrt2_delta[slot], x), bits)
-    return jnp.where(_bcast(st.use_log2[slot], x) > 0.5, x_log, x_uni)
+      x_log = log2q.logsqrt2_fake_quant(x, _bcast(_at_slot(st.logsqrt2_delta, slot), x), bits)
+    return jnp.where(_bcast(_at_slot(st.use_log2, slot), x) > 0.5, x_log, x_uni)   # NaN slot: x_uni is NaN
   return x_uni
 
 

@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcaq_jax.quant.apply import block_method, quantized_apply
+from tcaq_jax.quant.apply import quantized_apply, submodule
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.state import QState, merge_layers
 
-__all__ = ['Unit', 'BlockError', 'find_units', 'CapturedIO', 'make_io_capture', 'capture_unit_io', 'unit_aux',
-           'unit_apply_fn']
+__all__ = ['Unit', 'BlockError', 'find_units', 'CapturedIO', 'make_io_capture', 'capture_unit_io', 'UnitProgram',
+           'unit_program', 'io_signature', 'to_relative', 'to_absolute', 'unit_aux', 'unit_apply_fn']
 
 
 class BlockError(ValueError):
@@ -151,43 +151,70 @@ def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_con
   return CapturedIO(leaves, meta.get('statics', []), meta.get('treedef'), output)
 
 
-def prune_tree(tree: dict, prefixes: Sequence[str]) -> dict:
-  """The sub-dict of a nested params dict holding only the subtrees at the given '/'-paths."""
-  out: dict = {}
-  for pre in prefixes:
-    segs = [s for s in pre.split('/') if s]
-    src, dst = tree, out
-    ok = True
-    for seg in segs[:-1]:
-      if not isinstance(src, dict) or seg not in src:
-        ok = False
-        break
-      src = src[seg]
-      dst = dst.setdefault(seg, {})
-    if ok and segs and isinstance(src, dict) and segs[-1] in src:
-      dst[segs[-1]] = src[segs[-1]]
-  return out
+def _relative(path: str, prefix: str) -> str:
+  return '' if path == prefix else path[len(prefix) + 1:]
+
+
+def to_relative(tree: dict, unit: Unit) -> dict:
+  """{absolute layer path: x} -> {path relative to the unit: x} (only the unit's layers)."""
+  return {_relative(p, unit.path): v for p, v in tree.items() if _inside(p, unit.path)}
+
+
+def to_absolute(tree: dict, unit: Unit) -> dict:
+  """Inverse of `to_relative`."""
+  return {(unit.path if not p else f'{unit.path}/{p}'): v for p, v in tree.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitProgram:
+  """A unit as a standalone module: `module` is an unbound copy of the unit's submodule (its params are the
+  subtree at unit.path), `policy` the unit's layer specs with paths relative to it, `signature` a hashable
+  description of both. Units with equal signatures (same class, hyper-parameters and quantizers; inputs of the
+  same shapes) compute the same function of (params, quantizer state, inputs), so their compiled
+  reconstruction functions are shared."""
+  module: nn.Module
+  policy: Any
+  signature: tuple
+
+
+def unit_program(model: nn.Module, params: dict, policy, unit: Unit) -> UnitProgram:
+  from tcaq_jax.quant.policy import Policy
+
+  sub = submodule(model.bind({'params': params}), unit.path).clone(parent=None)
+  hyper = tuple((f.name, repr(getattr(sub, f.name))) for f in dataclasses.fields(sub)
+                if f.name not in ('parent', 'name'))
+  specs = {_relative(p, unit.path): dataclasses.replace(s, path=_relative(p, unit.path))
+           for p, s in policy.layers.items() if _inside(p, unit.path)}
+  rel = Policy(layers=specs, rules=[], preset=policy.preset)
+  signature = (type(sub).__name__, hyper, tuple(sorted(dataclasses.astuple(s) for s in specs.values())))
+  return UnitProgram(sub, rel, signature)
+
+
+def io_signature(io: CapturedIO) -> tuple:
+  """Hashable structure of a unit's captured inputs: treedef, static leaves, per-sample shapes and dtypes."""
+  return (str(io.treedef), repr(io.statics), tuple((tuple(a.shape[1:]), str(a.dtype)) for a in io.leaves))
 
 
 def unit_aux(params: dict, qstate: QState, unit: Unit) -> dict:
-  """Frozen arrays a unit needs: its params subtree and the quantizer state of its layers (+ the step map)."""
-  return {'params': prune_tree(params, [unit.path]), 'qstate': qstate.subset(unit.path)}
+  """Frozen arrays a unit needs: its params subtree and its layers' quantizer state (paths relative to the
+  unit) with the step map."""
+  node = params
+  for seg in unit.path.split('/'):
+    node = node[seg]
+  return {'params': node, 'qstate': qstate.replace(layers=to_relative(qstate.layers, unit))}
 
 
-def unit_apply_fn(model: nn.Module, policy, unit: Unit, io: CapturedIO, weight_mode: str = 'soft',
+def unit_apply_fn(program: UnitProgram, io: CapturedIO, weight_mode: str = 'soft',
                   learn_act_scale: bool = False) -> Callable:
   """apply_fn(theta, aux, inputs_batch, steps_batch) -> the unit's quantized output (for recon.reconstruct).
 
-  theta: {layer path: LayerQState} (the trained fields: alpha, a_scale) merged over aux['qstate'].
+  theta: {relative layer path: LayerQState} (the trained fields: alpha, a_scale) merged over aux['qstate'].
   """
-  method = block_method(unit.path)
-
   def apply_fn(theta, aux, xb, sb):
     qs = aux['qstate']
     qs = qs.replace(layers=merge_layers(qs.layers, theta))
     args, kwargs = io.rebuild(xb)
-    return quantized_apply(model, {'params': aux['params']}, qs, policy, *args, step_index=sb,
-                           weight_mode=weight_mode, paths=[unit.path], learn_act_scale=learn_act_scale,
-                           method=method, **kwargs)
+    return quantized_apply(program.module, {'params': aux['params']}, qs, program.policy, *args, step_index=sb,
+                           weight_mode=weight_mode, learn_act_scale=learn_act_scale, **kwargs)
 
   return apply_fn

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Iterator
 
 from tcaq_jax.train.act_search import DEFAULT_PCTS
 from tcaq_jax.train.recon import ReconConfig
 
-__all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'TRI_STATE', 'RESUMABLE', 'flat_fields', 'define_flags',
+__all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE', 'RESUMABLE', 'flat_fields', 'define_flags',
            'config_from_flags']
 
 METHOD_DEFAULTS = {
@@ -30,10 +31,16 @@ METHOD_DEFAULTS = {
     'minmax': dict(tcr=False, daq=False, par=False, act_per_step=False, learn_act_scale=False,
                    weight_init='minmax', reconstruct=False),
 }
+# Fields whose None means "the model's default": the paper's sizes for real models, CPU-sized ones for the
+# shipped demo (no --model_dir and no --model_config), so `python -m tcaq_jax.train.calibrate` is a quick first run.
+MODEL_DEFAULTS = {
+    'paper': dict(num_steps=100, calib_samples=256, recon_samples=0, iters_scale=1.0),
+    'demo': dict(num_steps=50, calib_samples=32, recon_samples=320, iters_scale=0.005),
+}
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct')
 # Flags that may change between a run and its resumption (they do not change the result).
-RESUMABLE = ('out_dir', 'png_samples', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
+RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
              'eval_units')
 
 
@@ -64,7 +71,8 @@ class Config:
                         "resumes; '' -> runs/calib/<model>_<method>_w<w>a<a>")
   seed: int = _f(0, 'seed of the calibration capture, subsets, minibatches and the sample grid')
   # sampler (calibration capture, PAR recapture, the sample grid)
-  num_steps: int = _f(100, 'DDIM steps of the sampler the model is calibrated for (and samples with)')
+  num_steps: int | None = _f(None, 'DDIM steps of the sampler the model is calibrated for (and samples with); '
+                                     'default 100 (the paper), the shipped demo 50', kind=int)
   skip_type: str = _f('quad', "DDIM step sequence: 'uniform' or 'quad'", enum=('uniform', 'quad'))
   eta: float = _f(0.0, 'DDIM eta (0: deterministic; 1: DDPM posterior variance)')
   guidance_scale: float = _f(1.0, 'classifier-free guidance scale for class-conditional LDMs (1: none)')
@@ -75,10 +83,12 @@ class Config:
   calib_dir: str = _f('', "an existing capture (tcaq_jax.diffusion.capture) to calibrate on; '' -> capture one "
                           'into out_dir/calib_round0')
   calib_steps: int = _f(20, 'sampler steps recorded for calibration (evenly spaced, first and last included)')
-  calib_samples: int = _f(256, 'calibration samples per recorded step')
+  calib_samples: int | None = _f(None, 'calibration samples per recorded step; default 256 (the paper), the '
+                                         'shipped demo 32', kind=int)
   capture_batch: int = _f(64, 'batch size of the capture / recapture / grid sampler')
   forward_batch: int = _f(64, 'batch size of the forwards that collect statistics and unit inputs / outputs')
-  recon_samples: int = _f(0, 'reconstruction set size (a random subset of the calibration set); 0 = all')
+  recon_samples: int | None = _f(None, 'reconstruction set size (a random subset of the calibration set); 0 = '
+                                         'all; default all, the shipped demo 320', kind=int)
   recon_units: str = _f('', "regex: reconstruct only the units whose module path matches ('' = all)")
   # policy and bits
   method: str = _f('tcaq', 'tcaq: TCR + DAQ + BRECQ/AdaRound + PAR; qdiff: BRECQ + learned activation scales; '
@@ -115,17 +125,27 @@ class Config:
   par_iters: int = _f(10000, 'iterations per unit in each PAR round (scaled by --iters_scale)')
   par_rounds: int = _f(2, 'PAR rounds after the first reconstruction')
   par_research_act: bool = _f(True, 're-search activation scales on the recaptured data of each PAR round')
-  iters_scale: float = _f(1.0, 'multiplies --recon_iters and --par_iters (e.g. 0.01 for a quick run)')
+  iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
+                                       '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   # outputs
   png_samples: int = _f(16, 'images in out_dir/samples.png (0: no grid)')
+  progress: bool = _f(True, 'show a progress bar over the unit reconstructions with the estimated time left')
 
   # ------------------------------------------------------------------ resolution
   def resolve(self) -> 'Config':
     """Method defaults filled in, derived values set, values checked. Idempotent."""
     if self.method not in METHOD_DEFAULTS:
       raise ConfigError(f'--method={self.method!r}: expected one of {sorted(METHOD_DEFAULTS)}')
+    sizes = MODEL_DEFAULTS['demo' if self.is_demo else 'paper']
+    self = dataclasses.replace(self, **{k: v for k, v in sizes.items() if getattr(self, k) is None})
+    self._check_ranges()
     md = METHOD_DEFAULTS[self.method]
+    if not (md['reconstruct'] if self.reconstruct is None else self.reconstruct):
+      for name in ('par', 'learn_act_scale'):
+        if getattr(self, name):
+          raise ConfigError(f'--{name}=true has no effect without reconstruction (--method={self.method}'
+                            f'{", --reconstruct=false" if self.reconstruct is False else ""}): drop it')
     new: dict[str, Any] = {k: md[k] for k in TRI_STATE if getattr(self, k) is None}
     for name in ('w_bits', 'a_bits', 'softmax_bits'):
       if not 2 <= getattr(self, name) <= 16:
@@ -133,6 +153,9 @@ class Config:
     if self.r_tru < 0:
       new['r_tru'] = 3.0 if (self.w_bits, self.a_bits) == (4, 8) else 0.0
     if self.method == 'minmax':
+      if tuple(float(p) for p in self.act_pcts) not in ((100.0,), tuple(DEFAULT_PCTS)):
+        raise ConfigError(f'--act_pcts={",".join(map(str, self.act_pcts))} has no effect with --method=minmax '
+                          '(min-max ranges): drop it')
       new['act_pcts'] = (100.0,)
     new['act_pcts'] = tuple(float(p) for p in new.get('act_pcts', self.act_pcts))
     new['policy_override'] = tuple(self.policy_override)
@@ -145,6 +168,38 @@ class Config:
       cfg = dataclasses.replace(cfg, out_dir=os.path.join('runs', 'calib',
                                                           f'{model}_{cfg.method}_w{cfg.w_bits}a{cfg.a_bits}'))
     return cfg
+
+  @property
+  def is_demo(self) -> bool:
+    """True when calibrating the shipped demo UNet (no --model_dir, no --model_config)."""
+    return not self.model_dir and not self.model_config
+
+  def _check_ranges(self) -> None:
+    """Every numeric flag in its meaningful range, the regex compiles (ConfigError names the flag)."""
+    at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
+                'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
+                'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0}
+    flat = {name: _get(self, path) for name, path, _ in flat_fields()}
+    for name, low in at_least.items():
+      if flat[name] < low:
+        raise ConfigError(f'--{name}={flat[name]}: must be >= {low}')
+    for name in ('lr', 'act_lr', 'guidance_scale'):
+      if not flat[name] > 0:
+        raise ConfigError(f'--{name}={flat[name]}: must be > 0')
+    if self.calib_steps > self.num_steps:
+      raise ConfigError(f'--calib_steps={self.calib_steps} exceeds --num_steps={self.num_steps}')
+    if not 0.0 <= self.recon.warmup < 1.0:
+      raise ConfigError(f'--warmup={self.recon.warmup}: must be in [0, 1)')
+    if not (self.r_tru in (-1.0, 0.0) or self.r_tru >= 1.0):
+      raise ConfigError(f'--r_tru={self.r_tru}: must be -1 (paper default), 0 (none) or >= 1')
+    bad = [p for p in self.act_pcts if not 0.0 < float(p) <= 100.0]
+    if bad or not self.act_pcts:
+      raise ConfigError(f'--act_pcts: percentiles must be in (0, 100], got {list(self.act_pcts)}')
+    if self.recon_units:
+      try:
+        re.compile(self.recon_units)
+      except re.error as e:
+        raise ConfigError(f'--recon_units={self.recon_units!r} is not a valid regex: {e}') from e
 
   @property
   def rounds(self) -> int:
@@ -220,9 +275,9 @@ def define_flags(flag_values=None) -> None:
       flags.DEFINE_list(name, [str(v) for v in d], help_ + ' (comma-separated)', flag_values=fv)
     elif isinstance(d, bool) or (d is None and f.type in ('bool | None', bool)):
       flags.DEFINE_bool(name, d, help_, flag_values=fv)
-    elif isinstance(d, int):
+    elif isinstance(d, int) or f.metadata.get('kind') is int:
       flags.DEFINE_integer(name, d, help_, flag_values=fv)
-    elif isinstance(d, float):
+    elif isinstance(d, float) or f.metadata.get('kind') is float:
       flags.DEFINE_float(name, d, help_, flag_values=fv)
     else:
       flags.DEFINE_string(name, d, help_, flag_values=fv)

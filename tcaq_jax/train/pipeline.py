@@ -10,36 +10,40 @@ Flow (METHOD.md): `Setup` (FP model, sampler settings, policy, reconstruction un
   capture(setup, r, q)         PAR round r > 0: recapture with the quantized model, re-search, reconstruct again
 Each stage takes and returns values (a `QState`, a data dict); `run` is the loop that threads one `CalibState`
 through them and checkpoints it after every stage, so re-running with the same out_dir resumes at the next one.
-Compiled functions are built once per run and signature (unit path, set size, ...) by `Setup` and reused across
-units and PAR rounds.
+Compiled functions are built once per signature by `Setup.compiled`: a unit's reconstruction functions (soft /
+hard apply, the chunk, the block-MSE evaluator) per *unit signature* (block class, hyper-parameters, quantizers,
+input shapes; `blocks.unit_program`), so units alike share one executable and PAR rounds reuse them; the unit
+input capture per unit path; the activation search per set of TCR layers. report.json's `phases_this_process` and
+`compile_this_process` say where the time went and how many XLA compiles it took.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import time
 from typing import Any, Callable
 
 from absl import logging
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcaq_jax import checkpoint
 from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.diffusion.batched import sample_all
 from tcaq_jax.diffusion.capture import CalibData
 from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import grid_scale, save_grid, to_uint8
+from tcaq_jax.jit_stats import CompileStats
 from tcaq_jax.models import family
 from tcaq_jax.quant.policy import build_policy
-from tcaq_jax.quant.state import LayerQState, QState, merge_layers, to_tree, from_tree
-from tcaq_jax.quantized import quant_eps_fn, quant_forward
+from tcaq_jax.quant.state import LayerQState, QState, merge_layers
+from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
 from tcaq_jax.train import act_search, blocks, init as qinit, par, recon
-from tcaq_jax.train.config import RESUMABLE, CalibrationError, Config
+from tcaq_jax.train.calib_state import CalibState, Progress, jsonable, new_report, restore_state, save_state
+from tcaq_jax.train.config import CalibrationError, Config
 
 __all__ = ['CalibrationError', 'Hooks', 'Progress', 'CalibState', 'Setup', 'capture', 'initialise', 'search_acts',
            'reconstruct_unit', 'save_state', 'run']
@@ -51,28 +55,6 @@ class Hooks:
   kill); loss_hook(rnd, unit_index) -> None or fn(loss, iteration) -> loss applied inside that unit's loss."""
   after_save: Callable[['CalibState'], None] | None = None
   loss_hook: Callable[[int, int], Callable | None] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress:
-  """Where a run stands: the next unit of round `round`; act_done: this round's activation search is done."""
-  round: int = 0
-  next_unit: int = 0
-  act_done: bool = True
-  done: bool = False
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-
-@flax.struct.dataclass
-class CalibState:
-  """The one state a run threads through its stages and saves after each: the quantizer state (a pytree),
-  progress, the report so far and the checkpoint step (static metadata)."""
-  qstate: QState
-  progress: Progress = flax.struct.field(pytree_node=False, default_factory=Progress)
-  report: dict = flax.struct.field(pytree_node=False, default_factory=dict)
-  ckpt_step: int = flax.struct.field(pytree_node=False, default=0)
 
 
 class Setup:
@@ -97,7 +79,9 @@ class Setup:
     self.q_fwd = quant_forward(self.model, self.policy, self.mconfig)
     self.fp_eps = family.eps_fn(self.model, self.params, self.mconfig)
     self.guidance = cfg.guidance_scale != 1.0
+    self.fingerprint = params_fingerprint(self.params)
     self._compiled: dict = {}
+    self._q_eps = None
 
   def compiled(self, signature: tuple, build: Callable[[], Any]) -> Any:
     """build() once per signature (a tuple naming what is compiled and its static inputs)."""
@@ -105,12 +89,20 @@ class Setup:
       self._compiled[signature] = build()
     return self._compiled[signature]
 
+  @property
+  def built(self):
+    """The signatures built so far."""
+    return self._compiled.keys()
+
   def sampler(self, eps_fn, decode: bool = False):
     dec = family.decode_fn(self.model, self.params, self.mconfig) if decode else None
     return make_sampler(eps_fn, self.coeffs, self.shape, dec, self.cfg.guidance_scale, self.cfg.sampler_loop)
 
   def q_eps(self, qstate: QState):
-    return quant_eps_fn(self.model, self.params, qstate, self.policy, self.mconfig)
+    """The quantized eps_fn with this qstate (one function object per run: samplers reuse their compile)."""
+    eps = quant_eps_fn(self.model, self.params, qstate, self.policy, self.mconfig, like=self._q_eps)
+    self._q_eps = eps
+    return eps
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -235,21 +227,25 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   steps = jnp.asarray(data['step'])
   t_cap = time.time() - t0
   learn = cfg.learn_act_scale
-  theta = _trainable(qstate, unit, learn)
+  program = setup.compiled(('program', unit.path),
+                           lambda: blocks.unit_program(setup.model, setup.params, setup.policy, unit))
+  theta = blocks.to_relative(_trainable(qstate, unit, learn), unit)
   aux = blocks.unit_aux(setup.params, qstate, unit)
-  soft = setup.compiled(('apply', unit.path, 'soft'),
-                        lambda: blocks.unit_apply_fn(setup.model, setup.policy, unit, io, 'soft', learn))
-  hard = setup.compiled(('apply', unit.path, 'hard'),
-                        lambda: blocks.unit_apply_fn(setup.model, setup.policy, unit, io, 'hard', learn))
   rcfg = cfg.recon_for_round(rnd)
   n = int(steps.shape[0])
+  # Units with equal signatures share every compiled function below (and rounds reuse them).
+  sig = program.signature + blocks.io_signature(io) + (learn,)
   stats = {'unit': unit.path, 'cls': unit.cls, 'round': rnd, 'index': k, 'layers': len(unit.layers),
-           'iters': rcfg.iters, 'capture_s': t_cap}
-  eval_fn = setup.compiled(('eval', unit.path), lambda: recon.make_eval(hard))
+           'iters': rcfg.iters, 'capture_s': t_cap, 'new_signature': ('chunk', sig, n) not in setup.built}
+  soft = setup.compiled(('apply', sig, 'soft'), lambda: blocks.unit_apply_fn(program, io, 'soft', learn))
+  hard = setup.compiled(('apply', sig, 'hard'), lambda: blocks.unit_apply_fn(program, io, 'hard', learn))
+  eval_fn = setup.compiled(('eval', sig), lambda: recon.make_eval(hard))
+  t_eval = time.time()
   if cfg.eval_units and theta:
     stats['mse_before'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
+  t_eval = time.time() - t_eval
   if loss_hook is None:
-    chunk_fn = setup.compiled(('chunk', unit.path, n), lambda: recon.make_chunk(soft, n, rcfg))
+    chunk_fn = setup.compiled(('chunk', sig, n), lambda: recon.make_chunk(soft, n, rcfg))
   else:
     chunk_fn = recon.make_chunk(soft, n, rcfg, loss_hook)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), rnd), k)
@@ -260,10 +256,12 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
     raise CalibrationError(f'{e} (round {rnd}, unit {k}); {cfg.out_dir} keeps the state saved before '
                            f'this unit: fix the cause and re-run to resume') from e
   stats.update({k2: v for k2, v in rstats.items() if k2 != 'iters'})
+  t1 = time.time()
   if cfg.eval_units and theta:
     stats['mse_after'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
+  stats['eval_s'] = t_eval + time.time() - t1
   stats['seconds_total'] = time.time() - t0
-  return qstate.merge(theta), stats
+  return qstate.merge(blocks.to_absolute(theta, unit)), stats
 
 
 def sample_grid(setup: Setup, qstate: QState, path: str) -> None:
@@ -278,68 +276,29 @@ def sample_grid(setup: Setup, qstate: QState, path: str) -> None:
   save_grid(path, to_uint8(images), scale=grid_scale(images.shape[2]))
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-
-def save_state(setup: Setup, state: CalibState) -> None:
-  """Atomically writes `state` as checkpoint step state.ckpt_step of out_dir (params, qstate, meta)."""
-  meta = {'config': setup.cfg.to_flat(), 'model_config': setup.mconfig, 'policy': setup.policy.to_dict(),
-          'units': [u.to_dict() for u in setup.units], 'progress': state.progress.to_dict(),
-          'report': _jsonable(state.report), 'ckpt_step': state.ckpt_step}
-  checkpoint.save(setup.cfg.out_dir, state.ckpt_step, setup.params, qstate=to_tree(jax.device_get(state.qstate)),
-                  meta=meta)
-
-
-def _jsonable(d):
-  import json
-  return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def _check_compatible(stored: dict, now: dict, out_dir: str) -> None:
-  for k, v in now.items():
-    if k in RESUMABLE or k not in stored:
-      continue
-    if v != stored[k]:
-      raise CalibrationError(f'{out_dir} holds a run with --{k}={stored[k]!r}, now --{k}={v!r}: use another '
-                             f'--out_dir (or the same flags) to resume')
-
-
-def restore_state(setup: Setup) -> CalibState | None:
-  """The last saved state of out_dir (None when it holds none); refuses a run made with other flags."""
-  if checkpoint.latest_step(setup.cfg.out_dir) is None:
-    return None
-  ck = checkpoint.restore(setup.cfg.out_dir)
-  meta = ck['meta'] or {}
-  _check_compatible(meta.get('config', {}), setup.cfg.to_flat(), setup.cfg.out_dir)
-  p = meta['progress']
-  progress = Progress(p['round'], p['next_unit'], p.get('act_done', True), p.get('done', False))
-  return CalibState(from_tree(ck['qstate']), progress, meta['report'], int(meta['ckpt_step']))
-
-
-def _new_report(setup: Setup, timings: dict) -> dict:
-  cfg = setup.cfg
-  return {'model': setup.mconfig.get('name'), 'family': setup.mconfig['family'], 'method': cfg.method,
-          'bits': {'w': cfg.w_bits, 'a': cfg.a_bits, 'softmax': cfg.softmax_bits},
-          'components': {k: getattr(cfg, k) for k in ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale')},
-          'policy_summary': setup.policy.summary(), 'preset': cfg.preset,
-          'policy_overrides': list(cfg.policy_override), 'num_units': len(setup.units), 'units': [],
-          'init_timings': dict(timings), 'iters_scale': cfg.iters_scale}
-
-
 # ------------------------------------------------------------------------------------------------- run
 
 def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   """Runs (or resumes) a calibration; returns the report dict (also written to out_dir/report.json)."""
   cfg = (Config.from_flat(cfg) if isinstance(cfg, dict) else cfg).resolve()
   t_start = time.time()
+  compile_stats = CompileStats.start()
+  _check_writable(cfg.out_dir)
   setup = Setup(cfg)
-  os.makedirs(cfg.out_dir, exist_ok=True)
   timings: dict = {}
+  phases = dict.fromkeys(PHASES, 0.0)
+  phases['setup_s'] = time.time() - t_start
+
+  def save(state: CalibState) -> None:
+    t0 = time.time()
+    save_state(setup, state)
+    phases['checkpoint_s'] += time.time() - t0
+    if hooks.after_save is not None:
+      hooks.after_save(state)
 
   def commit(state: CalibState, **progress) -> CalibState:
     state = state.replace(progress=Progress(**progress), ckpt_step=state.ckpt_step + 1)
-    save_state(setup, state)
-    if hooks.after_save is not None:
-      hooks.after_save(state)
+    save(state)
     return state
 
   state = restore_state(setup)
@@ -351,44 +310,94 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     state = state.replace(report=report)
   else:
     data, timings['capture_round0_s'] = capture(setup, 0)
+    phases['capture_s'] += timings['capture_round0_s']
     qstate, init_t = initialise(setup, data)
     timings.update(init_t)
-    state = CalibState(qstate, Progress(), _new_report(setup, timings), ckpt_step=0)
-    save_state(setup, state)
-    if hooks.after_save is not None:
-      hooks.after_save(state)
+    for name, key in (('statistics_s', 'tcr_s'), ('weight_init_s', 'weight_init_s'),
+                      ('act_search_s', 'act_search_s')):
+      phases[name] += init_t[key]
+    state = CalibState(qstate, Progress(), new_report(setup, timings), ckpt_step=0)
+    save(state)
   if not state.progress.done:
+    bar = _progress_bar(cfg, setup, state.progress)
     for rnd in range(state.progress.round, cfg.rounds):
       data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
+      phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
       if rnd > 0 and not state.progress.act_done:
         if cfg.par_research_act:
           qstate, secs = search_acts(setup, state.qstate, data)
           timings['act_search_s'] = timings.get('act_search_s', 0.) + secs
+          phases['act_search_s'] += secs
           state = state.replace(qstate=qstate)
         state = commit(state, round=rnd, next_unit=0, act_done=True, done=False)
       data = recon_subset(cfg, data)
       first = state.progress.next_unit if state.progress.round == rnd else 0
       for k in range(first, len(setup.units)):
-        if cfg.recon_units and not re.search(cfg.recon_units, setup.units[k].path):
+        if not _selected(cfg, setup.units[k]):
           continue
         hook = hooks.loss_hook(rnd, k) if hooks.loss_hook is not None else None
         qstate, stats = reconstruct_unit(setup, rnd, k, state.qstate, data, hook)
+        for name, key in (('unit_capture_s', 'capture_s'), ('reconstruction_s', 'seconds'),
+                          ('unit_eval_s', 'eval_s')):
+          phases[name] += stats.get(key, 0.0)
         report = dict(state.report, units=state.report['units'] + [stats])
         logging.info('round %d unit %d/%d %s: %s', rnd, k + 1, len(setup.units), setup.units[k].path,
                      {a: stats.get(a) for a in ('mse_before', 'mse_after', 'it_per_s')})
         state = commit(state.replace(qstate=qstate, report=report), round=rnd, next_unit=k + 1, act_done=True,
                        done=False)
+        if bar is not None:
+          bar.set_postfix_str(f'round {rnd} {setup.units[k].path}', refresh=False)
+          bar.update(1)
       state = state.replace(progress=Progress(rnd + 1, 0, False, False))
+    if bar is not None:
+      bar.close()
     report = dict(state.report, timings={**state.report.get('timings', {}), **timings},
                   wall_s_this_process=time.time() - t_start)
     state = commit(state.replace(report=report), round=cfg.rounds, next_unit=0, act_done=True, done=True)
-  report = dict(state.report, policy=setup.policy.to_dict())
-  with open(os.path.join(cfg.out_dir, 'report.json'), 'w') as f:
-    import json
-    json.dump(_jsonable(report), f, indent=1)
   png = os.path.join(cfg.out_dir, 'samples.png')
   if not os.path.exists(png):
     t0 = time.time()
     sample_grid(setup, state.qstate, png)
-    logging.info('sample grid %s (%.1f s)', png, time.time() - t0)
+    phases['sample_grid_s'] = time.time() - t0
+    logging.info('sample grid %s (%.1f s)', png, phases['sample_grid_s'])
+  phases['total_s'] = time.time() - t_start
+  report = dict(state.report, policy=setup.policy.to_dict(),
+                phases_this_process={k: round(v, 3) for k, v in phases.items()},
+                compile_this_process=compile_stats.delta())
+  with open(os.path.join(cfg.out_dir, 'report.json'), 'w') as f:
+    json.dump(jsonable(report), f, indent=1)
   return report
+
+
+# What report.json's `phases_this_process` breaks the wall time into (compile time is inside these phases; the
+# process-wide XLA compile count and seconds are in `compile_this_process`).
+PHASES = ('setup_s', 'capture_s', 'statistics_s', 'weight_init_s', 'act_search_s', 'par_capture_s',
+          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'checkpoint_s', 'sample_grid_s')
+
+
+def _check_writable(out_dir: str) -> None:
+  """Fail before any work when out_dir cannot be created or written."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    probe = os.path.join(out_dir, f'.write_test_{os.getpid()}')
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise CalibrationError(f'--out_dir={out_dir!r} is not writable: {e.strerror or e}') from e
+
+
+def _selected(cfg: Config, unit: blocks.Unit) -> bool:
+  return not cfg.recon_units or re.search(cfg.recon_units, unit.path) is not None
+
+
+def _progress_bar(cfg: Config, setup: Setup, progress: Progress):
+  """One bar over the (round, unit) reconstructions still to do, with the estimated time left."""
+  if not cfg.progress:
+    return None
+  from tqdm import tqdm
+  n_sel = sum(_selected(cfg, u) for u in setup.units)
+  done_now = sum(_selected(cfg, u) for u in setup.units[:progress.next_unit]) if progress.round < cfg.rounds else 0
+  total = n_sel * cfg.rounds
+  return tqdm(total=total, initial=min(total, progress.round * n_sel + done_now), desc='calibrate', unit='unit',
+              dynamic_ncols=True)

@@ -147,15 +147,34 @@ def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.
 _SCHED_GRID = 1e6
 
 
-def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable | None = None) -> Callable:
+def _batch_constraint(mesh, batch: int):
+  """Minibatch sharding over the local devices (None on one device or when the batch does not split)."""
+  if mesh is None:
+    devices = jax.local_devices()
+    if len(devices) < 2:
+      return None
+    from tcaq_jax.diffusion.sharding import batch_mesh
+    mesh = batch_mesh(devices)
+  if mesh.devices.size < 2 or batch % mesh.devices.size:
+    return None
+  from tcaq_jax.diffusion.sharding import batch_sharding
+  shard = batch_sharding(mesh)
+  return lambda tree: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, shard), tree)
+
+
+def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable | None = None,
+               mesh=None) -> Callable:
   """The compiled chunk: `length` (traced) iterations of minibatch sampling + Adam steps over a set of n
   samples, as one jitted fori_loop (device loop) or a host loop over one jitted iteration (see `_device_loop`).
 
   The total iteration count is traced too (one compile serves the 20k first pass and the 10k PAR rounds): the
   annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total). cfg.iters and
-  cfg.chunk do not enter the compiled function.
+  cfg.chunk do not enter the compiled function. With several local devices (or a `mesh`), every minibatch is
+  split over them along the batch axis (XLA partitions the block forward / backward and sums the gradients);
+  theta and the captured set stay replicated.
   """
   opt = make_optimizer(cfg)
+  constrain = _batch_constraint(mesh, cfg.batch)
 
   def loss_fn(th, aux, xb, yb, sb, it, total):
     rec = rec_loss(apply_fn(th, aux, xb, sb), yb)
@@ -176,7 +195,10 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
       idx = jax.random.randint(k, (cfg.batch,), 0, n)
       xb = [a[idx] for a in inputs]
       yb = jax.tree.map(lambda a: a[idx], targets)
-      (loss, rec), g = grad_fn(th, aux, xb, yb, steps[idx], it, total)
+      sb = steps[idx]
+      if constrain is not None:
+        xb, yb, sb = constrain((xb, yb, sb))
+      (loss, rec), g = grad_fn(th, aux, xb, yb, sb, it, total)
       upd, st2 = opt.update(g, st, th)
       th2 = optax.apply_updates(th, upd)
       ok = jnp.isfinite(loss) & jnp.logical_not(bad) & jax.tree.reduce(

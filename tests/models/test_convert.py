@@ -218,3 +218,94 @@ def test_load_rejects_params_of_another_model(tmp_path):
   checkpoint.save_model_dir(str(tmp_path / 'm'), params, dict(cfg, attn_resolutions=[]))
   with pytest.raises(checkpoint.CheckpointError, match='unexpected up_1/attn_0'):
     load(str(tmp_path / 'm'))
+
+
+# ------------------------------------------------------------------ reliability (issue 13): hostile / bad inputs
+
+def _ddim_tiny_sd(seed=0):
+  cfg = configs.get_config('ddim_tiny')
+  sd, want = _torch_layout_state_dict(abstract_params(cfg), seed=seed)
+  return cfg, sd, want
+
+
+def test_poisoned_file_then_good_file_convert_in_one_process(tmp_path):
+  """A refused file must leave nothing behind: the next conversion in the process gives exact values."""
+  from tests.models.test_torch_pickle import poison_body, write_state_dict_zip, write_torch_zip
+  cfg, sd, want = _ddim_tiny_sd()
+  bad = write_torch_zip(tmp_path / 'poison.ckpt', poison_body())
+  with pytest.raises(torch_pickle.UnsafeBuildError, match='poison.ckpt: refused BUILD'):
+    convert_checkpoint(bad, cfg)
+  params, _, _ = convert_checkpoint(write_state_dict_zip(tmp_path / 'good.ckpt', sd), cfg)
+  flat = traverse_util.flatten_dict(params)
+  np.testing.assert_array_equal(flat[('conv_in', 'kernel')], want[('conv_in', 'kernel')])
+  assert float(np.abs(flat[('conv_in', 'kernel')]).max()) < 10
+  assert all(np.array_equal(flat[p], a) for p, a in want.items())
+
+
+def test_nonfinite_weights_are_refused_naming_the_key(tmp_path):
+  cfg, sd, want = _ddim_tiny_sd()
+  sd['conv_in.weight'][0, 0, 0, :2] = [np.nan, np.inf]
+  sd['temb.dense.1.bias'][3] = -np.inf
+  ckpt = tmp_path / 'nan.npz'
+  np.savez(ckpt, **sd)
+  with pytest.raises(ConversionError) as e:
+    convert_checkpoint(str(ckpt), cfg)
+  msg = str(e.value)
+  assert 'nan.npz: refusing to convert, 2 weights hold NaN / Inf' in msg
+  assert 'conv_in.weight: 1 NaN, 1 Inf of 864 values' in msg and 'temb.dense.1.bias: 0 NaN, 1 Inf of' in msg
+  # a model dir holding a NaN (written by anything else) is refused by models.load, naming the leaf
+  params = traverse_util.unflatten_dict({p: a.copy() for p, a in want.items()})
+  params['conv_out']['bias'][1] = np.nan
+  checkpoint.save_model_dir(str(tmp_path / 'm'), params, cfg)
+  with pytest.raises(checkpoint.CheckpointError, match=r'conv_out/bias: 1 non-finite values \(NaN / Inf\)'):
+    load(str(tmp_path / 'm'))
+
+
+def _run_cli(module, *args):
+  r = subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                     env={**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'})
+  errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+  return r.returncode, errors, r.stderr
+
+
+def test_convert_cli_bogus_safetensors_is_one_line(tmp_path):
+  bogus = tmp_path / 'bogus.safetensors'
+  bogus.write_bytes(b'\x02\x00\x00\x00\x00\x00\x00\x00[]')
+  rc, errors, stderr = _run_cli('tcaq_jax.models.convert', '--checkpoint', str(bogus), '--model', 'ddim_tiny',
+                                '--out', str(tmp_path / 'out'))
+  assert rc == 2 and 'Traceback' not in stderr, stderr[-2000:]
+  assert errors == [f'error: {bogus}: invalid safetensors header: it is a JSON list, not an object of tensors']
+
+
+def _half_written_out(tmp_path):
+  """A ddim_tiny checkpoint and an --out dir whose writer died after the orbax step, before config.json."""
+  cfg, sd, want = _ddim_tiny_sd()
+  ckpt = tmp_path / 'ddim.npz'
+  np.savez(ckpt, **sd)
+  out = tmp_path / 'out'
+  checkpoint.save(str(out), 0, {'w': np.zeros(2, np.float32)})
+  return str(ckpt), str(out), want
+
+
+def test_convert_cli_half_written_out_names_overwrite(tmp_path):
+  ckpt, out, _ = _half_written_out(tmp_path)
+  rc, errors, stderr = _run_cli('tcaq_jax.models.convert', '--checkpoint', ckpt, '--model', 'ddim_tiny', '--out', out)
+  assert rc == 2 and len(errors) == 1 and 'Traceback' not in stderr, stderr[-2000:]
+  assert errors[0].startswith(f'error: --out: {out!r} ') and '--overwrite' in errors[0]
+
+
+def test_convert_cli_overwrite_replaces_half_written_out(tmp_path):
+  ckpt, out, want = _half_written_out(tmp_path)
+  rc, errors, stderr = _run_cli('tcaq_jax.models.convert', '--checkpoint', ckpt, '--model', 'ddim_tiny', '--out', out,
+                                '--overwrite')
+  assert rc == 0 and not errors, stderr[-2000:]
+  _, loaded, _ = load(out)
+  np.testing.assert_array_equal(np.asarray(loaded['conv_in']['kernel']), want[('conv_in', 'kernel')])
+
+
+def test_inception_cli_is_one_line(tmp_path):
+  bad = tmp_path / 'pt_inception.pth'
+  bad.write_bytes(b'this is not a checkpoint')
+  rc, errors, stderr = _run_cli('tcaq_jax.eval.inception', '--weights', str(bad), '--out', str(tmp_path / 'o'))
+  assert rc == 2 and 'Traceback' not in stderr, stderr[-2000:]
+  assert len(errors) == 1 and errors[0].startswith(f"error: cannot read --weights '{bad}': {bad}: cannot read")

@@ -234,3 +234,13 @@ def test_qstate_reads_the_earlier_nested_layout(setup):
   assert set(back.layers) == set(qs.layers)
   np.testing.assert_array_equal(back.layers['blocks_0/nin_shortcut'].a_scale,
                                 qs.layers['blocks_0/nin_shortcut'].a_scale)
+
+
+@pytest.mark.parametrize('step', [5, 15, 999, -1])
+def test_uncalibrated_step_index_gives_nan_never_a_clamped_neighbour(setup, step):
+  """JAX clamps out-of-range gathers: step 15, 999 or -1 used to give exactly step 4's output (5 steps here)."""
+  model, params, pol, qs, x = setup
+  out = A.quantized_apply(model, {'params': params}, qs, pol, x, step_index=jnp.int32(step))
+  assert np.isnan(np.asarray(out)).all()
+  per_sample = A.quantized_apply(model, {'params': params}, qs, pol, x, step_index=jnp.asarray([4, step]))
+  assert np.isfinite(np.asarray(per_sample[0])).all() and np.isnan(np.asarray(per_sample[1])).all()

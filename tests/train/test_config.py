@@ -46,7 +46,7 @@ def test_resolve_fills_method_defaults_once():
   cfg = Config(method='tcaq', tcr=False, w_bits=4, a_bits=8).resolve()
   assert cfg.tcr is False and cfg.daq is True and cfg.r_tru == 3.0      # explicit override kept; paper R_tru
   assert Config(w_bits=6, a_bits=6).resolve().r_tru == 0.0
-  assert Config(method='minmax', learn_act_scale=True).resolve().learn_act_scale is False   # no reconstruction
+  assert Config(method='minmax').resolve().learn_act_scale is False
   assert Config(method='minmax').resolve().act_pcts == (100.0,)
   assert Config(method='qdiff', w_bits=4, a_bits=4).resolve().out_dir == os.path.join('runs', 'calib',
                                                                                        'demo_qdiff_w4a4')
@@ -93,3 +93,25 @@ def test_cifar10_flagfiles_are_the_base_plus_bit_widths(monkeypatch):
 def test_tri_state_flags_default_to_the_method():
   cfg = _parse(['--method=qdiff', '--tcr']).resolve()
   assert cfg.tcr is True and cfg.learn_act_scale is True and cfg.par is False
+
+
+@pytest.mark.parametrize('flat, match', [
+    ({'recon_iters': -5}, '--recon_iters=-5'),                       # used to run and report final_rec NaN
+    ({'par_iters': -1}, '--par_iters=-1'),
+    ({'iters_scale': -0.1}, '--iters_scale'),
+    ({'recon_batch': 0}, '--recon_batch=0'),
+    ({'act_batch': 0}, '--act_batch=0'),
+    ({'calib_steps': 30, 'num_steps': 20}, '--calib_steps=30'),
+    ({'lr': 0.0}, '--lr=0.0'),
+    ({'warmup': 1.0}, '--warmup'),
+    ({'r_tru': 0.5}, '--r_tru=0.5'),
+    ({'act_pcts': ('101',)}, '--act_pcts'),
+    ({'recon_units': '(unclosed'}, '--recon_units'),                 # used to fail after 14 s of work
+    ({'method': 'minmax', 'par': True}, '--par=true has no effect'),  # used to report par: true
+    ({'method': 'minmax', 'learn_act_scale': True}, '--learn_act_scale=true'),
+    ({'method': 'tcaq', 'reconstruct': False, 'par': True}, '--reconstruct=false'),
+    ({'method': 'minmax', 'act_pcts': ('99.9',)}, '--act_pcts=99.9 has no effect'),
+])
+def test_bad_values_and_ignored_combinations_are_refused(flat, match):
+  with pytest.raises(ConfigError, match=match):
+    Config.from_flat(flat).resolve()

@@ -183,3 +183,71 @@ def test_cifar10_w4a8_flagfile_end_to_end_random_weights(tmp_path):
   assert ckpt['meta']['progress']['done']
   qs = ckpt['qstate']['layers']
   assert np.asarray(qs['up_3.block_0.nin_shortcut']['a_scale']).shape == (2, 2)   # 2 slots x split
+
+
+# ------------------------------------------------------------------ reliability (issue 13)
+
+def test_sampling_a_run_refuses_other_sampler_settings(full_run, tmp_path):
+  """Its per-step activation scales fit the calibrated steps only (other --steps used to reuse step 5's)."""
+  from tcaq_jax.quantized import RunDirError, check_sampler_settings
+  out, _ = full_run
+  meta = load_quantized(out).meta
+  assert check_sampler_settings(meta, None, None, None, out) == (6, 'quad', 0.0)
+  for bad in ((15, None, None), (None, 'uniform', None), (None, None, 1.0)):
+    with pytest.raises(RunDirError, match='calibrated for --steps=6 --skip_type=quad --eta=0.0'):
+      check_sampler_settings(meta, *bad, out)
+  proc = subprocess.run([sys.executable, '-m', 'tcaq_jax.eval.sample', f'--quant_dir={out}', '--steps=15',
+                         f'--out_dir={tmp_path / "s"}', '--num_samples=2', '--compile_cache='], cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'calibrated for --steps=6' in last and 'Traceback' not in proc.stderr
+  assert not os.path.exists(tmp_path / 's')
+
+
+def test_sample_cli_defaults_out_dir_per_source_and_never_overwrites(full_run, tmp_path):
+  from tcaq_jax.eval.sample import SampleError, generate
+  out, _ = full_run
+  q = load_quantized(out)
+  kw = dict(num_samples=2, batch_size=2, steps=6, skip_type='quad', eta=0.0, seed=0, progress=False,
+            loaded=(q.model, q.params, q.config), eps_fn_builder=lambda m, p, c: q.eps_fn)
+  d = str(tmp_path / 'samples')
+  generate(None, out_dir=d, overwrite=False, **kw)
+  with pytest.raises(SampleError, match='--overwrite'):
+    generate(None, out_dir=d, overwrite=False, **kw)
+  generate(None, out_dir=d, overwrite=True, **kw)
+
+
+def test_non_finite_samples_stop_with_an_error(full_run, tmp_path):
+  """NaN weights used to sample all-black images with exit 0."""
+  from tcaq_jax.eval.sample import SampleError, generate
+  out, _ = full_run
+  q = load_quantized(out)
+  nan_params = jax.tree.map(lambda a: a * jnp.nan, q.params)
+  with pytest.raises(SampleError, match='not finite'):
+    generate(None, 2, 2, 6, 'quad', 0.0, 0, out_dir=str(tmp_path / 'nan'), progress=False,
+             loaded=(q.model, nan_params, q.config))
+  assert not os.path.exists(tmp_path / 'nan')
+
+
+def test_resume_refuses_other_weights_in_the_same_model_dir_and_accepts_an_absolute_path(tmp_path, monkeypatch):
+  from tcaq_jax.models import family
+  monkeypatch.chdir(tmp_path)
+  model, params, config = family.random_model('ddim_tiny', 0)
+  checkpoint.save_model_dir('model', params, config)
+  cfg = dict(BASE, model_config='', model_dir='model', out_dir='run', method='minmax', w_bits=8, a_bits=8,
+             png_samples=0)
+  run(cfg)
+  report = run(dict(cfg, model_dir=str(tmp_path / 'model')))                    # same dir, written absolute
+  assert report['units'] == []
+  _, other, _ = family.random_model('ddim_tiny', 1)
+  checkpoint.save_model_dir('model', other, config, overwrite=True)
+  with pytest.raises(CalibrationError, match='other model weights'):
+    run(cfg)
+
+
+def test_an_unwritable_out_dir_fails_before_any_work(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a dir')
+  with pytest.raises(CalibrationError, match='not writable'):
+    run(dict(BASE, out_dir=str(blocker / 'run')))

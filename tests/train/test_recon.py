@@ -43,7 +43,7 @@ def block_setup():
               if u.path == UNIT)
   io = blocks.capture_unit_io(blocks.make_io_capture(UNIT, in_forward=qf, out_forward=fp), (x, t, steps, cond), 16,
                               in_consts=(params, qs), out_consts=params)
-  soft = blocks.unit_apply_fn(model, pol, unit, io, 'soft')
+  soft = blocks.unit_apply_fn(blocks.unit_program(model, params, pol, unit), io, 'soft')
   return model, params, pol, qs, unit, io, jnp.asarray(steps), soft
 
 
@@ -59,9 +59,10 @@ def chunk_fn(soft, cfg, hook=None):
 
 
 def block_mse(model, params, pol, qs, unit, io, steps, theta):
-  """NumPy MSE between the hard-rounded quantized block and the FP block output."""
+  """NumPy MSE between the hard-rounded quantized block, run inside the full model (block_method, absolute
+  paths; reconstruction runs the block as a standalone module), and the FP block output."""
   args, kwargs = io.rebuild(io.leaves)
-  out = A.quantized_apply(model, {'params': params}, qs.merge(theta), pol, *args,
+  out = A.quantized_apply(model, {'params': params}, qs.merge(blocks.to_absolute(theta, unit)), pol, *args,
                           step_index=steps, weight_mode='hard', method=A.block_method(unit.path), **kwargs)
   return float(np.mean((np.asarray(out, np.float64) - np.asarray(io.output, np.float64)) ** 2))
 
@@ -69,7 +70,7 @@ def block_mse(model, params, pol, qs, unit, io, steps, theta):
 def test_reconstruction_lowers_block_mse(block_setup):
   model, params, pol, qs, unit, io, steps, soft = block_setup
   assert unit.layers == (f'{UNIT}/conv1', f'{UNIT}/temb_proj', f'{UNIT}/conv2')
-  theta0 = {p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers}
+  theta0 = blocks.to_relative({p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers}, unit)
   before = block_mse(model, params, pol, qs, unit, io, steps, theta0)
   cfg = recon.ReconConfig(iters=200, batch=16, chunk=200)
   theta, stats = recon.reconstruct(soft, theta0, blocks.unit_aux(params, qs, unit), io.leaves, io.output, steps,
@@ -86,7 +87,7 @@ def test_reconstruction_lowers_block_mse(block_setup):
 
 def test_nan_loss_stops_the_block_and_keeps_last_good_state(block_setup):
   model, params, pol, qs, unit, io, steps, soft = block_setup
-  theta0 = {p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers}
+  theta0 = blocks.to_relative({p: LayerQState(alpha=qs.layers[p].alpha) for p in unit.layers}, unit)
   cfg = recon.ReconConfig(iters=40, batch=16, chunk=20)
   nan_at_27 = lambda loss, it: jnp.where(it == 27, jnp.nan, loss)      # the test's hook, not production code
   with pytest.raises(recon.NonFiniteLossError, match=f"'{UNIT}' at iteration 27") as ei:

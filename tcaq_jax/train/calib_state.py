@@ -1,0 +1,97 @@
+"""The state a calibration run threads through its stages (`CalibState`) and its checkpoint form.
+
+A run dir's orbax step holds: params (the FP model's), qstate (`quant.state.to_tree`), meta = {'config': the flat
+config, 'model_config', 'policy', 'units', 'progress', 'report', 'ckpt_step'}. `restore_state` refuses a run made
+with other flags (those in `config.RESUMABLE` may change).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import flax.struct
+import jax
+
+from tcaq_jax import checkpoint
+from tcaq_jax.quant.state import QState, from_tree, to_tree
+from tcaq_jax.train.config import RESUMABLE, CalibrationError
+
+__all__ = ['Progress', 'CalibState', 'save_state', 'restore_state', 'new_report', 'jsonable']
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  """Where a run stands: the next unit of round `round`; act_done: this round's activation search is done."""
+  round: int = 0
+  next_unit: int = 0
+  act_done: bool = True
+  done: bool = False
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@flax.struct.dataclass
+class CalibState:
+  """The one state a run threads through its stages and saves after each: the quantizer state (a pytree),
+  progress, the report so far and the checkpoint step (static metadata)."""
+  qstate: QState
+  progress: Progress = flax.struct.field(pytree_node=False, default_factory=Progress)
+  report: dict = flax.struct.field(pytree_node=False, default_factory=dict)
+  ckpt_step: int = flax.struct.field(pytree_node=False, default=0)
+
+
+def save_state(setup, state: CalibState) -> None:
+  """Atomically writes `state` as checkpoint step state.ckpt_step of out_dir (params, qstate, meta)."""
+  meta = {'config': setup.cfg.to_flat(), 'model_config': setup.mconfig, 'policy': setup.policy.to_dict(),
+          'units': [u.to_dict() for u in setup.units], 'progress': state.progress.to_dict(),
+          'report': jsonable(state.report), 'ckpt_step': state.ckpt_step, 'model_fingerprint': setup.fingerprint}
+  checkpoint.save(setup.cfg.out_dir, state.ckpt_step, setup.params, qstate=to_tree(jax.device_get(state.qstate)),
+                  meta=meta)
+
+
+def jsonable(d):
+  return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def _same_path(a: str, b: str) -> bool:
+  return os.path.realpath(os.path.expanduser(a or '')) == os.path.realpath(os.path.expanduser(b or ''))
+
+
+def _check_compatible(stored: dict, now: dict, out_dir: str) -> None:
+  for k, v in now.items():
+    if k in RESUMABLE or k not in stored:
+      continue
+    if k in ('model_dir', 'calib_dir') and _same_path(v, stored[k]):
+      continue                       # the same dir written another way (relative / absolute)
+    if v != stored[k]:
+      raise CalibrationError(f'{out_dir} holds a run with --{k}={stored[k]!r}, now --{k}={v!r}: use another '
+                             f'--out_dir (or the same flags) to resume')
+
+
+def restore_state(setup) -> CalibState | None:
+  """The last saved state of out_dir (None when it holds none); refuses a run made with other flags."""
+  if checkpoint.latest_step(setup.cfg.out_dir) is None:
+    return None
+  ck = checkpoint.restore(setup.cfg.out_dir)
+  meta = ck['meta'] or {}
+  _check_compatible(meta.get('config', {}), setup.cfg.to_flat(), setup.cfg.out_dir)
+  stored = meta.get('model_fingerprint')
+  if stored is not None and stored != setup.fingerprint:
+    raise CalibrationError(f'{setup.cfg.out_dir} was calibrated from other model weights (fingerprint {stored}) '
+                           f'than --model_dir={setup.cfg.model_dir!r} holds now ({setup.fingerprint}): use another '
+                           '--out_dir, or restore the original model')
+  p = meta['progress']
+  progress = Progress(p['round'], p['next_unit'], p.get('act_done', True), p.get('done', False))
+  return CalibState(from_tree(ck['qstate']), progress, meta['report'], int(meta['ckpt_step']))
+
+
+def new_report(setup, timings: dict) -> dict:
+  cfg = setup.cfg
+  return {'model': setup.mconfig.get('name'), 'family': setup.mconfig['family'], 'method': cfg.method,
+          'bits': {'w': cfg.w_bits, 'a': cfg.a_bits, 'softmax': cfg.softmax_bits},
+          'components': {k: getattr(cfg, k) for k in ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale')},
+          'policy_summary': setup.policy.summary(), 'preset': cfg.preset,
+          'policy_overrides': list(cfg.policy_override), 'num_units': len(setup.units), 'units': [],
+          'init_timings': dict(timings), 'iters_scale': cfg.iters_scale}
