@@ -5,7 +5,8 @@
 eps-prediction MSE at uniform t in [0, T) (antithetic pairs t, T-1-t as in the DDIM repo), Adam with warmup and
 cosine decay, global-norm clipping, an EMA of the params (what ships), one jitted train step. A run directory
 (--run_dir) gets an orbax checkpoint every --ckpt_every steps and a resumed run continues from it; the run stops
-early at --max_minutes (the step reached is recorded in the model dir's meta).
+early at --max_minutes (the step reached is recorded in the model dir's meta). --steps, --batch_size,
+--log_every, --ckpt_every below 1 and a negative --warmup / --max_minutes end in one `error: ...` line.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tcaq_jax import checkpoint
 from tcaq_jax.assets import DEMO_UNET_DIR
@@ -25,20 +26,21 @@ from tcaq_jax.demo.data import load_digits_16
 from tcaq_jax.diffusion.schedules import schedule_from_config
 from tcaq_jax.models.configs import build_model, get_config
 
-flags.DEFINE_string('config', 'ddim_digits', 'model config name')
-flags.DEFINE_string('out_dir', DEMO_UNET_DIR, 'model dir to write (EMA params + config.json)')
-flags.DEFINE_string('run_dir', '/tmp/tcaq_pretrain_run', 'resumable training checkpoints')
-flags.DEFINE_integer('steps', 2000, 'train steps')
-flags.DEFINE_integer('batch_size', 64, 'batch size')
-flags.DEFINE_float('lr', 2e-3, 'peak learning rate')
-flags.DEFINE_integer('warmup', 100, 'linear warmup steps')
-flags.DEFINE_float('ema_decay', 0.995, 'EMA decay (with the (1+n)/(10+n) warm start)')
-flags.DEFINE_float('grad_clip', 1.0, 'global-norm clip')
-flags.DEFINE_integer('seed', 0, 'seed')
-flags.DEFINE_integer('log_every', 50, 'log interval (steps)')
-flags.DEFINE_integer('ckpt_every', 250, 'checkpoint interval (steps)')
-flags.DEFINE_float('max_minutes', 0.0, 'stop after this wall time (0: no limit)')
 FLAGS = flags.FLAGS
+
+
+class PretrainError(ValueError):
+  """A pretraining flag is out of range (the message names the flag)."""
+
+
+def check_flags(f=FLAGS) -> None:
+  """Refuses size flags that would divide by zero or train nothing, naming the flag (f: the parsed flags)."""
+  for name in ('steps', 'batch_size', 'log_every', 'ckpt_every'):
+    if getattr(f, name) < 1:
+      raise PretrainError(f'--{name}={getattr(f, name)}: must be a positive integer')
+  if f.warmup < 0 or f.max_minutes < 0:
+    bad = 'warmup' if f.warmup < 0 else 'max_minutes'
+    raise PretrainError(f'--{bad}={getattr(f, bad)}: must be >= 0')
 
 
 def make_train_step(model, tx, alpha_bar: np.ndarray, data: jnp.ndarray, batch_size: int, ema_decay: float):
@@ -72,6 +74,7 @@ def make_train_step(model, tx, alpha_bar: np.ndarray, data: jnp.ndarray, batch_s
 
 def main(argv):
   del argv
+  check_flags()
   checkpoint.quiet_orbax_logs()
   config = get_config(FLAGS.config)
   model = build_model(config)
@@ -119,5 +122,25 @@ def main(argv):
   logging.info('wrote EMA params after %d steps to %s', steps_done, FLAGS.out_dir)
 
 
-if __name__ == '__main__':
-  app.run(main)
+def define_flags():
+  """The CLI's flags (defined here, not at import, so importing the module defines nothing)."""
+  flags.DEFINE_string('config', 'ddim_digits', 'model config name')
+  flags.DEFINE_string('out_dir', DEMO_UNET_DIR, 'model dir to write (EMA params + config.json)')
+  flags.DEFINE_string('run_dir', '/tmp/tcaq_pretrain_run', 'resumable training checkpoints')
+  flags.DEFINE_integer('steps', 2000, 'train steps')
+  flags.DEFINE_integer('batch_size', 64, 'batch size')
+  flags.DEFINE_float('lr', 2e-3, 'peak learning rate')
+  flags.DEFINE_integer('warmup', 100, 'linear warmup steps')
+  flags.DEFINE_float('ema_decay', 0.995, 'EMA decay (with the (1+n)/(10+n) warm start)')
+  flags.DEFINE_float('grad_clip', 1.0, 'global-norm clip')
+  flags.DEFINE_integer('seed', 0, 'seed')
+  flags.DEFINE_integer('log_every', 50, 'log interval (steps)')
+  flags.DEFINE_integer('ckpt_every', 250, 'checkpoint interval (steps)')
+  flags.DEFINE_float('max_minutes', 0.0, 'stop after this wall time (0: no limit)')
+
+
+if __name__ == '__main__':   # run the package module's main: its error classes are then tcaq_jax's, not __main__'s
+  from tcaq_jax import cli
+  from tcaq_jax.demo import pretrain as _pretrain
+  _pretrain.define_flags()
+  cli.run(_pretrain.main)

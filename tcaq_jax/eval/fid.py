@@ -17,12 +17,23 @@ Extraction is one jitted call per fixed-size batch, sharded over all local devic
 batch is padded and the padding dropped); mean/covariance accumulate in float64 running sums
 (`metrics.StatsAccumulator`), so 50k images never sit in memory; only IS logits (and pool3 features when
 precision/recall is asked for) are kept, as float32.
+
+Bad inputs end in one line (FidError, the CLI prints `error: ...` and exits 2) naming the file or flag: an
+unreadable / truncated npz or image file, statistics holding NaN/inf or mis-shaped (`mu` [D], `sigma` [D, D]),
+`--batch_size` / `--num_samples` / `--is_splits` below 1. Small samples (rule in `tcaq_jax.eval.metrics`): fewer
+than 2 images are refused; N <= D images of D-d features (either side) still give an FID, but the report's
+'warnings' list says it is biased and the CLI prints each warning as `warning: ...` on stderr; a negative FID
+within rounding is reported as 0.0. The Inception Score needs 2 samples per split (else it is left out, with a
+warning) and is flagged when N / splits is below the number of classes (the score is capped there). The CLI
+prints the report before writing `--json`, so a failed write loses nothing.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import sys
+import zipfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -33,8 +44,8 @@ from tqdm.auto import tqdm
 from tcaq_jax.diffusion import sharding
 from tcaq_jax.eval import metrics
 
-__all__ = ['FidError', 'FeatureFn', 'register_feature', 'make_feature_fn', 'ImageSource', 'open_images',
-           'FeatureStats', 'extract', 'reference_stats', 'evaluate', 'IMAGE_KEYS']
+__all__ = ['FidError', 'check_positive', 'check_stats', 'FeatureFn', 'register_feature', 'make_feature_fn',
+           'ImageSource', 'open_images', 'FeatureStats', 'extract', 'reference_stats', 'evaluate', 'IMAGE_KEYS']
 
 FeatureFn = Callable[[Any], dict]
 IMAGE_KEYS = ('arr_0', 'images', 'samples')
@@ -43,6 +54,31 @@ _IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 class FidError(ValueError):
   """Bad image source, reference file or feature network option (the message names the file / flag)."""
+
+
+def check_positive(name: str, value: int | None, optional: bool = False) -> None:
+  """Refuses a size below 1 (None passes when optional): FidError naming it (pass '--flag' for a flag)."""
+  if value is None and optional:
+    return
+  if value is None or value < 1:
+    raise FidError(f'{name}={value}: must be a positive integer')
+
+
+def check_stats(name: str, stats: dict) -> None:
+  """Refuses statistics (mu, sigma[, mu_s, sigma_s, features]) that are mis-shaped or hold NaN/inf."""
+  for mk, sk in (('mu', 'sigma'), ('mu_s', 'sigma_s')):
+    if mk not in stats:
+      continue
+    mu, sigma = np.asarray(stats[mk]), np.asarray(stats.get(sk, np.zeros(0)))
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+      raise FidError(f'{name}: {mk!r} {mu.shape} and {sk!r} {sigma.shape} are not [D] and [D, D]')
+  for key in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features'):
+    if key in stats:
+      a = np.asarray(stats[key], np.float64)
+      bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+      if bad:
+        raise FidError(f'{name}: {key!r} has {bad} non-finite value(s) (NaN/inf) of {a.size}; recompute it '
+                       f'with python -m tcaq_jax.eval.ref_stats')
 
 
 # ------------------------------------------------------------------------------------------ feature networks
@@ -138,27 +174,58 @@ def _as_rgb_uint8(x: np.ndarray, name: str) -> np.ndarray:
   return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
+
+
+def _npz_files(path: str) -> list[str]:
+  """The array names in an .npz; a truncated / corrupt / non-npz file -> FidError naming it."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return list(z.files)
+  except _NPZ_ERRORS as e:
+    raise FidError(f'{path}: not a readable .npz ({type(e).__name__}: {e})') from e
+
+
+def _npz_arrays(path: str, keys) -> dict[str, np.ndarray]:
+  """Reads `keys` of an .npz in full; a truncated or corrupt member -> FidError naming the file and key."""
+  out, k = {}, None
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      for k in keys:
+        out[k] = np.asarray(z[k])
+  except _NPZ_ERRORS as e:
+    raise FidError(f'{path}: cannot read {k!r} ({type(e).__name__}: {e})') from e
+  return out
+
+
 def _npz_images(path: str) -> ImageSource | None:
-  z = np.load(path, allow_pickle=False, mmap_mode='r')
-  key = next((k for k in IMAGE_KEYS if k in z.files), None)
+  key = next((k for k in IMAGE_KEYS if k in _npz_files(path)), None)
   if key is None:
     return None
-  arr = z[key]
+  arr = _npz_arrays(path, [key])[key]
+  if arr.ndim < 1:
+    raise FidError(f'{path}: {key!r} is a scalar, expected images [N, H, W, 3]')
   return ImageSource(f'{path}[{key}]', arr.shape[0], lambda lo, hi: np.asarray(arr[lo:hi]))
 
 
-def _folder_images(path: str) -> ImageSource:
+def _read_image(path: str) -> np.ndarray:
+  """One image file -> uint8 [H, W, 3]; an unreadable / truncated file -> FidError naming it."""
   from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'))
+  except (OSError, ValueError, SyntaxError) as e:    # PIL's UnidentifiedImageError is an OSError
+    raise FidError(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
+
+
+def _folder_images(path: str) -> ImageSource:
   files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
                  if f.lower().endswith(_IMAGE_EXTS))
   if not files:
     raise FidError(f'image folder {path!r} holds no {"/".join(_IMAGE_EXTS)} files')
 
   def get(lo, hi):
-    imgs = []
-    for f in files[lo:hi]:
-      with Image.open(f) as im:
-        imgs.append(np.asarray(im.convert('RGB')))
+    imgs = [_read_image(f) for f in files[lo:hi]]
     shapes = {a.shape for a in imgs}
     if len(shapes) > 1:
       raise FidError(f'{path}: images of different sizes {sorted(shapes)} (e.g. {files[lo]}); resize them first')
@@ -176,7 +243,7 @@ def open_images(path: str) -> ImageSource:
     raise FidError(f'{path!r}: expected an .npz of images or a folder of images')
   src = _npz_images(path)
   if src is None:
-    raise FidError(f'{path!r} holds no images (keys {list(np.load(path).files)}; expected one of {IMAGE_KEYS})')
+    raise FidError(f'{path!r} holds no images (keys {_npz_files(path)}; expected one of {IMAGE_KEYS})')
   return src
 
 
@@ -224,6 +291,8 @@ class FeatureStats:
 def extract(feature_fn: FeatureFn, source: ImageSource, batch_size: int = 250, limit: int | None = None,
             keep_features: bool = False, progress: bool = True, desc: str | None = None) -> FeatureStats:
   """Streams `source` through `feature_fn` in fixed-size batches sharded over the local devices."""
+  check_positive('batch_size', batch_size)
+  check_positive('limit', limit, optional=True)
   mesh = getattr(feature_fn, 'mesh', None) or sharding.batch_mesh()
   n_dev = mesh.devices.size
   padded = sharding.pad_to_multiple(batch_size, n_dev)
@@ -245,17 +314,22 @@ def extract(feature_fn: FeatureFn, source: ImageSource, batch_size: int = 250, l
 
 def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 250, limit: int | None = None,
                     keep_features: bool = False, progress: bool = True, feature_name: str | None = None) -> dict:
-  """Reference as a dict {'mu', 'sigma', optional 'mu_s', 'sigma_s', 'features', 'source'}."""
+  """Reference as a dict {'mu', 'sigma', optional 'mu_s', 'sigma_s', 'features', 'n', 'source'}.
+
+  A statistics npz is checked (`check_stats`): NaN/inf or mis-shaped entries raise FidError naming the file.
+  """
   if path.endswith('.npz') and os.path.isfile(path):
-    z = np.load(path, allow_pickle=False)
-    if not any(k in z.files for k in IMAGE_KEYS):
-      if 'mu' not in z.files or 'sigma' not in z.files:
+    files = _npz_files(path)
+    if not any(k in files for k in IMAGE_KEYS):
+      if 'mu' not in files or 'sigma' not in files:
         raise FidError(f'reference {path!r} holds neither images ({IMAGE_KEYS}) nor statistics (mu, sigma); '
-                       f'keys: {z.files}')
-      stored = str(z['feature']) if 'feature' in z.files else None
+                       f'keys: {files}')
+      keys = [k for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features', 'n', 'feature') if k in files]
+      ref = _npz_arrays(path, keys)
+      stored = str(ref.pop('feature')) if 'feature' in ref else None
       if feature_name and stored and stored != feature_name:
         raise FidError(f'reference statistics {path!r} were computed with --feature={stored}, not {feature_name}')
-      ref = {k: np.asarray(z[k]) for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features', 'n') if k in z.files}
+      check_stats(f'reference statistics {path!r}', ref)
       ref['source'] = 'statistics'
       return ref
   stats = extract(feature_fn, open_images(path), batch_size, limit, keep_features, progress, desc='reference')
@@ -267,7 +341,14 @@ def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 2
 def evaluate(samples: str, ref: str, feature_fn: FeatureFn, batch_size: int = 250, limit: int | None = None,
              is_splits: int = 10, precision_recall: bool = False, k: int = 3, progress: bool = True,
              feature_name: str | None = None) -> dict:
-  """-> JSON-ready report: fid, sfid (when both sides have spatial features), is_mean/is_std, precision/recall."""
+  """-> JSON-ready report: fid, sfid (when both sides have spatial features), is_mean/is_std, precision/recall.
+
+  report['warnings'] lists (one line each) what makes a number not comparable: N <= D samples on either side
+  (FID / sFID), too few samples per Inception Score split (IS left out, or capped). A metric that cannot be
+  computed (non-finite result, shapes that differ between samples and reference, ...) raises FidError naming
+  both files.
+  """
+  check_positive('is_splits', is_splits)
   sample_stats = extract(feature_fn, open_images(samples), batch_size, limit, precision_recall, progress,
                          desc='samples')
   ref_d = reference_stats(ref, feature_fn, batch_size, None, precision_recall, progress, feature_name)
@@ -275,20 +356,69 @@ def evaluate(samples: str, ref: str, feature_fn: FeatureFn, batch_size: int = 25
                             'ref_source': ref_d['source']}
   if 'n' in ref_d:
     report['n_ref'] = int(ref_d['n'])
+  if precision_recall and 'features' not in ref_d:
+    raise FidError(f'--precision_recall needs reference features: {ref!r} holds statistics only '
+                   f'(write them with ref_stats --save_features)')
+  report['warnings'] = []
+  try:
+    _metrics(report, sample_stats, ref_d, is_splits, precision_recall, k)
+  except metrics.MetricError as e:
+    raise FidError(f'{samples} vs {ref}: {e}') from e
+  return report
+
+
+def _size_warnings(report: dict, what: str, n_samples: int, n_ref: int | None, dim: int) -> None:
+  for name, n in ((f'{what} of {report["samples"]}', n_samples), (f'{what} reference {report["ref"]}', n_ref)):
+    msg = None if n is None else metrics.sample_size_warning(n, dim, name)
+    if msg:
+      report['warnings'].append(msg)
+
+
+def _metrics(report: dict, sample_stats: FeatureStats, ref_d: dict, is_splits: int, precision_recall: bool,
+             k: int) -> None:
+  """Fills report's metrics and warnings (the rules in the module docstring)."""
+  n_ref = int(ref_d['n']) if 'n' in ref_d else None
   mu, sigma = sample_stats.pool3.stats()
+  _size_warnings(report, 'FID', sample_stats.n, n_ref, mu.shape[0])
   report['fid'] = metrics.frechet_distance(mu, sigma, ref_d['mu'], ref_d['sigma'])
   if sample_stats.spatial.n and 'mu_s' in ref_d:
     mu_s, sigma_s = sample_stats.spatial.stats()
+    _size_warnings(report, 'sFID', sample_stats.spatial.n, n_ref, mu_s.shape[0])
     report['sfid'] = metrics.frechet_distance(mu_s, sigma_s, ref_d['mu_s'], ref_d['sigma_s'])
   logits = sample_stats.logits()
-  if logits is not None and logits.shape[0] >= is_splits:
-    report['is_mean'], report['is_std'] = metrics.inception_score(logits, is_splits)
+  if logits is not None:
+    _inception_score(report, logits, is_splits)
   if precision_recall:
-    if 'features' not in ref_d:
-      raise FidError(f'--precision_recall needs reference features: {ref!r} holds statistics only '
-                     f'(write them with ref_stats --save_features)')
     report['precision'], report['recall'] = metrics.precision_recall(ref_d['features'], sample_stats.features(), k)
-  return report
+
+
+def _inception_score(report: dict, logits: np.ndarray, splits: int) -> None:
+  n, classes = logits.shape
+  if n < 2 * splits:
+    report['warnings'].append(f'Inception Score left out: {n} samples give fewer than 2 per split '
+                              f'(--is_splits={splits})')
+    return
+  if n // splits < classes:
+    report['warnings'].append(f'Inception Score is capped at {n // splits} ({n} samples / --is_splits={splits}) '
+                              f'< {classes} classes: not comparable; use more samples')
+  report['is_mean'], report['is_std'] = metrics.inception_score(logits, splits)
+
+
+def _emit(report: dict, json_path: str | None) -> None:
+  """Prints the warnings (stderr) and the report (stdout) first, then writes --json: a failed write loses nothing."""
+  for w in report.get('warnings', []):
+    print(f'warning: {w}', file=sys.stderr)
+  text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False)
+  print(text, flush=True)
+  if not json_path:
+    return
+  tmp = json_path + '.tmp'
+  try:
+    with open(tmp, 'w') as fh:
+      fh.write(text + '\n')
+    os.replace(tmp, json_path)
+  except OSError as e:
+    raise FidError(f'--json={json_path}: cannot write the report ({e.strerror or e}); it is printed above') from e
 
 
 def main(argv):
@@ -297,19 +427,17 @@ def main(argv):
   quiet_orbax_logs()
   from absl import flags, logging
   f = flags.FLAGS
+  check_positive('--batch_size', f.batch_size)
+  check_positive('--num_samples', f.num_samples, optional=True)
+  check_positive('--is_splits', f.is_splits)
   feature_fn = make_feature_fn(f.feature, inception_dir=f.inception_dir, precision=f.inception_precision,
                                digits_dir=f.digits_dir)
   report = evaluate(f.samples, f.ref, feature_fn, f.batch_size, f.num_samples, f.is_splits, f.precision_recall,
                     progress=not f.no_progress, feature_name=f.feature)
   report['feature'] = f.feature
-  text = json.dumps(report, indent=2, sort_keys=True)
+  _emit(report, f.json)
   if f.json:
-    tmp = f.json + '.tmp'
-    with open(tmp, 'w') as fh:
-      fh.write(text + '\n')
-    os.replace(tmp, f.json)
     logging.info('wrote %s', f.json)
-  print(text)
 
 
 def define_flags():
@@ -330,7 +458,8 @@ def define_flags():
   flags.mark_flags_as_required(['samples', 'ref'])
 
 
-if __name__ == '__main__':
-  from absl import app
-  define_flags()
-  app.run(main)
+if __name__ == '__main__':   # run the package module's main: its error classes are then tcaq_jax's, not __main__'s
+  from tcaq_jax import cli
+  from tcaq_jax.eval import fid as _fid
+  _fid.define_flags()
+  cli.run(_fid.main)

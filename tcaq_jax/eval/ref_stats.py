@@ -8,16 +8,22 @@ CIFAR-10 python batches (`data_batch_1..5`, optionally `test_batch` with --cifar
 plain dict; they are read by a restricted unpickler whose `find_class` resolves only numpy's array-rebuilding
 globals and refuses everything else (no code from the file runs). Data layout: b'data' uint8 [N, 3072] rows of
 1024 R, 1024 G, 1024 B values, each a row-major 32x32 plane.
+
+Errors end in one line naming the file or flag (`--batch_size` / `--num_images` below 1, a missing `--out`
+folder: checked before any image is read; an unreadable image or npz; statistics holding NaN/inf are not
+written). Fewer images than feature dimensions (N <= D) still give statistics, with a `warning: ...` line on
+stderr: an FID against them is biased (see `tcaq_jax.eval.metrics`).
 """
 from __future__ import annotations
 
 import glob
 import os
 import pickle
+import sys
 
 import numpy as np
 
-from tcaq_jax.eval import fid
+from tcaq_jax.eval import fid, metrics
 
 __all__ = ['UnsafePickleError', 'safe_pickle_load', 'load_cifar10', 'cifar10_source', 'data_source']
 
@@ -50,9 +56,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def safe_pickle_load(path: str):
-  """Unpickles plain containers / bytes / numpy arrays only."""
+  """Unpickles plain containers / bytes / numpy arrays only; a truncated / corrupt file -> FidError naming it."""
   with open(path, 'rb') as f:
-    return _NumpyOnlyUnpickler(f, path).load()
+    try:
+      return _NumpyOnlyUnpickler(f, path).load()
+    except UnsafePickleError:
+      raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError) as e:
+      raise fid.FidError(f'{path}: not a readable pickle ({type(e).__name__}: {e})') from e
 
 
 def _key(d: dict, name: str):
@@ -95,15 +106,31 @@ def data_source(spec: str, cifar_split: str = 'train') -> fid.ImageSource:
   return fid.open_images(spec)
 
 
+def check_out(path: str | None) -> None:
+  """--out must be given and its folder must exist (checked before the extraction, not after)."""
+  if not path:
+    raise fid.FidError('--out is required')
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(folder):
+    raise fid.FidError(f'--out={path}: folder {folder!r} does not exist')
+
+
 def main(argv):
   del argv
   from absl import flags, logging
   f = flags.FLAGS
+  fid.check_positive('--batch_size', f.batch_size)
+  fid.check_positive('--num_images', f.num_images, optional=True)
+  check_out(f.out)
   feature_fn = fid.make_feature_fn(f.feature, inception_dir=f.inception_dir, digits_dir=f.digits_dir)
   source = data_source(f.data, f.cifar_split)
   stats = fid.extract(feature_fn, source, f.batch_size, f.num_images, keep_features=f.save_features,
                       progress=not f.no_progress, desc='reference')
   out = stats.as_npz_dict()
+  fid.check_stats(f'statistics of {source.name}', out)
+  msg = metrics.sample_size_warning(stats.n, out['mu'].shape[0], f'FID reference {source.name}')
+  if msg:
+    print(f'warning: {msg}', file=sys.stderr)
   out['feature'] = np.asarray(f.feature)
   tmp = f.out + '.tmp.npz'
   np.savez(tmp, **out)
@@ -111,8 +138,8 @@ def main(argv):
   logging.info('wrote statistics of %d images of %s (%s features) to %s', stats.n, source.name, f.feature, f.out)
 
 
-if __name__ == '__main__':
-  from absl import app, flags
+def define_flags():
+  from absl import flags
   flags.DEFINE_string('data', None, "data set: 'cifar10:DIR' (cifar-10-batches-py), an image folder or an npz")
   flags.DEFINE_enum('cifar_split', 'train', ['train', 'test'], 'CIFAR-10 split (train = 50k data_batch_*)')
   flags.DEFINE_string('feature', 'inception', 'feature network (see tcaq_jax.eval.fid)')
@@ -124,4 +151,10 @@ if __name__ == '__main__':
   flags.DEFINE_string('out', None, 'output .npz')
   flags.DEFINE_bool('no_progress', False, 'hide the progress bar')
   flags.mark_flags_as_required(['data', 'out'])
-  app.run(main)
+
+
+if __name__ == '__main__':   # run the package module's main: its error classes are then tcaq_jax's, not __main__'s
+  from tcaq_jax import cli
+  from tcaq_jax.eval import ref_stats as _ref_stats
+  _ref_stats.define_flags()
+  cli.run(_ref_stats.main)

@@ -86,3 +86,78 @@ def test_demo_samples_are_digits():
   assert q['confident_fraction'] >= 0.8, q
   assert q['fid'] < SMALL_FID_THRESHOLD, q
   assert min(q['class_histogram']) > 0, q              # every digit class appears
+
+
+# ------------------------------------------------------------------------- checked inputs (issue 13, probe 6)
+
+def _random_classifier():
+  """A classifier with random weights (shapes from eval_shape: an eager model.init takes ~7 s on 2 cores)."""
+  from tcaq_jax.demo.classifier import CLASSIFIER_CONFIG, DigitClassifier
+  model = DigitClassifier(CLASSIFIER_CONFIG)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 16, 16, 1), np.float32))['params']
+  rng = np.random.default_rng(0)
+  return model, jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32), shapes)
+
+
+def test_classifier_refuses_images_outside_the_documented_range():
+  """Issue 13 probe 6: [0, 1] float images were accepted (FID 390 against 8.68 for the same images as uint8)."""
+  from tcaq_jax.demo.classifier import CLASSIFIER_CONFIG, DigitClassifier
+  from tcaq_jax.demo.data import DemoDataError, to_model_input
+  x = np.random.default_rng(0).uniform(-1, 1, size=(8, 16, 16, 1)).astype(np.float32)
+  with pytest.raises(DemoDataError, match=r'images: float images have no value below 0.*\[0, 1\] data'):
+    to_model_input((x + 1) / 2, refuse_unit_range=True)
+  assert to_model_input((x + 1) / 2).min() >= 0       # in memory (a collapsed model's samples): range check only
+  with pytest.raises(DemoDataError, match=r'images: float images must lie in \[-1, 1\], got \[-1.99'):
+    classify(DigitClassifier(CLASSIFIER_CONFIG), None, x * 2)          # refused before the network runs
+  with pytest.raises(DemoDataError, match=r'float images must lie in \[-1, 1\], got \[0, 25'):
+    to_model_input(np.round((x + 1) * 127.5))
+  with pytest.raises(DemoDataError, match='got int64'):
+    to_model_input(np.round((x + 1) * 127.5).astype(np.int64))
+  with pytest.raises(DemoDataError, match=r'got shape \(8, 16, 16, 3\)'):
+    to_model_input(np.repeat(x, 3, axis=-1))
+  with pytest.raises(DemoDataError, match='1 non-finite'):
+    to_model_input(np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x))
+  u8 = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
+  np.testing.assert_allclose(to_model_input(u8[..., 0]), to_model_input(x), atol=1 / 127.5)
+
+
+def test_evaluate_file_names_the_file(tmp_path):
+  """--evaluate FILE: a [0, 1] float file, a truncated file and a file without images each name the file."""
+  from tcaq_jax.demo.classifier import evaluate_file
+  from tcaq_jax.demo.data import DemoDataError
+  x = np.random.default_rng(0).uniform(-1, 1, size=(8, 16, 16, 1)).astype(np.float32)
+  np.savez(tmp_path / 'unit.npz', arr_0=(x + 1) / 2)
+  with pytest.raises(DemoDataError, match=r'unit.npz\[arr_0\]: float images have no value below 0'):
+    evaluate_file(str(tmp_path / 'unit.npz'))
+  data = open(tmp_path / 'unit.npz', 'rb').read()
+  open(tmp_path / 'cut.npz', 'wb').write(data[:len(data) // 2])
+  with pytest.raises(DemoDataError, match='cut.npz: not a readable .npz'):
+    evaluate_file(str(tmp_path / 'cut.npz'))
+  np.savez(tmp_path / 'other.npz', foo=x)
+  with pytest.raises(DemoDataError, match=r"other.npz: holds no images \(keys \['foo'\]"):
+    evaluate_file(str(tmp_path / 'other.npz'))
+
+
+def test_demo_quality_of_few_samples_warns():
+  """Issue 13 probe 4 for the demo's FID: 10 samples of the 64-d features give a biased FID, flagged."""
+  model, params = _random_classifier()
+  x = load_digits_16()[0][:10]
+  q = demo_quality(x, model, params, name='few.npz')
+  assert q['fid'] >= 0 and q['warnings'] == ['FID of few.npz from 10 samples of 64-d features is biased and not '
+                                             'comparable: the covariance is singular (rank <= 9 < 64); use more '
+                                             'than 64 samples']
+
+
+def test_pretrain_and_classifier_flags_below_one_are_refused():
+  from types import SimpleNamespace
+  from tcaq_jax.demo import pretrain
+  from tcaq_jax.demo.classifier import _check_flags
+  from tcaq_jax.demo.data import DemoDataError
+  ok = dict(steps=10, batch_size=8, log_every=5, ckpt_every=5, warmup=0, max_minutes=0.0)
+  pretrain.check_flags(SimpleNamespace(**ok))
+  for name, value, msg in (('ckpt_every', 0, 'must be a positive integer'),
+                           ('batch_size', -1, 'must be a positive integer'), ('max_minutes', -1.0, 'must be >= 0')):
+    with pytest.raises(pretrain.PretrainError, match=f'^--{name}={value}: {msg}'):
+      pretrain.check_flags(SimpleNamespace(**dict(ok, **{name: value})))
+  with pytest.raises(DemoDataError, match=r'^--num_test=0: must be in \[1, 1796\]'):
+    _check_flags(SimpleNamespace(steps=10, num_test=0))

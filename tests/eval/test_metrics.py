@@ -79,7 +79,8 @@ def test_sfid_matches_float64_oracle_on_spatial_maps():
 def test_fid_rank_deficient_covariance_is_finite():
   rng = np.random.default_rng(2)
   x, y = rng.normal(size=(20, 50)), rng.normal(size=(20, 50)) + 0.1   # N < D: singular covariances
-  d = metrics.fid(x, y)
+  with pytest.warns(metrics.SmallSampleWarning, match='20 samples of 50-d'):
+    d = metrics.fid(x, y)
   assert np.isfinite(d) and d > 0
   assert _rel(d, _oracle_fid(x, y)) < 1e-3
 
@@ -133,6 +134,41 @@ def test_precision_recall_matches_brute_force_oracle():
   got = metrics.precision_recall(real, fake, k=3, batch=64)    # several padded row batches
   want = _oracle_pr(real, fake, 3)
   np.testing.assert_allclose(got, want, atol=1.5 / 190)         # at most one borderline point differs
+
+
+# ------------------------------------------------------------------ small samples, bad statistics (issue 13)
+
+def test_small_sample_fid_is_not_negative_and_warns():
+  """Issue 13 probe 4: 10 samples vs themselves gave FID -0.004 at 2048-d (-3.5e-6 here at 64-d, same cause)."""
+  x = np.random.default_rng(0).normal(size=(10, 64))
+  mu, sigma = metrics.feature_stats(x)
+  with pytest.warns(metrics.SmallSampleWarning, match='10 samples of 64-d features is biased'):
+    assert metrics.fid(x, x) == 0.0                              # rounding below 0 -> 0.0 (documented)
+  assert metrics.frechet_distance(mu, sigma, mu, sigma) == 0.0
+  dead = x.copy()
+  dead[:, 32:] = 0             # dead feature units: scipy reports the product singular -> the eps * I branch
+  mu_d, sigma_d = metrics.feature_stats(dead)
+  assert 0 <= metrics.frechet_distance(mu_d, sigma_d, mu_d, sigma_d) < 1e-6   # pytorch-fid: -2 D eps = -1.28e-4
+  assert metrics.sample_size_warning(65, 64) is None
+  with pytest.raises(metrics.MetricError, match='negative'):     # not rounding: a covariance that is not PSD
+    metrics.frechet_distance(np.zeros(2), -np.eye(2), np.zeros(2), -np.eye(2))
+
+
+def test_inception_score_refuses_one_sample_per_split():
+  """Issue 13 probe 4: IS of 10 samples in 10 splits was exactly 1.0 whatever the logits."""
+  logits = np.random.default_rng(1).normal(size=(10, 5)) * 3
+  with pytest.raises(metrics.MetricError, match='at least 2 samples per split'):
+    metrics.inception_score(logits, splits=10)
+  assert metrics.inception_score(logits, splits=5)[0] > 1.0
+
+
+def test_non_finite_statistics_raise_metric_error():
+  """Issue 13 probe 5: a NaN gave FID NaN, an all-NaN covariance a raw LinAlgError (after minutes in sqrtm)."""
+  mu, sigma = np.zeros(3), np.eye(3)
+  with pytest.raises(metrics.MetricError, match='mu2 has 1 non-finite'):
+    metrics.frechet_distance(mu, sigma, np.array([0.0, np.nan, 0.0]), sigma)
+  with pytest.raises(metrics.MetricError, match='sigma2 has 9 non-finite'):
+    metrics.frechet_distance(mu, sigma, mu, np.full((3, 3), np.nan))
 
 
 # --------------------------------------------------------------------------------- streaming pipeline (fid.py)
@@ -236,3 +272,104 @@ def test_cifar10_reader_layout_and_safety(tmp_path):
     pickle.dump({b'data': Evil()}, f, protocol=2)
   with pytest.raises(ref_stats.UnsafePickleError, match='system'):
     ref_stats.safe_pickle_load(str(tmp_path / 'evil'))
+
+
+# ------------------------------------------------------------------------ pipeline errors and warnings (issue 13)
+
+def _grey_npz(path, n, seed=0):
+  return _write_npz(path, np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16), dtype=np.uint8))
+
+
+def test_evaluate_small_samples_warn_and_fid_is_not_negative(tmp_path):
+  """Issue 13 probe 4 through evaluate: 10 samples vs themselves (toy features are 22-d)."""
+  s = _grey_npz(tmp_path / 's.npz', 10)
+  rep = fid_lib.evaluate(s, s, _toy_feature_fn, batch_size=4, progress=False)
+  assert rep['fid'] == 0.0 and rep['sfid'] == 0.0 and 'is_mean' not in rep
+  text = '\n'.join(rep['warnings'])
+  assert f'FID of {s} from 10 samples of 22-d features is biased' in text
+  assert f'FID reference {s} from 10 samples' in text and 'sFID of' in text
+  assert 'Inception Score left out: 10 samples give fewer than 2 per split (--is_splits=10)' in text
+  rep5 = fid_lib.evaluate(s, s, _toy_feature_fn, batch_size=4, is_splits=5, progress=False)
+  assert rep5['is_mean'] >= 1.0 and any('Inception Score is capped at 2' in w for w in rep5['warnings'])
+  many = _grey_npz(tmp_path / 'm.npz', 40, seed=1)
+  assert fid_lib.evaluate(many, many, _toy_feature_fn, batch_size=16, is_splits=2, progress=False)['warnings'] == []
+
+
+def test_reference_statistics_with_nan_are_refused(tmp_path):
+  """Issue 13 probe 5: NaN in a statistics npz printed "fid": NaN with exit 0; all-NaN raised LinAlgError."""
+  s = _grey_npz(tmp_path / 's.npz', 30)
+  stats = fid_lib.extract(_toy_feature_fn, fid_lib.open_images(s), batch_size=8, progress=False).as_npz_dict()
+  one = dict(stats, mu=stats['mu'].copy())
+  one['mu'][3] = np.nan
+  np.savez(tmp_path / 'nan1.npz', **one)
+  with pytest.raises(fid_lib.FidError, match=r"nan1.npz.*'mu' has 1 non-finite"):
+    fid_lib.evaluate(s, str(tmp_path / 'nan1.npz'), _toy_feature_fn, progress=False)
+  np.savez(tmp_path / 'nan_all.npz', **dict(stats, sigma=np.full_like(stats['sigma'], np.nan)))
+  with pytest.raises(fid_lib.FidError, match=r"nan_all.npz.*'sigma' has 484 non-finite"):
+    fid_lib.reference_stats(str(tmp_path / 'nan_all.npz'), None)
+  np.savez(tmp_path / 'shape.npz', **dict(stats, sigma=stats['sigma'][:3]))
+  with pytest.raises(fid_lib.FidError, match=r"shape.npz.*'sigma' \(3, 22\)"):
+    fid_lib.reference_stats(str(tmp_path / 'shape.npz'), None)
+
+
+def test_corrupt_files_name_the_file(tmp_path):
+  from PIL import Image
+  good = _grey_npz(tmp_path / 'good.npz', 8)
+  data = open(good, 'rb').read()
+  for name, cut in (('head.npz', data[:len(data) // 2]), ('tail.npz', data[:100] + data[-100:])):
+    open(tmp_path / name, 'wb').write(cut)
+    with pytest.raises(fid_lib.FidError, match=name):
+      fid_lib.open_images(str(tmp_path / name))
+    with pytest.raises(fid_lib.FidError, match=name):
+      fid_lib.reference_stats(str(tmp_path / name), _toy_feature_fn, progress=False)
+  os.makedirs(tmp_path / 'png')
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'png' / 'a.png')
+  png = open(tmp_path / 'png' / 'a.png', 'rb').read()
+  open(tmp_path / 'png' / 'b.png', 'wb').write(png[:len(png) // 2])      # truncated
+  with pytest.raises(fid_lib.FidError, match='b.png: cannot read the image'):
+    next(fid_lib.open_images(str(tmp_path / 'png')).batches(2))
+  os.makedirs(tmp_path / 'junk')
+  open(tmp_path / 'junk' / 'c.png', 'wb').write(b'not a png at all')      # not an image
+  with pytest.raises(fid_lib.FidError, match='c.png: cannot read the image'):
+    next(fid_lib.open_images(str(tmp_path / 'junk')).batches(1))
+  open(tmp_path / 'data_batch_1', 'wb').write(pickle.dumps({b'data': np.zeros(4)}, protocol=2)[:20])
+  with pytest.raises(fid_lib.FidError, match='data_batch_1: not a readable pickle'):
+    ref_stats.load_cifar10(str(tmp_path))
+
+
+def test_size_flags_below_one_are_refused(tmp_path):
+  s = _grey_npz(tmp_path / 's.npz', 4)
+  with pytest.raises(fid_lib.FidError, match=r'^batch_size=0: must be a positive integer'):
+    fid_lib.extract(_toy_feature_fn, fid_lib.open_images(s), batch_size=0, progress=False)
+  with pytest.raises(fid_lib.FidError, match=r'^limit=0'):
+    fid_lib.evaluate(s, s, _toy_feature_fn, limit=0, progress=False)
+  with pytest.raises(fid_lib.FidError, match=r'^is_splits=-1'):
+    fid_lib.evaluate(s, s, _toy_feature_fn, is_splits=-1, progress=False)
+  with pytest.raises(fid_lib.FidError, match=r'^--num_images=-3: must be a positive integer'):
+    fid_lib.check_positive('--num_images', -3, optional=True)
+  fid_lib.check_positive('--num_samples', None, optional=True)
+  with pytest.raises(fid_lib.FidError, match='--out=.*does not exist'):
+    ref_stats.check_out(str(tmp_path / 'missing' / 'ref.npz'))
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(os.path.dirname(fid_lib.__file__), '..', 'assets',
+                                                    'digit_classifier', 'config.json')),
+                    reason='demo classifier asset not built')
+def test_fid_cli_prints_before_writing_json_and_warns(tmp_path):
+  """Issue 13 probe 11 (the CLI, once): --json to an unwritable path printed nothing; now the report is on stdout,
+  the small-sample warnings on stderr, then one error line and exit 2."""
+  import json
+  import subprocess
+  import sys
+  s = _grey_npz(tmp_path / 's.npz', 10)
+  bad = str(tmp_path / 'missing' / 'r.json')
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  p = subprocess.run([sys.executable, '-m', 'tcaq_jax.eval.fid', f'--samples={s}', f'--ref={s}',
+                      '--feature=digits', f'--json={bad}', '--no_progress'], capture_output=True, text=True,
+                     cwd=root, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert p.returncode == 2, p.stderr
+  report = json.loads(p.stdout)
+  assert report['fid'] >= 0 and report['n_samples'] == 10
+  lines = [l for l in p.stderr.splitlines() if l.startswith(('warning:', 'error:'))]
+  assert lines[-1] == f'error: --json={bad}: cannot write the report (No such file or directory); it is printed above'
+  assert any('10 samples of 64-d features is biased' in l for l in lines if l.startswith('warning:'))
