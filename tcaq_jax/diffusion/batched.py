@@ -17,9 +17,10 @@ __all__ = ['sample_batches', 'sample_all']
 
 
 def sample_batches(sampler, num_samples: int, batch_size: int, seed: int = 0, cond: Any = None,
-                   uncond: Any = None, record=None, progress: bool = False,
-                   desc: str = 'sampling') -> Iterator[tuple[slice, dict]]:
-  """Yields (slice of sample indices, the sampler's output dict) per batch, in order."""
+                   uncond: Any = None, record=None, progress: bool = False, desc: str = 'sampling',
+                   first: int = 0) -> Iterator[tuple[slice, dict]]:
+  """Yields (slice into this call's num_samples, the sampler's output dict) per batch, in order. Sample j of
+  the call is global sample index first + j (hosts of a multi-host run each take their own `first`)."""
   if num_samples < 0 or batch_size < 1:
     raise ValueError(f'num_samples ({num_samples}) must be >= 0 and batch_size ({batch_size}) >= 1')
   starts = range(0, num_samples, batch_size)
@@ -31,7 +32,7 @@ def sample_batches(sampler, num_samples: int, batch_size: int, seed: int = 0, co
     sl = slice(start, start + bs)
     c = None if cond is None else np.asarray(cond)[sl]
     u = None if uncond is None else np.asarray(uncond)[sl]
-    yield sl, sampler.sample(seed, start, bs, cond=c, uncond=u, record=record)
+    yield sl, sampler.sample(seed, first + start, bs, cond=c, uncond=u, record=record)
 
 
 def sample_all(sampler, num_samples: int, batch_size: int, seed: int = 0, cond: Any = None, uncond: Any = None,

@@ -29,12 +29,10 @@ prints the report before writing `--json`, so a failed write loses nothing.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
-import zipfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,19 +41,13 @@ from tqdm.auto import tqdm
 
 from tcaq_jax.diffusion import sharding
 from tcaq_jax.eval import metrics
+from tcaq_jax.eval.image_files import (IMAGE_KEYS, FidError, ImageSource, npz_arrays, npz_files,  # noqa: F401
+                                       open_images)
 
 __all__ = ['FidError', 'check_positive', 'check_stats', 'FeatureFn', 'register_feature', 'make_feature_fn',
            'ImageSource', 'open_images', 'FeatureStats', 'extract', 'reference_stats', 'evaluate', 'IMAGE_KEYS']
 
 FeatureFn = Callable[[Any], dict]
-IMAGE_KEYS = ('arr_0', 'images', 'samples')
-_IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
-
-
-class FidError(ValueError):
-  """Bad image source, reference file or feature network option (the message names the file / flag)."""
-
-
 def check_positive(name: str, value: int | None, optional: bool = False) -> None:
   """Refuses a size below 1 (None passes when optional): FidError naming it (pass '--flag' for a flag)."""
   if value is None and optional:
@@ -145,108 +137,6 @@ register_feature('inception', _inception_factory)
 register_feature('digits', _digits_factory)
 
 
-# ----------------------------------------------------------------------------------------------- image sources
-
-class ImageSource:
-  """A sized, re-iterable source of uint8 images [N, H, W, 3]; `batches(b)` yields [<=b, H, W, 3] arrays."""
-
-  def __init__(self, name: str, n: int, get: Callable[[int, int], np.ndarray]):
-    self.name, self.n, self._get = name, n, get
-
-  def __len__(self):
-    return self.n
-
-  def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
-    n = self.n if limit is None else min(limit, self.n)
-    for lo in range(0, n, batch_size):
-      yield _as_rgb_uint8(self._get(lo, min(lo + batch_size, n)), self.name)
-
-
-def _as_rgb_uint8(x: np.ndarray, name: str) -> np.ndarray:
-  x = np.asarray(x)
-  if x.ndim == 3:
-    x = x[..., None]
-  if x.ndim != 4 or x.shape[-1] not in (1, 3):
-    raise FidError(f'{name}: expected images [N, H, W, 3] (or grey [N, H, W]), got shape {x.shape}')
-  if x.dtype != np.uint8:
-    raise FidError(f'{name}: expected uint8 images, got {x.dtype} (convert samples with '
-                   f'clip(round((x + 1) * 127.5), 0, 255) first)')
-  return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
-
-
-_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
-
-
-def _npz_files(path: str) -> list[str]:
-  """The array names in an .npz; a truncated / corrupt / non-npz file -> FidError naming it."""
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      return list(z.files)
-  except _NPZ_ERRORS as e:
-    raise FidError(f'{path}: not a readable .npz ({type(e).__name__}: {e})') from e
-
-
-def _npz_arrays(path: str, keys) -> dict[str, np.ndarray]:
-  """Reads `keys` of an .npz in full; a truncated or corrupt member -> FidError naming the file and key."""
-  out, k = {}, None
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      for k in keys:
-        out[k] = np.asarray(z[k])
-  except _NPZ_ERRORS as e:
-    raise FidError(f'{path}: cannot read {k!r} ({type(e).__name__}: {e})') from e
-  return out
-
-
-def _npz_images(path: str) -> ImageSource | None:
-  key = next((k for k in IMAGE_KEYS if k in _npz_files(path)), None)
-  if key is None:
-    return None
-  arr = _npz_arrays(path, [key])[key]
-  if arr.ndim < 1:
-    raise FidError(f'{path}: {key!r} is a scalar, expected images [N, H, W, 3]')
-  return ImageSource(f'{path}[{key}]', arr.shape[0], lambda lo, hi: np.asarray(arr[lo:hi]))
-
-
-def _read_image(path: str) -> np.ndarray:
-  """One image file -> uint8 [H, W, 3]; an unreadable / truncated file -> FidError naming it."""
-  from PIL import Image
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert('RGB'))
-  except (OSError, ValueError, SyntaxError) as e:    # PIL's UnidentifiedImageError is an OSError
-    raise FidError(f'{path}: cannot read the image ({type(e).__name__}: {e})') from e
-
-
-def _folder_images(path: str) -> ImageSource:
-  files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
-                 if f.lower().endswith(_IMAGE_EXTS))
-  if not files:
-    raise FidError(f'image folder {path!r} holds no {"/".join(_IMAGE_EXTS)} files')
-
-  def get(lo, hi):
-    imgs = [_read_image(f) for f in files[lo:hi]]
-    shapes = {a.shape for a in imgs}
-    if len(shapes) > 1:
-      raise FidError(f'{path}: images of different sizes {sorted(shapes)} (e.g. {files[lo]}); resize them first')
-    return np.stack(imgs)
-  return ImageSource(path, len(files), get)
-
-
-def open_images(path: str) -> ImageSource:
-  """An image npz or an image folder -> ImageSource."""
-  if os.path.isdir(path):
-    return _folder_images(path)
-  if not os.path.isfile(path):
-    raise FidError(f'{path!r} does not exist')
-  if not path.endswith('.npz'):
-    raise FidError(f'{path!r}: expected an .npz of images or a folder of images')
-  src = _npz_images(path)
-  if src is None:
-    raise FidError(f'{path!r} holds no images (keys {_npz_files(path)}; expected one of {IMAGE_KEYS})')
-  return src
-
-
 # ----------------------------------------------------------------------------------------------- extraction
 
 class FeatureStats:
@@ -319,13 +209,13 @@ def reference_stats(path: str, feature_fn: FeatureFn | None, batch_size: int = 2
   A statistics npz is checked (`check_stats`): NaN/inf or mis-shaped entries raise FidError naming the file.
   """
   if path.endswith('.npz') and os.path.isfile(path):
-    files = _npz_files(path)
+    files = npz_files(path)
     if not any(k in files for k in IMAGE_KEYS):
       if 'mu' not in files or 'sigma' not in files:
         raise FidError(f'reference {path!r} holds neither images ({IMAGE_KEYS}) nor statistics (mu, sigma); '
                        f'keys: {files}')
       keys = [k for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features', 'n', 'feature') if k in files]
-      ref = _npz_arrays(path, keys)
+      ref = npz_arrays(path, keys)
       stored = str(ref.pop('feature')) if 'feature' in ref else None
       if feature_name and stored and stored != feature_name:
         raise FidError(f'reference statistics {path!r} were computed with --feature={stored}, not {feature_name}')

@@ -7,15 +7,20 @@ really sees at inference.
 The recapture uses the same sampler (steps, eta, guidance), the same seeds (so x_T and the per-step noise match
 the FP capture sample by sample) and the same selected steps; only eps_fn changes. Targets of the following
 reconstruction come from the FP model evaluated on these x_t (asymmetric reconstruction, done by the caller).
+
+Calibration-set helpers of every round: `flat_data(capture)` -> {'x', 't', 'step', 'cond'} flat arrays (uncond
+copies with guidance), `recon_subset(data, size, seed)` -> a random subset for reconstruction.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
+import numpy as np
+
 from tcaq_jax.diffusion.capture import CalibData, capture
 
-__all__ = ['recapture', 'round_dir']
+__all__ = ['recapture', 'round_dir', 'flat_data', 'recon_subset']
 
 
 def round_dir(out_dir: str, rnd: int) -> str:
@@ -34,3 +39,27 @@ def recapture(sampler_factory: Callable, eps_fn: Any, out_dir: str, num_samples:
     capture(sampler_factory(eps_fn), out_dir, num_samples=num_samples, num_select=num_select, seed=seed,
             batch_size=batch_size, cond=cond, uncond=uncond, meta=meta)
   return CalibData(out_dir)
+
+
+def flat_data(cd: CalibData, guidance: bool) -> dict:
+  """A capture -> flat arrays {'x' [N,...], 't' [N], 'step' [N], 'cond' [N]} (plus uncond copies with CFG)."""
+  k, n = cd.num_steps, cd.num_samples
+  x = np.asarray(cd.x, np.float32).reshape((k * n,) + cd.x.shape[2:])
+  t = np.repeat(cd.t.astype(np.int32), n)
+  s = np.repeat(cd.step_index.astype(np.int32), n)
+  c = np.tile(np.asarray(cd.cond, np.int32), k) if cd.cond is not None else np.zeros((k * n,), np.int32)
+  data = {'x': x, 't': t, 'step': s, 'cond': c}
+  if guidance and cd.uncond is not None:
+    u = np.tile(np.asarray(cd.uncond, np.int32), k)
+    data = {'x': np.concatenate([x, x]), 't': np.concatenate([t, t]), 'step': np.concatenate([s, s]),
+            'cond': np.concatenate([c, u])}
+  return data
+
+
+def recon_subset(data: dict, size: int, seed: int) -> dict:
+  """A random subset of `size` samples of a flat data dict (all when size is 0 or not smaller)."""
+  n = data['x'].shape[0]
+  if not size or size >= n:
+    return data
+  idx = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+  return {k: v[idx] for k, v in data.items()}

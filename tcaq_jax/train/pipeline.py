@@ -32,7 +32,6 @@ import numpy as np
 
 from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.diffusion.batched import sample_all
-from tcaq_jax.diffusion.capture import CalibData
 from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import grid_scale, save_grid, to_uint8
@@ -107,21 +106,6 @@ class Setup:
 
 # ------------------------------------------------------------------------------------------------- stages
 
-def _flat_data(cd: CalibData, guidance: bool) -> dict:
-  """A capture -> flat arrays {'x' [N,...], 't' [N], 'step' [N], 'cond' [N]} (plus uncond copies with CFG)."""
-  k, n = cd.num_steps, cd.num_samples
-  x = np.asarray(cd.x, np.float32).reshape((k * n,) + cd.x.shape[2:])
-  t = np.repeat(cd.t.astype(np.int32), n)
-  s = np.repeat(cd.step_index.astype(np.int32), n)
-  c = np.tile(np.asarray(cd.cond, np.int32), k) if cd.cond is not None else np.zeros((k * n,), np.int32)
-  data = {'x': x, 't': t, 'step': s, 'cond': c}
-  if guidance and cd.uncond is not None:
-    u = np.tile(np.asarray(cd.uncond, np.int32), k)
-    data = {'x': np.concatenate([x, x]), 't': np.concatenate([t, t]), 'step': np.concatenate([s, s]),
-            'cond': np.concatenate([c, u])}
-  return data
-
-
 def _arrays(data: dict) -> tuple:
   return (data['x'], data['t'], data['step'], data['cond'])
 
@@ -149,16 +133,7 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   if cd.index['num_steps'] != setup.n_steps:
     raise CalibrationError(f'capture {d!r} was made with a {cd.index["num_steps"]}-step sampler, but '
                            f'--num_steps={cfg.num_steps} gives {setup.n_steps}')
-  return _flat_data(cd, setup.guidance), seconds
-
-
-def recon_subset(cfg: Config, data: dict) -> dict:
-  """A random subset of --recon_samples samples (all when 0 or more than there are)."""
-  n, m = data['x'].shape[0], cfg.recon_samples
-  if not m or m >= n:
-    return data
-  idx = np.sort(np.random.default_rng(cfg.seed).choice(n, m, replace=False))
-  return {k: v[idx] for k, v in data.items()}
+  return par.flat_data(cd, setup.guidance), seconds
 
 
 def _slots(setup: Setup, data: dict, per_step: bool):
@@ -330,7 +305,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
           phases['act_search_s'] += secs
           state = state.replace(qstate=qstate)
         state = commit(state, round=rnd, next_unit=0, act_done=True, done=False)
-      data = recon_subset(cfg, data)
+      data = par.recon_subset(data, cfg.recon_samples, cfg.seed)
       first = state.progress.next_unit if state.progress.round == rnd else 0
       for k in range(first, len(setup.units)):
         if not _selected(cfg, setup.units[k]):

@@ -243,7 +243,7 @@ def test_build_on_shared_objects_is_refused_and_leaves_nothing_behind(tmp_path, 
 def test_poisoned_file_then_good_file_in_one_process(tmp_path):
   bad = write_torch_zip(tmp_path / 'poison.pt', poison_body())
   for _ in range(2):
-    with pytest.raises(tp.UnsafeBuildError, match='torch_pickle._StorageType'):
+    with pytest.raises(tp.UnsafeBuildError, match='_StorageType'):
       tp.load(bad)
   good = write_torch_zip(tmp_path / 'good.pt', op_dict({'w': op_tensor(op_storage('0', 6), (2, 3), (3, 1))}),
                          {'0': _GOOD})
