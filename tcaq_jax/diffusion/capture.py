@@ -9,7 +9,8 @@ On disk (`out_dir`), written batch by batch, `index.json` last (its presence mar
   step_index.npy int32  [k]               position of the step in the trajectory (0 = first, noisiest)
   cond.npy      [n, ...]                  conditioning per sample (only when given)
   uncond.npy    [n, ...]                  unconditional input for guidance (only when given)
-  index.json    {'num_samples', 'num_steps', 'steps', 'timesteps', 'shape', 'seed', 'files', 'meta'}
+  index.json    {'num_samples', 'num_steps', 'steps', 'timesteps', 'shape', 'seed', 'files', 'sha256', 'meta'}
+                (sha256 of every file above, verified by CalibData: a corrupt capture is refused, never reused)
 
   capture(sampler, 'runs/calib', num_samples=256, num_select=20, seed=0, batch_size=64)
   data = CalibData('runs/calib')                  # lazy: np.load(mmap_mode='r')
@@ -81,7 +82,9 @@ def capture(sampler, out_dir: str, num_samples: int = 256, num_select: int = 20,
     if a is not None:
       np.save(os.path.join(out_dir, f'{name}.npy'), np.asarray(a))
       files[name] = f'{name}.npy'
+  sha256 = {name: _sha256(os.path.join(out_dir, fname)) for name, fname in files.items()}
   index = {'num_samples': int(num_samples), 'num_steps': int(sampler.num_steps), 'steps': steps.tolist(),
+           'sha256': sha256,
            'timesteps': timesteps.tolist(), 'shape': list(sampler.shape), 'seed': int(seed),
            'guidance_scale': sampler.guidance_scale, 'files': files, 'meta': meta or {},
            'seconds': time.time() - t0}
@@ -92,6 +95,15 @@ def capture(sampler, out_dir: str, num_samples: int = 256, num_select: int = 20,
   logging.info('captured %d samples x %d steps to %s (%.1f s)', num_samples, len(steps), out_dir,
                index['seconds'])
   return out_dir
+
+
+def _sha256(path: str) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      h.update(block)
+  return h.hexdigest()
 
 
 class CalibData:
@@ -106,8 +118,16 @@ class CalibData:
     if not os.path.isfile(path):
       raise CaptureError(f'{directory!r} is not a complete capture: {INDEX} is missing')
     with open(path) as f:
-      self.index = json.load(f)
+      try:
+        self.index = json.load(f)
+      except json.JSONDecodeError as e:
+        raise CaptureError(f'{path}: not valid JSON ({e}); recapture (delete {directory!r})') from e
     self.directory = directory
+    for name, digest in self.index.get('sha256', {}).items():      # captures written before have none
+      fname = os.path.join(directory, self.index['files'][name])
+      if not os.path.isfile(fname) or _sha256(fname) != digest:
+        raise CaptureError(f'{fname} is missing or does not match its SHA-256 in {INDEX} (corrupt or modified '
+                           f'after the capture); delete {directory!r} to recapture')
     load = lambda name: np.load(os.path.join(directory, self.index['files'][name]), mmap_mode='r')
     self.x = load('xt')
     self.t = np.asarray(load('t'))

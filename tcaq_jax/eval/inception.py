@@ -282,8 +282,16 @@ def _init(key):
 
 
 # ----------------------------------------------------------------------------------------------- weights
-# The converter and the model-dir reader live in inception_weights.py (re-exported here).
-from tcaq_jax.eval.inception_weights import convert, convert_state_dict, load, save  # noqa: E402,F401
+# The converter and the model-dir reader live in inception_weights.py; `inception.load` etc. resolve there
+# lazily (a module-level import would be circular when this file runs as `python -m tcaq_jax.eval.inception`).
+_WEIGHTS_API = ('convert', 'convert_state_dict', 'load', 'save')
+
+
+def __getattr__(name):
+  if name in _WEIGHTS_API:
+    from tcaq_jax.eval import inception_weights
+    return getattr(inception_weights, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from tcaq_jax.models import safe_unpickler  # the reader's internals: a hostile file must leave them untouched
 from tcaq_jax.models import torch_pickle as tp
 
 
@@ -248,7 +249,7 @@ def test_poisoned_file_then_good_file_in_one_process(tmp_path):
   good = write_torch_zip(tmp_path / 'good.pt', op_dict({'w': op_tensor(op_storage('0', 6), (2, 3), (3, 1))}),
                          {'0': _GOOD})
   np.testing.assert_array_equal(tp.load(good)['w'], _GOOD)
-  assert '__len__' not in vars(argparse.Namespace) and not hasattr(tp._rebuild_tensor_v2, 'hit')
+  assert '__len__' not in vars(argparse.Namespace) and not hasattr(safe_unpickler._rebuild_tensor_v2, 'hit')
   for body, what in ((op_build(op_global('argparse', 'Namespace'), slots={'__len__': op_int(3)}),
                       'class argparse.Namespace'),
                      (op_build(op_global('collections', 'OrderedDict'), slots={'x': op_int(3)}),
@@ -257,7 +258,8 @@ def test_poisoned_file_then_good_file_in_one_process(tmp_path):
                       'builtins.function')):
     with pytest.raises(tp.UnsafeBuildError, match=what):
       tp.load(write_torch_zip(tmp_path / 'p.pt', body))
-  assert '__len__' not in vars(argparse.Namespace) and tp._rebuild_tensor_v2.__defaults__ == (False, None, None)
+  assert '__len__' not in vars(argparse.Namespace)
+  assert safe_unpickler._rebuild_tensor_v2.__defaults__ == (False, None, None)
   # a numpy dtype in the file is always a fresh copy: its BUILD cannot change numpy's own float32
   dtype = op_call(op_global('numpy', 'dtype'), op_str('f4'), b'\x89', b'\x89')
   state = op_tuple(op_int(3), op_str('>'), b'N', b'N', b'N', op_int(-1), op_int(-1), op_int(0))

@@ -251,3 +251,20 @@ def test_an_unwritable_out_dir_fails_before_any_work(tmp_path):
   blocker.write_text('not a dir')
   with pytest.raises(CalibrationError, match='not writable'):
     run(dict(BASE, out_dir=str(blocker / 'run')))
+
+
+def test_a_corrupt_calibration_capture_is_refused_not_reused(full_run, tmp_path):
+  """Captures record a SHA-256 per file in index.json; a flipped byte in xt.npy used to be reused on resume."""
+  import shutil
+  from tcaq_jax.diffusion.capture import CaptureError
+  out, _ = full_run
+  d = str(tmp_path / 'calib')
+  shutil.copytree(par.round_dir(out, 0), d)
+  assert CalibData(d).x.shape[:2] == (2, 4)
+  with open(os.path.join(d, 'xt.npy'), 'r+b') as f:
+    f.seek(-5, os.SEEK_END)
+    byte = f.read(1)
+    f.seek(-5, os.SEEK_END)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(CaptureError, match='xt.npy.*SHA-256'):
+    CalibData(d)
