@@ -204,29 +204,6 @@ def test_non_finite_samples_stop_with_an_error(full_run, tmp_path):
   assert not os.path.exists(tmp_path / 'nan')
 
 
-def test_resume_refuses_other_weights_in_the_same_model_dir_and_accepts_an_absolute_path(tmp_path, monkeypatch):
-  from tcaq_jax.models import family
-  monkeypatch.chdir(tmp_path)
-  model, params, config = family.random_model('ddim_tiny', 0)
-  checkpoint.save_model_dir('model', params, config)
-  cfg = dict(BASE, model_config='', model_dir='model', out_dir='run', method='minmax', w_bits=8, a_bits=8,
-             png_samples=0)
-  run(cfg)
-  report = run(dict(cfg, model_dir=str(tmp_path / 'model')))                    # same dir, written absolute
-  assert report['units'] == []
-  _, other, _ = family.random_model('ddim_tiny', 1)
-  checkpoint.save_model_dir('model', other, config, overwrite=True)
-  with pytest.raises(CalibrationError, match='other model weights'):
-    run(cfg)
-
-
-def test_an_unwritable_out_dir_fails_before_any_work(tmp_path):
-  blocker = tmp_path / 'file'
-  blocker.write_text('not a dir')
-  with pytest.raises(CalibrationError, match='not writable'):
-    run(dict(BASE, out_dir=str(blocker / 'run')))
-
-
 def test_a_corrupt_calibration_capture_is_refused_not_reused(full_run, tmp_path):
   """Captures record a SHA-256 per file in index.json; a flipped byte in xt.npy used to be reused on resume."""
   import shutil

@@ -1,0 +1,35 @@
+"""Calibration runs refuse what they cannot use before any work (issue 13): another model's weights at the same
+--model_dir on resume, an unwritable out_dir. A file of its own so that pytest-xdist runs it beside
+tests/train/test_pipeline.py."""
+import pytest
+
+from tcaq_jax import checkpoint
+from tcaq_jax.train.pipeline import CalibrationError, run
+
+BASE = dict(model_config='ddim_tiny', num_steps=6, calib_steps=2, calib_samples=4, capture_batch=4,
+            forward_batch=8, act_batch=4, iters_scale=0.001, chunk=10, par_rounds=1, png_samples=2,
+            eval_units=False, seed=3,
+            policy_override=('.*:fp', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8', '^up_0/block_1/:w4a8'))
+
+
+def test_resume_refuses_other_weights_in_the_same_model_dir_and_accepts_an_absolute_path(tmp_path, monkeypatch):
+  from tcaq_jax.models import family
+  monkeypatch.chdir(tmp_path)
+  model, params, config = family.random_model('ddim_tiny', 0)
+  checkpoint.save_model_dir('model', params, config)
+  cfg = dict(BASE, model_config='', model_dir='model', out_dir='run', method='minmax', w_bits=8, a_bits=8,
+             png_samples=0)
+  run(cfg)
+  report = run(dict(cfg, model_dir=str(tmp_path / 'model')))                    # same dir, written absolute
+  assert report['units'] == []
+  _, other, _ = family.random_model('ddim_tiny', 1)
+  checkpoint.save_model_dir('model', other, config, overwrite=True)
+  with pytest.raises(CalibrationError, match='other model weights'):
+    run(cfg)
+
+
+def test_an_unwritable_out_dir_fails_before_any_work(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a dir')
+  with pytest.raises(CalibrationError, match='not writable'):
+    run(dict(BASE, out_dir=str(blocker / 'run')))
