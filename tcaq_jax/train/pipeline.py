@@ -277,6 +277,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     return state
 
   state = restore_state(setup)
+  data = None                      # round 0's calibration set, when this process captured it already
   if state is not None:
     logging.info('resuming %s at round %d, unit %d', cfg.out_dir, state.progress.round, state.progress.next_unit)
     report = dict(state.report)
@@ -296,8 +297,9 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   if not state.progress.done:
     bar = _progress_bar(cfg, setup, state.progress)
     for rnd in range(state.progress.round, cfg.rounds):
-      data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
-      phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
+      if rnd > 0 or data is None:
+        data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
+        phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
       if rnd > 0 and not state.progress.act_done:
         if cfg.par_research_act:
           qstate, secs = search_acts(setup, state.qstate, data)

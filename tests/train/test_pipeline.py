@@ -22,11 +22,8 @@ from tcaq_jax.quantized import load_quantized
 from tcaq_jax.train import par
 from tcaq_jax.train.pipeline import CalibrationError, Hooks, run
 
-UNITS = ['down_0/block_0', 'mid/attn_1', 'up_0/block_1']
-BASE = dict(model_config='ddim_tiny', num_steps=6, calib_steps=2, calib_samples=4, capture_batch=4,
-            forward_batch=8, act_batch=4, iters_scale=0.001, chunk=10, par_rounds=1, png_samples=2,
-            eval_units=False, seed=3,
-            policy_override=('.*:fp', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8', '^up_0/block_1/:w4a8'))
+from calib_settings import UNITS  # noqa: E402
+from calib_settings import BASE  # noqa: E402  (tests/train/calib_settings.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -6,10 +6,7 @@ import pytest
 from tcaq_jax import checkpoint
 from tcaq_jax.train.pipeline import CalibrationError, run
 
-BASE = dict(model_config='ddim_tiny', num_steps=6, calib_steps=2, calib_samples=4, capture_batch=4,
-            forward_batch=8, act_batch=4, iters_scale=0.001, chunk=10, par_rounds=1, png_samples=2,
-            eval_units=False, seed=3,
-            policy_override=('.*:fp', '^down_0/block_0/:w4a8', '^mid/attn_1/:w4a8', '^up_0/block_1/:w4a8'))
+from calib_settings import BASE  # noqa: E402  (tests/train/calib_settings.py)
 
 
 def test_resume_refuses_other_weights_in_the_same_model_dir_and_accepts_an_absolute_path(tmp_path, monkeypatch):
