@@ -141,11 +141,16 @@ def act_fake_quant(x, st: LayerQState, spec, slot, learn_scale: bool = False, qu
                             _uniform(x[..., s:], scale[..., 1], zero[..., 1], bits)], axis=-1)
   x_uni = _uniform(x, scale[..., 0], zero[..., 0], bits)
   if spec.kind == 'softmax' and st.use_log2 is not None:
+    use = _bcast(_at_slot(st.use_log2, slot), x)
+    if st.log2_delta is not None and st.logsqrt2_delta is not None:     # use_log2: 0 uniform, 1 log2, 2 log-sqrt2
+      x_l2 = log2q.log2_fake_quant(x, _bcast(_at_slot(st.log2_delta, slot), x), bits)
+      x_ls = log2q.logsqrt2_fake_quant(x, _bcast(_at_slot(st.logsqrt2_delta, slot), x), bits)
+      return jnp.where(use > 1.5, x_ls, jnp.where(use > 0.5, x_l2, x_uni))      # NaN slot: x_uni is NaN
     if st.log2_delta is not None:
       x_log = log2q.log2_fake_quant(x, _bcast(_at_slot(st.log2_delta, slot), x), bits)
     else:
       x_log = log2q.logsqrt2_fake_quant(x, _bcast(_at_slot(st.logsqrt2_delta, slot), x), bits)
-    return jnp.where(_bcast(_at_slot(st.use_log2, slot), x) > 0.5, x_log, x_uni)   # NaN slot: x_uni is NaN
+    return jnp.where(use > 0.5, x_log, x_uni)   # NaN slot: x_uni is NaN
   return x_uni
 
 

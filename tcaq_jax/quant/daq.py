@@ -99,3 +99,34 @@ def daq_fake_quant(x, q, step_index):
   return jax.lax.cond(q.use_log2[step_index],
                       lambda: log_fake_quant(x, delta, q.bits, q.log_kind),
                       lambda: fake_quant(x, scale, 0., q.bits, signed=False))
+
+
+# ------------------------------------------------------------------------------------------ output-error rule
+CHOICES = ('uniform', 'log2', 'logsqrt2')
+
+
+def attention_output(probs, v):
+  """probs @ v for the attention layouts of tcaq_jax's models: probs [B, N, M] with v [B, M, C] (DDIM), or
+  probs [B, h, N, M] with v [B, M, h, d] (LDM) -> [B, N, C] / [B, N, h, d]."""
+  if probs.ndim == 3:
+    return jnp.einsum('bij,bjc->bic', probs, v)
+  return jnp.einsum('bhts,bshd->bthd', probs, v)
+
+
+@functools.partial(jax.jit, static_argnames=('bits',))
+def output_errors(probs, v, uniform_scale, log2_delta, logsqrt2_delta, bits):
+  """Mean squared error of the attention output (probs @ v) when the probabilities are fake-quantized by each of
+  CHOICES: uniform (unsigned, zero point 0, `uniform_scale`), log2 (`log2_delta`), log-sqrt2 (`logsqrt2_delta`).
+  v: None -> the error of the probabilities themselves. Returns float32 [3]."""
+  cands = (fake_quant(probs, uniform_scale, 0., bits),
+           log_fake_quant(probs, log2_delta, bits, 'log2'),
+           log_fake_quant(probs, logsqrt2_delta, bits, 'logsqrt2'))
+  if v is None:
+    return jnp.stack([jnp.mean((c - probs) ** 2) for c in cands])
+  ref = attention_output(probs, v)
+  return jnp.stack([jnp.mean((attention_output(c, v) - ref) ** 2) for c in cands])
+
+
+def choose_by_error(errors) -> np.ndarray:
+  """errors [K, 3] (per slot, CHOICES order) -> int [K] index of the lowest (uniform on ties)."""
+  return np.argmin(np.asarray(errors), axis=-1).astype(np.int32)

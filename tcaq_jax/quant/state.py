@@ -11,7 +11,8 @@ that a layer does not use is None (an empty subtree: not a leaf, not saved, not 
       alpha:          kernel shape     AdaRound logits
       a_scale, a_zero: [K, S]          per-slot activation quantizer (S = 2 when split at a concat)
       log2_delta or logsqrt2_delta: [K]    post-Softmax log quantizer (DAQ)
-      use_log2:       [K] float 0/1    DAQ choice per slot)
+      use_log2:       [K] float        DAQ choice per slot: 0 uniform, 1 the log quantizer whose delta is set;
+                                       with both deltas set 1 = log2, 2 = log-sqrt2)
 
 `merge(base, update)` is the one way to combine states: fields set in `update` override those of `base`.
 `to_tree` / `from_tree` give the nested-dict form orbax stores (module paths joined by '.', since orbax dislikes

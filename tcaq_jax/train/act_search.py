@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcaq_jax.quant.daq import choose_log2
+from tcaq_jax.quant.apply import quantize_weights
+from tcaq_jax.quant.daq import CHOICES, choose_by_error, choose_log2, output_errors
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.log2 import log2_search_delta
 from tcaq_jax.quant.ranges import params_from_range
@@ -28,7 +29,8 @@ from tcaq_jax.quant.state import LayerQState
 from tcaq_jax.quant.tcr import scale_activation
 from tcaq_jax.quant.uniform import fake_quant
 
-__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'make_search', 'search_act_scales']
+__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'make_search', 'search_act_scales', 'make_minmax_sym',
+           'init_minmax_sym', 'daq_choices']
 
 DEFAULT_PCTS = (100.0, 99.999, 99.99, 99.9)
 _MAX_SUB = 1 << 20
@@ -91,19 +93,38 @@ def _search_uniform(x, bits, pcts, key, symmetric):
   return s[best], z[best]
 
 
+_DAQ_ERR_SAMPLES = 16        # samples of a slot's batch on which the attention-output errors are measured
+
+
+def _v_path(softmax_path: str) -> str:
+  """The V operand's quantization point beside a post-Softmax point (models name it 'av_v')."""
+  return softmax_path.rsplit('/', 1)[0] + '/av_v' if '/' in softmax_path else 'av_v'
+
+
 def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts: Sequence[float] = DEFAULT_PCTS,
-                daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096) -> Callable:
+                daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, daq_rule: str = 'llr') -> Callable:
   """The compiled per-slot search: fn(consts, ratios {path: r}, key, *data_batch) -> {path: per-slot record}.
 
   ratio_paths: the layers whose inputs are divided by a TCR ratio (part of the compiled signature). Reuse the
-  returned function across calls with the same forward, policy and options (PAR rounds).
+  returned function across calls with the same forward, policy and options (PAR rounds). daq_rule 'llr': the
+  power-law likelihood-ratio test on sampled values (log kind `log_kind`); 'error': the errors of probs @ V
+  (V: the FP input of the sibling 'av_v' point, called before the softmax) with each of uniform / log2 /
+  log-sqrt2 (`tcaq_jax.quant.daq.output_errors`).
   """
+  if daq_rule not in ('llr', 'error'):
+    raise ActSearchError(f"daq_rule must be 'llr' or 'error', got {daq_rule!r}")
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratio_paths = frozenset(ratio_paths)
   pcts = tuple(float(p) for p in pcts)
+  v_paths = {_v_path(p) for p, s in specs.items() if s.kind == 'softmax'} if daq and daq_rule == 'error' else set()
+  stash: dict = {}                    # V operands seen in the current trace (consumed by the same trace)
 
   def search(ratios, key, call):
-    spec = specs[call.path]
+    spec = specs.get(call.path)
+    if call.path in v_paths:
+      stash[call.path] = call.args[0].astype(jnp.float32)
+    if spec is None:
+      return None
     x = call.args[0].astype(jnp.float32)
     if call.path in ratio_paths and spec.kind in ('conv', 'dense'):
       x = scale_activation(x, ratios[call.path])
@@ -112,10 +133,18 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
     if spec.kind == 'softmax':
       s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=True)
       rec['a_scale'], rec['a_zero'] = s[None], z[None]
-      if daq:
+      if daq and daq_rule == 'llr':
         sub = _subsample(x, jax.random.fold_in(k, 1), n=max(n_daq_values, 1 << 16))
         rec['delta'] = log2_search_delta(sub, spec.a_bits, log_kind)
         rec['values'] = sub[jax.random.randint(jax.random.fold_in(k, 2), (n_daq_values,), 0, sub.size)]
+      elif daq:
+        sub = _subsample(x, jax.random.fold_in(k, 1), n=1 << 16)
+        rec['log2_delta'] = log2_search_delta(sub, spec.a_bits, 'log2')
+        rec['logsqrt2_delta'] = log2_search_delta(sub, spec.a_bits, 'logsqrt2')
+        v = stash.get(_v_path(call.path))
+        m = min(_DAQ_ERR_SAMPLES, x.shape[0])
+        rec['errors'] = output_errors(x[:m], None if v is None else v[:m], s, rec['log2_delta'],
+                                      rec['logsqrt2_delta'], spec.a_bits)
     elif spec.split:
       segs = [x[..., :spec.split], x[..., spec.split:]]
       sz = [_search_uniform(sg, spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False)
@@ -128,17 +157,36 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
     return rec
 
   def run(consts, ratios, key, *d):
-    return collect_calls(lambda: forward(consts, *d), select=lambda path, m: path in specs,
-                         record=functools.partial(search, ratios, key), need_args=True)[1]
+    stash.clear()
+    rec = collect_calls(lambda: forward(consts, *d), select=lambda path, m: path in specs or path in v_paths,
+                        record=functools.partial(search, ratios, key), need_args=True)[1]
+    stash.clear()
+    return {p: r for p, r in rec.items() if p in specs}
 
   return jax.jit(run)
+
+
+def _slot_batches(slot_ids: np.ndarray, num_slots: int, batch: int, seed: int, what: str):
+  """(slot k, sorted sample indices of slot k: all of them, or `batch` drawn without replacement)."""
+  rng = np.random.default_rng(seed)
+  for k in range(num_slots):
+    idx = np.nonzero(np.asarray(slot_ids) == k)[0]
+    if idx.size == 0:
+      raise ActSearchError(f'{what}: calibration slot {k} has no samples')
+    if idx.size > batch:
+      idx = np.sort(rng.choice(idx, batch, replace=False))
+    yield k, idx
 
 
 def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[np.ndarray],
                       slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
                       daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0,
-                      consts: Any = None, search_fn: Callable | None = None) -> dict:
+                      consts: Any = None, search_fn: Callable | None = None, daq_rule: str = 'llr') -> dict:
   """Returns {path: LayerQState(a_scale [K, S], a_zero [K, S], [<log_kind>_delta [K], use_log2 [K]])}.
+
+  daq_rule 'error': per slot the quantizer with the lowest attention-output error; use_log2 then holds 0
+  (uniform) / 1 (log2) / 2 (log-sqrt2) when both log kinds are used by the layer (both deltas stored), else 0/1
+  with only the used kind's delta stored.
 
   forward(consts, *data_batch) runs the FP model (consts: params, passed as jit arguments); qlayers: current
   {path: LayerQState} (for the TCR ratios r); data: arrays [N, ...]; slot_ids: [N] slot of every sample.
@@ -147,15 +195,9 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratios = {p: st.r for p, st in qlayers.items() if st.r is not None and p in specs}
   if search_fn is None:
-    search_fn = make_search(forward, policy, tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values)
-  rng = np.random.default_rng(seed)
+    search_fn = make_search(forward, policy, tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values, daq_rule)
   per_slot = []
-  for k in range(num_slots):
-    idx = np.nonzero(np.asarray(slot_ids) == k)[0]
-    if idx.size == 0:
-      raise ActSearchError(f'activation search: calibration slot {k} has no samples')
-    if idx.size > batch:
-      idx = np.sort(rng.choice(idx, batch, replace=False))
+  for k, idx in _slot_batches(slot_ids, num_slots, batch, seed, 'activation search'):
     res = search_fn(consts, ratios, jax.random.PRNGKey(seed * 7919 + k),
                     *[jnp.asarray(np.asarray(a)[idx]) for a in data])
     per_slot.append(jax.device_get(res))
@@ -169,9 +211,106 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
     if not np.all(np.isfinite(st['a_scale'])):
       bad = int(np.nonzero(~np.all(np.isfinite(st['a_scale']), axis=1))[0][0])
       raise ActSearchError(f'activation search: non-finite scale at layer {p!r}, slot {bad}')
-    if spec.kind == 'softmax' and daq:
+    if spec.kind == 'softmax' and daq and daq_rule == 'error':
+      st.update(_error_choice(per_slot, p, num_slots))
+    elif spec.kind == 'softmax' and daq:
       st[f'{log_kind}_delta'] = np.asarray([r[p]['delta'] for r in per_slot], np.float32).reshape(num_slots)
       values = np.stack([r[p]['values'] for r in per_slot])
       st['use_log2'] = np.asarray(choose_log2(values), np.float32).reshape(num_slots)
     out[p] = LayerQState(**{k: jnp.asarray(v) for k, v in st.items()})
+  return out
+
+
+def _error_choice(per_slot: list, path: str, num_slots: int) -> dict:
+  """LayerQState fields of the output-error DAQ choice of one post-Softmax layer (see `search_act_scales`)."""
+  choice = choose_by_error(np.stack([np.asarray(r[path]['errors']) for r in per_slot]))
+  deltas = {kind: np.asarray([r[path][f'{kind}_delta'] for r in per_slot], np.float32).reshape(num_slots)
+            for kind in ('log2', 'logsqrt2')}
+  if (choice == 1).any() and (choice == 2).any():
+    return {'log2_delta': deltas['log2'], 'logsqrt2_delta': deltas['logsqrt2'],
+            'use_log2': choice.astype(np.float32)}
+  kind = 'logsqrt2' if (choice == 2).any() else 'log2'
+  return {f'{kind}_delta': deltas[kind], 'use_log2': (choice > 0).astype(np.float32)}
+
+
+def daq_choices(layers: dict, policy) -> dict:
+  """{post-Softmax layer path: [quantizer name per slot]} of a state ('uniform' / 'log2' / 'logsqrt2')."""
+  out = {}
+  for p, st in layers.items():
+    spec = policy.layers.get(p)
+    if spec is None or spec.kind != 'softmax' or st.use_log2 is None:
+      continue
+    use = np.asarray(st.use_log2).reshape(-1)
+    only_sqrt2 = st.log2_delta is None and st.logsqrt2_delta is not None
+    out[p] = [CHOICES[0] if u < 0.5 else (CHOICES[2] if (u > 1.5 or only_sqrt2) else CHOICES[1]) for u in use]
+  return out
+
+
+# ------------------------------------------------------------------------------- Q-Diffusion's min-max init
+
+def make_minmax_sym(forward: Callable, policy) -> Callable:
+  """The compiled Q-Diffusion activation init (`--a_sym`, scale_method 'max'): fn(params, qstate, *data_batch)
+  -> {path: (scale [S], zero [S])}. The model runs with hard-rounded quantized weights; every quantized input,
+  in call order, gets a per-tensor symmetric signed scale max|x| / (2^(b-1) - 1) from the batch (one per
+  segment of a split input; x / r first under TCR) and is quantized with it before the layer runs, so later
+  layers see the quantized inputs of earlier ones, as in Q-Diffusion's first forward with uninitialised
+  quantizers. Signed codes [-2^(b-1), 2^(b-1) - 1] are stored as unsigned codes with zero point 2^(b-1).
+  """
+  import flax.linen as nn
+
+  from tcaq_jax.quant.apply import act_fake_quant
+  from tcaq_jax.quant.state import LayerQState
+
+  specs = {s.path: s for s in policy.layers.values() if s.acts}
+
+  def sym(x, bits):
+    s, _ = params_from_range(jnp.min(x), jnp.max(x), bits, symmetric=True, signed=True)
+    return s, jnp.float32(2 ** (bits - 1))
+
+  def run(params, qstate, *d):
+    found = {}
+
+    def interceptor(next_fun, args, kwargs, ctx):
+      path = '/'.join(ctx.module.path)
+      if ctx.method_name != '__call__' or not args or path not in specs or path in found:
+        return next_fun(*args, **kwargs)
+      spec = specs[path]
+      st = qstate.layers.get(path, LayerQState())
+      x = act_fake_quant(args[0].astype(jnp.float32), st, spec, 0, quantize=False)     # x / r (TCR)
+      segs = [x[..., :spec.split], x[..., spec.split:]] if spec.split else [x]
+      sz = [sym(sg, spec.a_bits) for sg in segs]
+      scale, zero = jnp.stack([a for a, _ in sz]), jnp.stack([b for _, b in sz])
+      found[path] = (scale, zero)
+      q = LayerQState(a_scale=scale[None], a_zero=zero[None])     # one slot; r already applied
+      xq = act_fake_quant(x, q, spec, jnp.int32(0))
+      return next_fun(xq.astype(args[0].dtype), *args[1:], **kwargs)
+
+    qparams = quantize_weights(params, qstate, policy, 'hard')
+    with nn.intercept_methods(interceptor):
+      forward(qparams, *d)
+    return found
+
+  return jax.jit(run)
+
+
+def init_minmax_sym(fn: Callable, policy, params, qstate, data: Sequence[np.ndarray], slot_ids: np.ndarray,
+                    num_slots: int, n_samples: int = 64, seed: int = 0) -> dict:
+  """Q-Diffusion's activation init per slot on `n_samples` random calibration samples of the slot (all samples
+  when one slot: its `np.random.choice(N, 64, replace=False)`). fn: from `make_minmax_sym`.
+  Returns {path: LayerQState(a_scale [K, S], a_zero [K, S])}."""
+  from tcaq_jax.quant.state import LayerQState
+  per_slot = []
+  for _, idx in _slot_batches(slot_ids, num_slots, n_samples, seed, 'activation init'):
+    per_slot.append(jax.device_get(fn(params, qstate, *[jnp.asarray(np.asarray(a)[idx]) for a in data])))
+  out = {}
+  for p, spec in policy.layers.items():
+    if not spec.acts:
+      continue
+    if p not in per_slot[0]:
+      raise ActSearchError(f'activation init: layer {p!r} was never called in the forward pass')
+    scale = np.stack([np.asarray(r[p][0]) for r in per_slot]).astype(np.float32)
+    if not np.all(np.isfinite(scale)):
+      raise ActSearchError(f'activation init: non-finite scale at layer {p!r}')
+    out[p] = LayerQState(a_scale=jnp.asarray(scale),
+                         a_zero=jnp.asarray(np.stack([np.asarray(r[p][1]) for r in per_slot]).astype(np.float32)))
   return out

@@ -20,16 +20,23 @@ from typing import Any, Iterator
 from tcaq_jax.train.act_search import DEFAULT_PCTS
 from tcaq_jax.train.recon import ReconConfig
 
-__all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE', 'RESUMABLE', 'flat_fields', 'define_flags',
+__all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE',
+           'RECON_TRI_STATE', 'RESUMABLE', 'flat_fields', 'define_flags',
            'config_from_flags']
 
+# Method defaults (flat flag names). 'qdiff' is Q-Diffusion's released CIFAR-10 recipe point by point
+# (docs/METHOD_NOTES.md cites the lines of its code); 'qdiff_plus' is the stronger BRECQ variant this project used
+# as 'qdiff' before (Lp weight init, percentile-searched asymmetric activations, LSQ scales learned jointly with
+# AdaRound while activations are quantized).
+_COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
+               w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5)
 METHOD_DEFAULTS = {
-    'tcaq': dict(tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
+    'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True),
-    'qdiff': dict(tcr=False, daq=False, par=False, act_per_step=False, learn_act_scale=True, weight_init='lp',
-                  reconstruct=True),
-    'minmax': dict(tcr=False, daq=False, par=False, act_per_step=False, learn_act_scale=False,
-                   weight_init='minmax', reconstruct=False),
+    'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
+                  act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4),
+    'qdiff_plus': dict(_COMMON, learn_act_scale=True, weight_init='lp', reconstruct=True),
+    'minmax': dict(_COMMON, learn_act_scale=False, weight_init='minmax', reconstruct=False),
 }
 # Fields whose None means "the model's default": the paper's sizes for real models, CPU-sized ones for the
 # shipped demo (no --model_dir and no --model_config), so `python -m tcaq_jax.train.calibrate` is a quick first run.
@@ -38,7 +45,10 @@ MODEL_DEFAULTS = {
     'demo': dict(num_steps=50, calib_samples=32, recon_samples=320, iters_scale=0.005),
 }
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
-TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct')
+TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
+             'act_init', 'w_split', 'recon_order', 'daq_rule')
+# Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
+RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
 RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
              'eval_units')
@@ -91,8 +101,11 @@ class Config:
                                          'all; default all, the shipped demo 320', kind=int)
   recon_units: str = _f('', "regex: reconstruct only the units whose module path matches ('' = all)")
   # policy and bits
-  method: str = _f('tcaq', 'tcaq: TCR + DAQ + BRECQ/AdaRound + PAR; qdiff: BRECQ + learned activation scales; '
-                           'minmax: min-max PTQ without reconstruction', enum=tuple(METHOD_DEFAULTS))
+  method: str = _f('tcaq', "tcaq: TCR + DAQ + BRECQ/AdaRound + PAR; qdiff: Q-Diffusion's released CIFAR-10 "
+                           'recipe (min-max init, AdaRound pass with FP activations, then an activation-scale '
+                           'pass); qdiff_plus: a stronger BRECQ variant (Lp init, searched ranges, AdaRound and '
+                           'LSQ scales jointly); minmax: min-max PTQ without reconstruction',
+                   enum=tuple(METHOD_DEFAULTS))
   preset: str = _f('qdiff', "quantization policy preset: 'qdiff' (every conv/linear, attention matmuls, "
                             "post-Softmax) or 'tfmq' (TFMQ-DM's FP layers)", enum=('qdiff', 'tfmq'))
   policy_override: tuple = _f((), "policy rules REGEX:SPEC applied after the preset, e.g. 'conv_out$:w8a8', "
@@ -113,10 +126,29 @@ class Config:
   weight_init: str | None = _f(None, "weight scale init: 'lp' (BRECQ Lp search, p=2.4) or 'minmax' (default: "
                                      "the method's)", enum=('lp', 'minmax'))
   reconstruct: bool | None = _f(None, "run BRECQ/AdaRound block reconstruction (default: the method's)")
+  schedule: str | None = _f(None, "'joint': AdaRound (and learned activation scales) with activations quantized; "
+                                  "'two_pass' (Q-Diffusion): AdaRound with activations FP, then only the "
+                                  "activation scales (--act_iters, --act_lr with cosine decay, loss --act_p) "
+                                  "(default: the method's)", enum=('joint', 'two_pass'))
+  act_init: str | None = _f(None, "activation range init: 'search' (percentile search, asymmetric) or "
+                                  "'minmax_sym' (Q-Diffusion --a_sym: symmetric signed min-max on "
+                                  "--act_init_samples random calibration samples through the weight-quantized "
+                                  "model) (default: the method's)", enum=('search', 'minmax_sym'))
+  act_init_samples: int = _f(64, "random calibration samples (per slot) of --act_init=minmax_sym")
+  w_split: bool | None = _f(None, "the weight quantizer of a shortcut conv fed by a concatenation is split at the "
+                                  "boundary too (one per-channel scale per segment) (default: the method's)")
+  recon_order: str | None = _f(None, "reconstruction unit order: 'call' (forward order) or 'registration' "
+                                     "(PyTorch module registration order, Q-Diffusion) (default: the method's)",
+                               enum=('call', 'registration'))
   r_tru: float = _f(-1.0, 'TCR truncation R_tru; 0 = none; -1 = the paper default (3 at W4A8, else none)')
   tcr_target: str = _f('min', "TCR target range over channels per step: 'min' or 'mean'", enum=('min', 'mean'))
   tcr_dense: bool = _f(True, 'TCR also on linear layers (false: conv only)')
-  daq_log_kind: str = _f('log2', "DAQ's log quantizer: 'log2' or 'logsqrt2'", enum=('log2', 'logsqrt2'))
+  daq_log_kind: str = _f('log2', "DAQ's log quantizer for --daq_rule=llr: 'log2' or 'logsqrt2'",
+                         enum=('log2', 'logsqrt2'))
+  daq_rule: str | None = _f(None, "DAQ choice per layer and step: 'error' (uniform / log2 / log-sqrt2, the one "
+                                  "with the lowest error of probabilities @ V on calibration data) or 'llr' (the "
+                                  "paper's power-law likelihood-ratio test, log kind --daq_log_kind) (default: "
+                                  "the method's)", enum=('error', 'llr'))
   act_batch: int = _f(64, 'calibration samples per step for the activation range search')
   act_pcts: tuple = _f(DEFAULT_PCTS, 'percentile candidates of the activation range search (100 = min-max)',
                        item=float)
@@ -139,8 +171,11 @@ class Config:
       raise ConfigError(f'--method={self.method!r}: expected one of {sorted(METHOD_DEFAULTS)}')
     sizes = MODEL_DEFAULTS['demo' if self.is_demo else 'paper']
     self = dataclasses.replace(self, **{k: v for k, v in sizes.items() if getattr(self, k) is None})
-    self._check_ranges()
     md = METHOD_DEFAULTS[self.method]
+    recon_new = {field: md[flag] for flag, field in RECON_TRI_STATE.items() if getattr(self.recon, field) is None}
+    if recon_new:
+      self = dataclasses.replace(self, recon=dataclasses.replace(self.recon, **recon_new))
+    self._check_ranges()
     if not (md['reconstruct'] if self.reconstruct is None else self.reconstruct):
       for name in ('par', 'learn_act_scale'):
         if getattr(self, name):
@@ -162,12 +197,27 @@ class Config:
     cfg = dataclasses.replace(self, **new)
     if cfg.learn_act_scale and not cfg.reconstruct:
       cfg = dataclasses.replace(cfg, learn_act_scale=False)
+    cfg._check_combinations()
     if not cfg.out_dir:
       model = (os.path.basename(os.path.normpath(cfg.model_dir)) if cfg.model_dir
                else (cfg.model_config or 'demo'))
       cfg = dataclasses.replace(cfg, out_dir=os.path.join('runs', 'calib',
                                                           f'{model}_{cfg.method}_w{cfg.w_bits}a{cfg.a_bits}'))
     return cfg
+
+  def _check_combinations(self) -> None:
+    """Refuses resolved option combinations that cannot run (ConfigError names the flags)."""
+    if self.schedule == 'two_pass':
+      if not self.reconstruct:
+        raise ConfigError('--schedule=two_pass needs reconstruction (--reconstruct=false given)')
+      if self.par:
+        raise ConfigError('--schedule=two_pass with --par=true is not supported (PAR rounds reconstruct jointly)')
+      if not self.learn_act_scale:
+        raise ConfigError('--schedule=two_pass learns the activation scales in its second pass: '
+                          '--learn_act_scale=false contradicts it')
+    if self.act_init == 'minmax_sym' and self.daq:
+      raise ConfigError('--act_init=minmax_sym has no DAQ (post-Softmax min-max like Q-Diffusion): use '
+                        '--daq=false or --act_init=search')
 
   @property
   def is_demo(self) -> bool:
@@ -178,12 +228,12 @@ class Config:
     """Every numeric flag in its meaningful range, the regex compiles (ConfigError names the flag)."""
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
-                'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0}
+                'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, low in at_least.items():
       if flat[name] < low:
         raise ConfigError(f'--{name}={flat[name]}: must be >= {low}')
-    for name in ('lr', 'act_lr', 'guidance_scale'):
+    for name in ('lr', 'act_lr', 'guidance_scale', 'act_p'):
       if not flat[name] > 0:
         raise ConfigError(f'--{name}={flat[name]}: must be > 0')
     if self.calib_steps > self.num_steps:
@@ -206,14 +256,21 @@ class Config:
     """Reconstruction rounds: 1 + PAR rounds (0 when the method does not reconstruct)."""
     if not self.reconstruct:
       return 0
+    if self.schedule == 'two_pass':
+      return 2
     return 1 + (self.par_rounds if self.par else 0)
 
+  def act_pass(self, rnd: int) -> bool:
+    """True for the activation-scale pass (round 1 of --schedule=two_pass)."""
+    return self.schedule == 'two_pass' and rnd == 1
+
   def round_iters(self, rnd: int) -> int:
-    """Iterations per unit in round `rnd` (0: the first reconstruction, > 0: PAR)."""
-    return int(round((self.recon.iters if rnd == 0 else self.par_iters) * self.iters_scale))
+    """Iterations per unit in round `rnd` (0: the first reconstruction, > 0: PAR or the activation pass)."""
+    base = self.recon.act_iters if self.act_pass(rnd) else (self.recon.iters if rnd == 0 else self.par_iters)
+    return int(round(base * self.iters_scale))
 
   def recon_for_round(self, rnd: int) -> ReconConfig:
-    return dataclasses.replace(self.recon, iters=self.round_iters(rnd))
+    return dataclasses.replace(self.recon, iters=self.round_iters(rnd), act_pass=self.act_pass(rnd))
 
   # ------------------------------------------------------------------ flat (flag-name) form
   def to_flat(self) -> dict:

@@ -163,41 +163,56 @@ def _lp_search_packed(mats: list, bits: int, p: float, n_candidates: int, max_el
 
 
 def init_weights(params: Any, policy, ratios: dict | None = None, method: str = 'lp', adaround: bool = True,
-                 p: float = 2.4, n_candidates: int = 80) -> dict:
+                 p: float = 2.4, n_candidates: int = 80, split: bool = False) -> dict:
   """Weight quantizer state for every layer whose weights the policy quantizes (plus TCR-only layers).
 
   Scales per output channel (axis -1) of W diag(r): 'lp' (BRECQ Lp search, all layers of one bit width in
-  one compiled call) or 'minmax'. Returns {path: LayerQState(w_scale, w_zero (keepdims [1, .., Cout]), [alpha],
-  [r])}.
+  one compiled call) or 'minmax'. split: a layer whose input is split at a concatenation (spec.split) gets one
+  per-output-channel quantizer per input segment, as Q-Diffusion's `weight_quantizer` / `weight_quantizer_0`;
+  its w_scale / w_zero are then kernel-shaped but one ([1, .., Cin, Cout], constant over each segment's input
+  rows). Returns {path: LayerQState(w_scale, w_zero (keepdims [1, .., Cout]), [alpha], [r])}.
   """
   if method not in ('lp', 'minmax'):
     raise InitError(f'unknown weight init method {method!r} (lp | minmax)')
   ratios = ratios or {}
-  out, kernels = {}, {}
+  out, kernels, parts = {}, {}, {}
   for spec in policy.layers.values():
     st = {}
     if spec.path in ratios and spec.acts:
       st['r'] = jnp.asarray(ratios[spec.path], jnp.float32)
     if spec.weights:
       w = jnp.asarray(get_kernel(params, spec.path), jnp.float32)
-      kernels[spec.path] = scale_kernel_inputs(w, st['r']) if 'r' in st else w
+      w = scale_kernel_inputs(w, st['r']) if 'r' in st else w
+      kernels[spec.path] = w
+      if split and spec.split:
+        parts[(spec.path, 0)] = w[..., :spec.split, :]
+        parts[(spec.path, 1)] = w[..., spec.split:, :]
+      else:
+        parts[(spec.path, None)] = w
     if st or spec.weights:
       out[spec.path] = st
   by_bits: dict = {}
-  for path, w in kernels.items():
-    by_bits.setdefault(policy.layers[path].w_bits, []).append(path)
-  for bits, paths in by_bits.items():
+  for key in parts:
+    by_bits.setdefault(policy.layers[key[0]].w_bits, []).append(key)
+  found = {}
+  for bits, keys in by_bits.items():
     if method == 'lp':
-      res = _lp_search_packed([_rows(kernels[q]) for q in paths], bits, p, n_candidates)
+      res = _lp_search_packed([_rows(parts[k]) for k in keys], bits, p, n_candidates)
     else:
-      res = [tuple(np.asarray(a).reshape(-1) for a in minmax_params(_rows(kernels[q]), bits, channel_axis=0))
-             for q in paths]
-    for q, (scale, zero) in zip(paths, res):
-      w = kernels[q]
-      shape = (1,) * (w.ndim - 1) + (w.shape[-1],)
-      st = out[q]
-      st['w_scale'] = jnp.asarray(scale, jnp.float32).reshape(shape)
-      st['w_zero'] = jnp.asarray(zero, jnp.float32).reshape(shape)
-      if adaround:
-        st['alpha'] = init_alpha(w, st['w_scale'], st['w_zero'])
+      res = [tuple(np.asarray(a).reshape(-1) for a in minmax_params(_rows(parts[k]), bits, channel_axis=0))
+             for k in keys]
+    found.update(zip(keys, res))
+  for q, w in kernels.items():
+    shape = (1,) * (w.ndim - 1) + (w.shape[-1],)
+    if (q, None) in found:
+      scale, zero = (jnp.asarray(a, jnp.float32).reshape(shape) for a in found[(q, None)])
+    else:
+      seg_shapes = [parts[(q, i)].shape[:-1] for i in (0, 1)]
+      scale, zero = (jnp.concatenate([jnp.broadcast_to(jnp.asarray(found[(q, i)][j], jnp.float32).reshape(shape),
+                                                       (1,) * (w.ndim - 2) + (seg_shapes[i][-1], w.shape[-1]))
+                                      for i in (0, 1)], axis=-2) for j in (0, 1))
+    st = out[q]
+    st['w_scale'], st['w_zero'] = scale, zero
+    if adaround:
+      st['alpha'] = init_alpha(w, scale, zero)
   return {path: LayerQState(**st) for path, st in out.items()}

@@ -49,17 +49,32 @@ class ReconConfig:
   flag name where it differs from the field name)."""
   iters: int = _f(20000, 'AdaRound iterations per unit in the first reconstruction (scaled by --iters_scale)',
                   'recon_iters')
-  batch: int = _f(16, 'reconstruction minibatch size', 'recon_batch')
+  batch: int | None = _f(None, "reconstruction minibatch size (default: the method's: 16 tcaq / qdiff_plus, 32 "
+                               'qdiff)', 'recon_batch', kind=int)
   lam: float = _f(0.01, 'weight of the AdaRound rounding regulariser')
   b_start: float = _f(20.0, 'AdaRound annealing: exponent b at the start of the regularised phase')
   b_end: float = _f(2.0, 'AdaRound annealing: exponent b at the end')
   warmup: float = _f(0.2, 'share of the iterations without the rounding regulariser')
   lr: float = _f(1e-3, 'Adam learning rate of the AdaRound alphas')
-  act_lr: float = _f(4e-5, 'Adam learning rate of learned activation scales (--learn_act_scale)')
+  act_lr: float | None = _f(None, "Adam learning rate of learned activation scales (--learn_act_scale) (default: "
+                                  "the method's: 4e-5, qdiff 4e-4)", kind=float)
+  act_iters: int = _f(5000, 'iterations per unit of the activation-scale pass of --schedule=two_pass (scaled by '
+                            '--iters_scale)')
+  act_p: float = _f(2.4, 'loss exponent p of the activation-scale pass (sum over channels of |a - y|^p)')
   chunk: int = _f(1000, 'iterations per jitted call (progress and NaN checks between chunks)')
   loop: str = _f('auto', "'device': a chunk is one lax.fori_loop; 'host': a Python loop over one jitted "
                          "iteration (XLA:CPU runs while-loop bodies ~20x slower); 'auto': host on CPU", 'recon_loop',
                 enum=('auto', 'device', 'host'))
+  act_pass: bool = False          # set per round (not a flag): the activation pass, loss exponent act_p, cosine lr
+
+  @property
+  def batch_size(self) -> int:
+    """The minibatch size (16 when unresolved)."""
+    return 16 if self.batch is None else int(self.batch)
+
+  @property
+  def act_learning_rate(self) -> float:
+    return 4e-5 if self.act_lr is None else float(self.act_lr)
 
 
 def _device_loop(loop: str) -> bool:
@@ -73,11 +88,14 @@ def _device_loop(loop: str) -> bool:
   return loop == 'device'
 
 
-def rec_loss(pred, target):
-  """Sum over the last (channel) axis of squared error, mean over the rest; summed over output leaves."""
-  leaves = jax.tree.leaves(jax.tree.map(
-      lambda a, b: jnp.mean(jnp.sum((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2, axis=-1)),
-      pred, target))
+def rec_loss(pred, target, p: float = 2.0):
+  """Sum over the last (channel) axis of |error|^p, mean over the rest; summed over output leaves (Q-Diffusion's
+  lp_loss with reduction 'none'; p = 2: BRECQ's MSE)."""
+  def one(a, b):
+    d = a.astype(jnp.float32) - b.astype(jnp.float32)
+    e = d * d if p == 2.0 else jnp.abs(d) ** p
+    return jnp.mean(jnp.sum(e, axis=-1))
+  leaves = jax.tree.leaves(jax.tree.map(one, pred, target))
   return sum(leaves)
 
 
@@ -98,7 +116,7 @@ def _round_reg(theta, b):
 
 def make_optimizer(cfg: ReconConfig) -> optax.GradientTransformation:
   """Adam on AdaRound alphas (lr) and on learned activation scales (act_lr)."""
-  return optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_lr)}, _labels)
+  return optax.multi_transform({'alpha': optax.adam(cfg.lr), 'act': optax.adam(cfg.act_learning_rate)}, _labels)
 
 
 def reconstruct(apply_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
@@ -169,18 +187,25 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
 
   The total iteration count is traced too (one compile serves the 20k first pass and the 10k PAR rounds): the
   annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total). cfg.iters and
-  cfg.chunk do not enter the compiled function. With several local devices (or a `mesh`), every minibatch is
+  cfg.chunk do not enter the compiled function. cfg.act_pass (Q-Diffusion's activation pass): loss exponent
+  cfg.act_p, the updates scaled by (1 + cos(pi it / total)) / 2 (PyTorch's CosineAnnealingLR to 0, stepped after
+  every iteration: Adam's update is linear in its learning rate), and no rounding regulariser. With several local devices (or a `mesh`), every minibatch is
   split over them along the batch axis (XLA partitions the block forward / backward and sums the gradients);
   theta and the captured set stay replicated.
   """
   opt = make_optimizer(cfg)
-  constrain = _batch_constraint(mesh, cfg.batch)
+  batch = cfg.batch_size
+  constrain = _batch_constraint(mesh, batch)
+  p = float(cfg.act_p) if cfg.act_pass else 2.0
 
   def loss_fn(th, aux, xb, yb, sb, it, total):
-    rec = rec_loss(apply_fn(th, aux, xb, sb), yb)
-    b, on = b_schedule(it.astype(jnp.float32) * (_SCHED_GRID / total), _SCHED_GRID, cfg.warmup, cfg.b_start,
-                       cfg.b_end)
-    loss = rec + cfg.lam * on * _round_reg(th, b)
+    rec = rec_loss(apply_fn(th, aux, xb, sb), yb, p)
+    if cfg.act_pass:
+      loss = rec
+    else:
+      b, on = b_schedule(it.astype(jnp.float32) * (_SCHED_GRID / total), _SCHED_GRID, cfg.warmup, cfg.b_start,
+                         cfg.b_end)
+      loss = rec + cfg.lam * on * _round_reg(th, b)
     if loss_hook is not None:
       loss = loss_hook(loss, it)
     return loss, rec
@@ -192,7 +217,7 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
       th, st, bad, bad_it, loss_sum, rec_sum, cnt = carry
       it = start + i
       k = jax.random.fold_in(key, it)
-      idx = jax.random.randint(k, (cfg.batch,), 0, n)
+      idx = jax.random.randint(k, (batch,), 0, n)
       xb = [a[idx] for a in inputs]
       yb = jax.tree.map(lambda a: a[idx], targets)
       sb = steps[idx]
@@ -200,6 +225,9 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
         xb, yb, sb = constrain((xb, yb, sb))
       (loss, rec), g = grad_fn(th, aux, xb, yb, sb, it, total)
       upd, st2 = opt.update(g, st, th)
+      if cfg.act_pass:
+        lr_factor = 0.5 * (1. + jnp.cos(jnp.pi * it.astype(jnp.float32) / total))
+        upd = jax.tree.map(lambda u: u * lr_factor, upd)
       th2 = optax.apply_updates(th, upd)
       ok = jnp.isfinite(loss) & jnp.logical_not(bad) & jax.tree.reduce(
           lambda a, b: a & b, jax.tree.map(lambda v: jnp.all(jnp.isfinite(v)), th2))

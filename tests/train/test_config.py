@@ -40,8 +40,9 @@ def test_help_of_the_cli_explains_every_flag():
 def test_resolve_fills_method_defaults_once():
   for method, md in METHOD_DEFAULTS.items():
     cfg = Config(method=method).resolve()
+    flat = cfg.to_flat()
     for k, v in md.items():
-      assert getattr(cfg, k) == v, (method, k)
+      assert flat[k] == v, (method, k)
     assert cfg.resolve() == cfg                               # idempotent
   cfg = Config(method='tcaq', tcr=False, w_bits=4, a_bits=8).resolve()
   assert cfg.tcr is False and cfg.daq is True and cfg.r_tru == 3.0      # explicit override kept; paper R_tru
@@ -62,7 +63,10 @@ def test_rounds_and_iterations():
   cfg = Config(iters_scale=0.01).resolve()
   assert cfg.rounds == 3 and cfg.round_iters(0) == 200 and cfg.round_iters(2) == 100
   assert cfg.recon_for_round(1).iters == 100 and cfg.recon_for_round(0).batch == 16
-  assert Config(method='qdiff').resolve().rounds == 1 and Config(method='minmax').resolve().rounds == 0
+  assert Config(method='qdiff_plus').resolve().rounds == 1 and Config(method='minmax').resolve().rounds == 0
+  q = Config(method='qdiff', iters_scale=0.01).resolve()           # Q-Diffusion: AdaRound pass, activation pass
+  assert q.rounds == 2 and q.round_iters(0) == 200 and q.round_iters(1) == 50
+  assert not q.recon_for_round(0).act_pass and q.recon_for_round(1).act_pass and q.recon_for_round(1).batch == 32
 
 
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():
@@ -91,8 +95,11 @@ def test_cifar10_flagfiles_are_the_base_plus_bit_widths(monkeypatch):
 
 
 def test_tri_state_flags_default_to_the_method():
-  cfg = _parse(['--method=qdiff', '--tcr']).resolve()
+  cfg = _parse(['--method=qdiff_plus', '--tcr']).resolve()
   assert cfg.tcr is True and cfg.learn_act_scale is True and cfg.par is False
+  cfg = _parse(['--method=qdiff', '--recon_batch=8']).resolve()
+  assert (cfg.recon.batch, cfg.recon.act_lr, cfg.schedule, cfg.weight_init) == (8, 4e-4, 'two_pass', 'minmax')
+  assert _parse([]).resolve().recon.batch == 16 and _parse([]).resolve().daq_rule == 'error'
 
 
 @pytest.mark.parametrize('flat, match', [
@@ -111,6 +118,10 @@ def test_tri_state_flags_default_to_the_method():
     ({'method': 'minmax', 'learn_act_scale': True}, '--learn_act_scale=true'),
     ({'method': 'tcaq', 'reconstruct': False, 'par': True}, '--reconstruct=false'),
     ({'method': 'minmax', 'act_pcts': ('99.9',)}, '--act_pcts=99.9 has no effect'),
+    ({'method': 'qdiff', 'par': True}, '--schedule=two_pass with --par=true'),
+    ({'method': 'qdiff', 'learn_act_scale': False}, '--learn_act_scale=false contradicts'),
+    ({'method': 'qdiff', 'daq': True}, '--act_init=minmax_sym has no DAQ'),
+    ({'act_lr': 0.0}, '--act_lr=0.0'),
 ])
 def test_bad_values_and_ignored_combinations_are_refused(flat, match):
   with pytest.raises(ConfigError, match=match):
