@@ -29,12 +29,14 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 # as 'qdiff' before (Lp weight init, percentile-searched asymmetric activations, LSQ scales learned jointly with
 # AdaRound while activations are quantized).
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
-               w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5)
+               w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
+               calib_step_rule='linspace')
 METHOD_DEFAULTS = {
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
-                  act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4),
+                  act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
+                  calib_step_rule='interval'),
     'qdiff_plus': dict(_COMMON, learn_act_scale=True, weight_init='lp', reconstruct=True),
     'minmax': dict(_COMMON, learn_act_scale=False, weight_init='minmax', reconstruct=False),
 }
@@ -46,7 +48,7 @@ MODEL_DEFAULTS = {
 }
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
-             'act_init', 'w_split', 'recon_order', 'daq_rule')
+             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
@@ -93,6 +95,11 @@ class Config:
   calib_dir: str = _f('', "an existing capture (tcaq_jax.diffusion.capture) to calibrate on; '' -> capture one "
                           'into out_dir/calib_round0')
   calib_steps: int = _f(20, 'sampler steps recorded for calibration (evenly spaced, first and last included)')
+  calib_step_rule: str | None = _f(None, "which sampler steps are calibrated: 'linspace' (--calib_steps evenly "
+                                         "spaced, first and last included) or 'interval' (Q-Diffusion's "
+                                         "range(0, num_steps, num_steps // calib_steps): the last steps are left "
+                                         "out; all steps are captured, then subset) (default: the method's)",
+                                   enum=('linspace', 'interval'))
   calib_samples: int | None = _f(None, 'calibration samples per recorded step; default 256 (the paper), the '
                                          'shipped demo 32', kind=int)
   capture_batch: int = _f(64, 'batch size of the capture / recapture / grid sampler')

@@ -137,13 +137,19 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   eps = setup.fp_eps if rnd == 0 else setup.q_eps(qstate)
   cond, uncond = family.cond_arrays(setup.mconfig, cfg.calib_samples, cfg.seed)
   t0 = time.time()
-  cd = par.recapture(setup.sampler, eps, d, cfg.calib_samples, cfg.calib_steps, cfg.seed, cfg.capture_batch,
+  interval = cfg.calib_step_rule == 'interval'
+  cd = par.recapture(setup.sampler, eps, d, cfg.calib_samples, setup.n_steps if interval else cfg.calib_steps,
+                     cfg.seed, cfg.capture_batch,
                      cond, uncond, meta={'round': rnd, 'model': setup.mconfig.get('name'), 'quantized': rnd > 0})
   seconds = time.time() - t0
   if cd.index['num_steps'] != setup.n_steps:
     raise CalibrationError(f'capture {d!r} was made with a {cd.index["num_steps"]}-step sampler, but '
                            f'--num_steps={cfg.num_steps} gives {setup.n_steps}')
-  return par.flat_data(cd, setup.guidance), seconds
+  data = par.flat_data(cd, setup.guidance)
+  if interval:                         # Q-Diffusion's get_train_samples: range(0, n, n // cali_st)
+    keep = np.isin(data['step'], np.arange(0, setup.n_steps, max(setup.n_steps // cfg.calib_steps, 1)))
+    data = {key: v[keep] for key, v in data.items()}
+  return data, seconds
 
 
 def _slots(setup: Setup, data: dict, per_step: bool):
@@ -211,6 +217,16 @@ def _trainable(qstate: QState, unit: blocks.Unit, learn: bool, alpha: bool = Tru
   return theta
 
 
+# Units whose inputs / outputs one compiled capture program records (consecutive in call order): a model's
+# units need len(units) / CAPTURE_GROUP capture compiles instead of one each; each capture runs the forward on to
+# its group's last unit.
+CAPTURE_GROUP = 8
+
+
+def _capture_group(setup: Setup, k: int) -> tuple[str, ...]:
+  return next(g for g in blocks.capture_groups(setup.units, CAPTURE_GROUP) if setup.units[k].path in g)
+
+
 def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
                      loss_hook: Callable | None = None) -> tuple[QState, dict]:
   """BRECQ/AdaRound on unit k in round rnd. Returns (qstate with the unit's trained fields, stats)."""
@@ -219,10 +235,11 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   t0 = time.time()
   w_pass, act_pass = cfg.schedule == 'two_pass' and rnd == 0, cfg.act_pass(rnd)
   in_fwd = setup.qw_fwd if w_pass else setup.fp_in_fwd if act_pass else setup.q_fwd
-  io_fn = setup.compiled(('io', unit.path, w_pass, act_pass),
-                         lambda: blocks.make_io_capture(unit.path, in_fwd, setup.fp_fwd))
+  group = _capture_group(setup, k)
+  io_fn = setup.compiled(('io', group, w_pass, act_pass),
+                         lambda: blocks.make_group_capture(group, in_fwd, setup.fp_fwd))
   io = blocks.capture_unit_io(io_fn, _arrays(data), cfg.forward_batch, in_consts=(setup.params, qstate),
-                              out_consts=setup.params)
+                              out_consts=setup.params, path=unit.path)
   steps = jnp.asarray(data['step'])
   t_cap = time.time() - t0
   learn = cfg.learn_act_scale and not w_pass

@@ -52,3 +52,53 @@ def test_daq_quantizer_selects_per_step():
   np.testing.assert_array_equal(np.asarray(f(x, q, 0)), np.asarray(Q.logsqrt2_fake_quant(x, q.delta[0], 4)))
   np.testing.assert_array_equal(np.asarray(f(x, q, 1)), np.asarray(Q.fake_quant(x, q.scale[1], 0., 4)))
   assert len(jax.tree_util.tree_leaves(q)) == 3
+
+
+# ------------------------------------------------------------------ output-error rule (issue 14, part 3)
+from tcaq_jax.quant.daq import choose_by_error, output_errors, powerlaw_vs_exponential_llr  # noqa: E402
+from tcaq_jax.quant.log2 import log2_search_delta  # noqa: E402
+
+
+def _np_log(p, delta, bits, k):
+  """A float64 NumPy log quantizer (k = 1 log2, 2 log-sqrt2; underflow to 0) as RepQ-ViT defines it."""
+  raw = np.round(-k * np.log2(np.where(p > 0, p, delta) / delta))
+  codes = np.clip(raw, 0, 2 ** bits - 1)
+  return np.where((p > 0) & (raw <= 2 ** bits - 1), delta * 2. ** (-codes / k), 0.)
+
+
+def _attention(rng, spread, b=2, n=64, c=8):
+  logits = rng.standard_normal((b, n, n)) * spread
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return (p / p.sum(-1, keepdims=True)).astype(np.float32), rng.standard_normal((b, n, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize('bits', [8, 4])
+def test_output_errors_match_a_float64_reference(bits):
+  p, v = _attention(np.random.default_rng(1), 3.0)
+  scale, d2, ds = float(p.max()) / (2 ** bits - 1), float(p.max()) * 0.9, float(p.max()) * 0.8
+  got = np.asarray(output_errors(jnp.asarray(p), jnp.asarray(v), scale, d2, ds, bits))
+  p64, v64 = p.astype(np.float64), v.astype(np.float64)
+  cands = [np.clip(np.round(p64 / scale), 0, 2 ** bits - 1) * scale, _np_log(p64, d2, bits, 1),
+           _np_log(p64, ds, bits, 2)]
+  ref = p64 @ v64
+  want = [np.mean((c @ v64 - ref) ** 2) for c in cands]
+  np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_error_rule_picks_uniform_where_the_likelihood_ratio_picks_log2():
+  """As measured on the demo (issue 14): peaked softmax rows look power-law-like (LLR > 0 -> log2), but log2's
+  coarse steps near the large probabilities dominate the error of probs @ V; uniform is far better there."""
+  p, v = _attention(np.random.default_rng(0), 4.0)
+  assert float(powerlaw_vs_exponential_llr(p)) > 0                       # the LLR rule would choose log2
+  scale = float(p.max()) / 255
+  d2, ds = (log2_search_delta(jnp.asarray(p), 8, k) for k in ('log2', 'logsqrt2'))
+  err = np.asarray(output_errors(jnp.asarray(p), jnp.asarray(v), scale, d2, ds, 8))
+  assert choose_by_error(err[None])[0] == 0 and err[1] > 10 * err[0]
+  # and where the output depends on many tiny probabilities at 4 bits, log2 wins (uniform rounds them to 0)
+  q = np.full((1, 64, 64), 1e-3, np.float32)
+  q[..., 0] = 1. - 63e-3
+  w = np.ones((1, 64, 2), np.float32)
+  e4 = np.asarray(output_errors(jnp.asarray(q), jnp.asarray(w), float(q.max()) / 15, float(q.max()),
+                                float(q.max()), 4))
+  assert choose_by_error(e4[None])[0] == 1 and e4[1] < e4[0] / 10
+  assert list(choose_by_error(np.array([[1., 1., 2.], [3., 2., 1.]]))) == [0, 2]    # ties: uniform
