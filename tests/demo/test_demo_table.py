@@ -1,0 +1,56 @@
+"""bench/demo_table.py's rows and outputs (table.json, table.md, the FID chart and the sample-grid image, resume
+under the same settings), on synthetic rows: no calibration runs here."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope='module')
+def table():
+  pytest.importorskip('matplotlib')
+  spec = importlib.util.spec_from_file_location('demo_table_under_test', os.path.join(ROOT, 'bench', 'demo_table.py'))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_rows_cover_the_baselines_the_paper_rules_and_the_ablations(table):
+  rows = {name: (method, w, a, extra) for name, method, w, a, extra in table.row_specs()}
+  for w, a in table.BITS:
+    assert rows[f'qdiff_w{w}a{a}'][0] == 'qdiff' and rows[f'qdiff_plus_w{w}a{a}'][0] == 'qdiff_plus'
+    assert rows[f'tcaq_paper_w{w}a{a}'] == ('tcaq', w, a, {'daq_rule': 'llr'})
+    assert rows[f'tcaq_w{w}a{a}'] == ('tcaq', w, a, {}) and rows[f'minmax_w{w}a{a}'][0] == 'minmax'
+  for w, a in ((6, 6), (4, 4)):
+    assert rows[f'tcaq_w{w}a{a}_no_per_step'][3] == {'act_per_step': False}
+    assert rows[f'tcaq_w{w}a{a}_no_tcr_no_per_step'][3] == {'tcr': False, 'act_per_step': False}
+    assert {f'tcaq_w{w}a{a}_no_{c}' for c in ('tcr', 'daq', 'par')} <= set(rows)
+
+
+def test_outputs_and_resume(table, tmp_path):
+  from PIL import Image
+  settings = {'num_samples': 10, 'num_steps': 5, 'calib_samples': 2, 'recon_samples': 4, 'iters_scale': 0.001,
+              'real_images': 1797, 'features': 'x'}
+  os.makedirs(tmp_path / 'grids')
+  results = {}
+  for i, (name, method, w, a) in enumerate([('fp', 'fp', None, None), ('minmax_w8a8', 'minmax', 8, 8),
+                                            ('qdiff_w4a4', 'qdiff', 4, 4), ('tcaq_w6a6_no_per_step', 'tcaq', 6, 6)]):
+    results[name] = {'name': name, 'method': method, 'options': {}, 'w_bits': w, 'a_bits': a, 'fid': 1.5 + i,
+                     'conf': 0.9, 'samples': 10, 'sample_seed': 123, 'iters_scale': 0.001, 'calib_s': 3.0}
+    Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(tmp_path / 'grids' / f'{name}.png')
+  table.write_outputs(str(tmp_path), results, settings)
+  doc = json.load(open(tmp_path / 'table.json'))
+  assert doc['settings'] == settings and [r['name'] for r in doc['rows']] == list(results)
+  for key in ('name', 'method', 'options', 'w_bits', 'a_bits', 'fid', 'conf', 'samples', 'sample_seed',
+              'iters_scale', 'calib_s'):
+    assert key in doc['rows'][1], key
+  md = open(tmp_path / 'table.md').read()
+  assert '| qdiff | - | - | - | 3.50 |' in md and '| no_per_step | 4.50 | - |' in md
+  for png in ('fid_chart.png', 'sample_grids.png'):
+    assert Image.open(tmp_path / png).size[0] > 300
+  assert table.load_table(str(tmp_path / 'table.json'), settings) == results           # resumes these rows
+  assert table.load_table(str(tmp_path / 'table.json'), dict(settings, num_samples=11)) == {}
