@@ -5,8 +5,8 @@ A unit is either a block (the outermost module whose class matches the family's 
 input / output conv, resampling convs), in call order (METHOD.md section 5).
 
   units = find_units(model, variables, args, kwargs, policy, block_regex)
-  capture = make_io_capture(unit.path, in_forward=q_fwd, out_forward=fp_fwd)     # compiled once, reusable
-  io = capture_unit_io(capture, data, batch=64, in_consts=(params, qstate), out_consts=params)
+  capture = make_group_capture(paths, in_forward=q_fwd, out_forward=fp_fwd)     # compiled once, reusable
+  io = capture_unit_io(capture, data, batch=64, in_consts=(params, qstate), out_consts=params, path=unit.path)
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from tcaq_jax.quant.apply import quantized_apply, submodule
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.state import QState, merge_layers
 
-__all__ = ['Unit', 'BlockError', 'find_units', 'CapturedIO', 'make_io_capture', 'capture_unit_io', 'UnitProgram',
-           'unit_program', 'io_signature', 'to_relative', 'to_absolute', 'unit_aux', 'unit_apply_fn']
+__all__ = ['Unit', 'BlockError', 'find_units', 'CapturedIO', 'make_group_capture', 'make_io_capture',
+           'capture_unit_io', 'capture_groups', 'UnitProgram', 'unit_program', 'io_signature', 'to_relative',
+           'to_absolute', 'unit_aux', 'unit_apply_fn']
 
 
 class BlockError(ValueError):
@@ -99,56 +100,82 @@ class CapturedIO:
     return jax.tree_util.tree_unflatten(self.treedef, full)
 
 
-def make_io_capture(path: str, in_forward: Callable | None = None, out_forward: Callable | None = None):
-  """The compiled recorder of the module at `path`: (fn(in_consts, out_consts, *data_batch), meta).
+def make_group_capture(paths: Sequence[str], in_forward: Callable | None = None,
+                       out_forward: Callable | None = None):
+  """One compiled recorder for the units at `paths` (contiguous in call order): (fn(in_consts, out_consts,
+  *data_batch), meta). fn returns ({path: dynamic input leaves}, {path: output}).
 
-  in_forward(in_consts, *data_batch) runs the model whose *inputs* to the unit are recorded (the partially
-  quantized model); out_forward(out_consts, *data_batch) the model whose unit *output* is recorded (FP). Both
-  run in one jitted call (consts are jit arguments, not baked-in constants); XLA drops what follows the unit.
-  Reuse the pair across calls with the same forwards (e.g. PAR rounds); pass it to `capture_unit_io`.
+  in_forward(in_consts, *data_batch) runs the model whose *inputs* to the units are recorded (the partially
+  quantized model); out_forward(out_consts, *data_batch) the model whose unit *outputs* are recorded (FP). Both
+  run in one jitted call (consts are jit arguments, not baked-in constants); XLA drops what follows the last
+  unit. A group serves every unit in it (`capture_unit_io(..., path=)` keeps one), so a model's units need one
+  compile per group instead of one per unit, at the price of running the forward on to the group's last unit.
+  Reuse it across calls with the same forwards (PAR rounds).
   """
-  meta: dict = {}
+  paths = tuple(paths)
+  selected = frozenset(paths)
+  meta: dict = {'paths': paths}
 
-  def record(forward, consts, d):
-    _, rec = collect_calls(lambda: forward(consts, *d), select=lambda p, m: p == path,
-                           record=lambda c: (c.args, c.kwargs, c.output))
-    if path not in rec:
-      raise BlockError(f'unit {path!r} was not called by the forward pass')
-    return rec[path]
+  def record(forward, consts, d, what):
+    _, rec = collect_calls(lambda: forward(consts, *d), select=lambda p, m: p in selected, record=what)
+    missing = [p for p in paths if p not in rec]
+    if missing:
+      raise BlockError(f'unit {missing[0]!r} was not called by the forward pass')
+    return rec
 
   def run(ic, oc, *d):
-    dyn, out = [], None
+    ins, outs = {}, {}
     if in_forward is not None:
-      args, kwargs, _ = record(in_forward, ic, d)
-      flat, treedef = jax.tree_util.tree_flatten((args, kwargs))
-      meta['treedef'] = treedef
-      meta['statics'] = [None if isinstance(v, jax.Array) else v for v in flat]
-      dyn = [v for v in flat if isinstance(v, jax.Array)]
+      for p, (args, kwargs) in record(in_forward, ic, d, lambda c: (c.args, c.kwargs)).items():
+        flat, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        meta[p] = {'treedef': treedef, 'statics': [None if isinstance(v, jax.Array) else v for v in flat]}
+        ins[p] = [v for v in flat if isinstance(v, jax.Array)]
     if out_forward is not None:
-      out = record(out_forward, oc, d)[2]
-    return dyn, out
+      outs = record(out_forward, oc, d, lambda c: c.output)
+    return ins, outs
 
   return jax.jit(run), meta
 
 
+def capture_groups(units: Sequence[Unit], size: int) -> list[tuple[str, ...]]:
+  """Consecutive units (call order) in groups of `size` (<= 1: one unit per group): one capture program each."""
+  paths = [u.path for u in units]
+  size = max(int(size), 1)
+  return [tuple(paths[i:i + size]) for i in range(0, len(paths), size)]
+
+
+def make_io_capture(path: str, in_forward: Callable | None = None, out_forward: Callable | None = None):
+  """The compiled recorder of the one unit at `path` (a group of one; see `make_group_capture`)."""
+  return make_group_capture((path,), in_forward, out_forward)
+
+
 def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_consts: Any = None,
-                    out_consts: Any = None) -> CapturedIO:
-  """Runs a `make_io_capture` recorder over a data set (arrays [N, ...] sliced along axis 0) in batches.
+                    out_consts: Any = None, path: str | None = None) -> CapturedIO:
+  """Runs a `make_group_capture` / `make_io_capture` recorder over a data set (arrays [N, ...] sliced along
+  axis 0) in batches and keeps unit `path`'s call (default: the recorder's only unit).
 
   Returns CapturedIO with device arrays (inputs when the recorder has an in_forward, output when it has an
   out_forward).
   """
   fn, meta = capture
+  if path is None:
+    if len(meta['paths']) != 1:
+      raise BlockError(f'the recorder captures {len(meta["paths"])} units: name one with path=')
+    path = meta['paths'][0]
+  elif path not in meta['paths']:
+    raise BlockError(f'unit {path!r} is not captured by this recorder ({list(meta["paths"])})')
   n = int(data[0].shape[0])
   ins, outs = [], []
   for i in range(0, n, batch):
     d = [jnp.asarray(a[i:i + batch]) for a in data]
     dyn, out = fn(in_consts, out_consts, *d)
-    ins.append(dyn)
-    outs.append(out)
+    ins.append(dyn.get(path, []))
+    outs.append(out.get(path))
+    del dyn, out                                # the group's other units are dropped batch by batch
   leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if ins[0] else []
   output = (jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if outs[0] is not None else None)
-  return CapturedIO(leaves, meta.get('statics', []), meta.get('treedef'), output)
+  m = meta.get(path, {})
+  return CapturedIO(leaves, m.get('statics', []), m.get('treedef'), output)
 
 
 def _relative(path: str, prefix: str) -> str:

@@ -145,3 +145,33 @@ def test_host_percentiles_equal_jnp_percentile():
       x = np.abs(x) ** 3
     got = act_search._np_percentiles(x, q)
     np.testing.assert_allclose(got, np.asarray(ref(jnp.asarray(x))), rtol=3e-7, atol=0)
+
+
+def test_group_capture_records_each_unit_as_its_own_capture(block_setup):
+  """One recorder for several units (pipeline.CAPTURE_GROUP) gives each unit exactly what a recorder of that unit
+  alone gives: its inputs from the quantized model and its FP output; a unit outside the group is refused."""
+  model, params, pol, qs, unit, io, steps, _ = block_setup
+  qf = lambda c, x, t, s, cc: A.quantized_apply(model, {'params': c[0]}, c[1], pol, x, t, step_index=s)
+  fp = lambda p, x, t, s, c: model.apply({'params': p}, x, t)
+  n = 32
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (n, 16, 16, 3)))
+  s = np.repeat(np.arange(4), n // 4).astype(np.int32)
+  data = (x, (999 - s * 250).astype(np.int32), s, np.zeros((n,), np.int32))
+  others = ['temb/dense_0', 'mid/attn_1']
+  group = blocks.make_group_capture([others[0], UNIT, others[1]], qf, fp)
+  for path in [UNIT, others[1]]:
+    alone = blocks.capture_unit_io(blocks.make_io_capture(path, qf, fp), data, 16, (params, qs), params)
+    grouped = blocks.capture_unit_io(group, data, 16, (params, qs), params, path=path)
+    assert len(alone.leaves) == len(grouped.leaves) >= 1
+    for a, b in zip(alone.leaves + [alone.output], grouped.leaves + [grouped.output]):
+      np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+    assert grouped.rebuild(grouped.leaves)[0][0].shape == alone.rebuild(alone.leaves)[0][0].shape
+  np.testing.assert_array_equal(np.asarray(blocks.capture_unit_io(group, data, 16, (params, qs), params,
+                                                                  path=UNIT).output), np.asarray(io.output))
+  with pytest.raises(blocks.BlockError, match='not captured by this recorder'):
+    blocks.capture_unit_io(group, data, 16, (params, qs), params, path='up_0/block_1')
+  with pytest.raises(blocks.BlockError, match='name one with path='):
+    blocks.capture_unit_io(group, data, 16, (params, qs), params)
+  units = [blocks.Unit(p, 'X', ()) for p in 'abcde']
+  assert blocks.capture_groups(units, 2) == [('a', 'b'), ('c', 'd'), ('e',)]
+  assert blocks.capture_groups(units, 0) == [(p,) for p in 'abcde']
