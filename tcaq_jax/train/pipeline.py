@@ -40,7 +40,7 @@ from tcaq_jax.models import family
 from tcaq_jax.quant.policy import build_policy
 from tcaq_jax.quant.state import LayerQState, QState, merge_layers
 from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
-from tcaq_jax.train import act_search, blocks, init as qinit, par, recon
+from tcaq_jax.train import act_search, blocks, init as qinit, par, recon, unit_order
 from tcaq_jax.train.calib_state import CalibState, Progress, jsonable, new_report, restore_state, save_state
 from tcaq_jax.train.config import CalibrationError, Config
 
@@ -72,10 +72,18 @@ class Setup:
     args, kwargs = family.example_inputs(self.mconfig, 1)
     self.policy = build_policy(self.model, {'params': self.params}, args, cfg.preset, cfg.w_bits, cfg.a_bits,
                                cfg.softmax_bits, cfg.policy_override, example_kwargs=kwargs)
-    self.units = blocks.find_units(self.model, {'params': self.params}, args, kwargs, self.policy,
-                                   family.block_class_regex(self.mconfig))
+    self.units = unit_order.in_order(blocks.find_units(self.model, {'params': self.params}, args, kwargs,
+                                                       self.policy, family.block_class_regex(self.mconfig)),
+                                     cfg.recon_order)
+    # --schedule=two_pass: the AdaRound pass quantizes weights only (inputs from the weight-quantized model), the
+    # activation pass takes its unit inputs from the FP model (Q-Diffusion's asym=False).
+    self.w_policy = dataclasses.replace(self.policy, layers={
+        p: dataclasses.replace(s, a_bits=None, split=s.split if s.weights else None)
+        for p, s in self.policy.layers.items()})
     self.fp_fwd = family.forward(self.model, self.mconfig)
     self.q_fwd = quant_forward(self.model, self.policy, self.mconfig)
+    self.qw_fwd = quant_forward(self.model, self.w_policy, self.mconfig)
+    self.fp_in_fwd = lambda consts, *d: self.fp_fwd(consts[0], *d)
     self.fp_eps = family.eps_fn(self.model, self.params, self.mconfig)
     self.guidance = cfg.guidance_scale != 1.0
     self.fingerprint = params_fingerprint(self.params)
@@ -121,19 +129,27 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   """Round 0: the FP calibration set; round r > 0: recaptured with the quantized model (PAR, same seeds).
   Reuses a complete capture on disk. Returns (flat data dict, seconds)."""
   cfg = setup.cfg
+  if cfg.schedule == 'two_pass':
+    rnd, qstate = 0, None              # the activation pass reuses the FP calibration set
   d = calib_dir(setup, rnd)
   if rnd == 0 and cfg.calib_dir and not os.path.isfile(os.path.join(d, 'index.json')):
     raise CalibrationError(f'--calib_dir={d!r} is not a complete capture (index.json missing)')
   eps = setup.fp_eps if rnd == 0 else setup.q_eps(qstate)
   cond, uncond = family.cond_arrays(setup.mconfig, cfg.calib_samples, cfg.seed)
   t0 = time.time()
-  cd = par.recapture(setup.sampler, eps, d, cfg.calib_samples, cfg.calib_steps, cfg.seed, cfg.capture_batch,
+  interval = cfg.calib_step_rule == 'interval'
+  cd = par.recapture(setup.sampler, eps, d, cfg.calib_samples, setup.n_steps if interval else cfg.calib_steps,
+                     cfg.seed, cfg.capture_batch,
                      cond, uncond, meta={'round': rnd, 'model': setup.mconfig.get('name'), 'quantized': rnd > 0})
   seconds = time.time() - t0
   if cd.index['num_steps'] != setup.n_steps:
     raise CalibrationError(f'capture {d!r} was made with a {cd.index["num_steps"]}-step sampler, but '
                            f'--num_steps={cfg.num_steps} gives {setup.n_steps}')
-  return par.flat_data(cd, setup.guidance), seconds
+  data = par.flat_data(cd, setup.guidance)
+  if interval:                         # Q-Diffusion's get_train_samples: range(0, n, n // cali_st)
+    keep = np.isin(data['step'], np.arange(0, setup.n_steps, max(setup.n_steps // cfg.calib_steps, 1)))
+    data = {key: v[keep] for key, v in data.items()}
+  return data, seconds
 
 
 def _slots(setup: Setup, data: dict, per_step: bool):
@@ -157,9 +173,13 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict]:
     ratios = qinit.tcr_ratios(peaks, cfg.r_tru, cfg.tcr_target)
   timings['tcr_s'] = time.time() - t0
   t0 = time.time()
-  layers = qinit.init_weights(setup.params, setup.policy, ratios, cfg.weight_init, adaround=cfg.reconstruct)
+  layers = qinit.init_weights(setup.params, setup.policy, ratios, cfg.weight_init, adaround=cfg.reconstruct,
+                              split=cfg.w_split)
   timings['weight_init_s'] = time.time() - t0
-  qstate, secs = search_acts(setup, QState(step_slot=jnp.asarray(step_slot), layers=layers), data)
+  qstate = QState(step_slot=jnp.asarray(step_slot), layers=layers)
+  secs = 0.0
+  if cfg.schedule != 'two_pass':      # two_pass: activation ranges after the AdaRound pass (round 1)
+    qstate, secs = search_acts(setup, qstate, data)
   timings['act_search_s'] = secs
   return qstate, timings
 
@@ -168,28 +188,38 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
   """Per-slot activation ranges (and DAQ choices) on `data`, merged into qstate. Returns (qstate, seconds)."""
   cfg = setup.cfg
   step_slot, k, sid = _slots(setup, data, cfg.act_per_step)
+  if cfg.act_init == 'minmax_sym':
+    fn = setup.compiled(('act_init_minmax_sym',), lambda: act_search.make_minmax_sym(setup.fp_fwd, setup.policy))
+    t0 = time.time()
+    acts = act_search.init_minmax_sym(fn, setup.policy, setup.params, qstate, _arrays(data), sid, k,
+                                      cfg.act_init_samples, cfg.seed)
+    return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
   ratio_paths = tuple(sorted(p for p, st in qstate.layers.items()
                              if st.r is not None and p in setup.policy.layers and setup.policy.layers[p].acts))
   search_fn = setup.compiled(('act_search', ratio_paths), lambda: act_search.make_search(
-      setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind))
+      setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, daq_rule=cfg.daq_rule))
   t0 = time.time()
   acts = act_search.search_act_scales(setup.fp_fwd, setup.policy, qstate.layers, _arrays(data), sid, k,
                                       cfg.act_batch, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, seed=cfg.seed,
-                                      consts=setup.params, search_fn=search_fn)
+                                      consts=setup.params, search_fn=search_fn, daq_rule=cfg.daq_rule)
   return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
 
 
-def _trainable(qstate: QState, unit: blocks.Unit, learn: bool) -> dict:
-  """{layer path: LayerQState with the fields reconstruction trains (alpha; a_scale when learned)}."""
+def _trainable(qstate: QState, unit: blocks.Unit, learn: bool, alpha: bool = True) -> dict:
+  """{layer path: LayerQState with the fields reconstruction trains (alpha unless alpha=False; a_scale when
+  learned)}."""
   theta = {}
   for p in unit.layers:
     st = qstate.layers.get(p, LayerQState())
-    th = LayerQState(alpha=st.alpha, a_scale=st.a_scale if learn else None)
+    th = LayerQState(alpha=st.alpha if alpha else None, a_scale=st.a_scale if learn else None)
     if th.set_fields():
       theta[p] = th
   return theta
 
 
+# Units whose inputs / outputs one compiled capture program records (consecutive in call order): a model's
+# units need len(units) / CAPTURE_GROUP capture compiles instead of one each; each capture runs the forward on to
+# its group's last unit.
 CAPTURE_GROUP = 8
 
 
@@ -203,24 +233,28 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   cfg = setup.cfg
   unit = setup.units[k]
   t0 = time.time()
+  w_pass, act_pass = cfg.schedule == 'two_pass' and rnd == 0, cfg.act_pass(rnd)
+  in_fwd = setup.qw_fwd if w_pass else setup.fp_in_fwd if act_pass else setup.q_fwd
   group = _capture_group(setup, k)
-  io_fn = setup.compiled(('io', group), lambda: blocks.make_group_capture(group, setup.q_fwd, setup.fp_fwd))
+  io_fn = setup.compiled(('io', group, w_pass, act_pass),
+                         lambda: blocks.make_group_capture(group, in_fwd, setup.fp_fwd))
   io = blocks.capture_unit_io(io_fn, _arrays(data), cfg.forward_batch, in_consts=(setup.params, qstate),
                               out_consts=setup.params, path=unit.path)
   steps = jnp.asarray(data['step'])
   t_cap = time.time() - t0
-  learn = cfg.learn_act_scale
-  program = setup.compiled(('program', unit.path),
-                           lambda: blocks.unit_program(setup.model, setup.params, setup.policy, unit))
-  theta = blocks.to_relative(_trainable(qstate, unit, learn), unit)
+  learn = cfg.learn_act_scale and not w_pass
+  program = setup.compiled(('program', unit.path, w_pass), lambda: blocks.unit_program(
+      setup.model, setup.params, setup.w_policy if w_pass else setup.policy, unit))
+  theta = blocks.to_relative(_trainable(qstate, unit, learn, alpha=not act_pass), unit)
   aux = blocks.unit_aux(setup.params, qstate, unit)
   rcfg = cfg.recon_for_round(rnd)
   n = int(steps.shape[0])
   # Units with equal signatures share every compiled function below (and rounds reuse them).
-  sig = program.signature + blocks.io_signature(io) + (learn,)
+  sig = program.signature + blocks.io_signature(io) + (learn, act_pass)
+  mode = 'hard' if act_pass else 'soft'          # the activation pass keeps the learned rounding fixed
   stats = {'unit': unit.path, 'cls': unit.cls, 'round': rnd, 'index': k, 'layers': len(unit.layers),
            'iters': rcfg.iters, 'capture_s': t_cap, 'new_signature': ('chunk', sig, n) not in setup.built}
-  soft = setup.compiled(('apply', sig, 'soft'), lambda: blocks.unit_apply_fn(program, io, 'soft', learn))
+  soft = setup.compiled(('apply', sig, mode), lambda: blocks.unit_apply_fn(program, io, mode, learn))
   hard = setup.compiled(('apply', sig, 'hard'), lambda: blocks.unit_apply_fn(program, io, 'hard', learn))
   eval_fn = setup.compiled(('eval', sig), lambda: recon.make_eval(hard))
   t_eval = time.time()
@@ -309,7 +343,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
         data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
         phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
       if rnd > 0 and not state.progress.act_done:
-        if cfg.par_research_act:
+        if cfg.par_research_act or cfg.act_pass(rnd):
           qstate, secs = search_acts(setup, state.qstate, data)
           timings['act_search_s'] = timings.get('act_search_s', 0.) + secs
           phases['act_search_s'] += secs
@@ -347,6 +381,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     logging.info('sample grid %s (%.1f s)', png, phases['sample_grid_s'])
   phases['total_s'] = time.time() - t_start
   report = dict(state.report, policy=setup.policy.to_dict(),
+                daq_choices=act_search.daq_choices(state.qstate.layers, setup.policy),
                 phases_this_process={k: round(v, 3) for k, v in phases.items()},
                 compile_this_process=compile_stats.delta())
   with open(os.path.join(cfg.out_dir, 'report.json'), 'w') as f:
