@@ -28,6 +28,11 @@ from absl import app, flags  # noqa: E402
 flags.DEFINE_string('out_dir', '/tmp/calib_projection', 'the calibration run dir (reused: the run resumes)')
 flags.DEFINE_string('report', None, 'only project this existing report.json')
 flags.DEFINE_string('partial', None, 'a run dir that did not finish: project from its latest checkpoint')
+flags.DEFINE_integer('extrapolate_par_rounds', 0, 'for a run made with --par_rounds=0: add this many PAR rounds, '
+                     'each costed as round 0 (sampling capture, activation search, every unit\'s capture, '
+                     'evaluation and checkpoint as measured, compiles included: an upper bound) plus the '
+                     'iterations of --par_iters at the steady rates')
+flags.DEFINE_float('par_iters_ratio', 0.5, 'PAR iterations / first-round iterations (paper: 10k / 20k)')
 flags.DEFINE_string('key', 'cifar10 w4a8 tcaq', 'record key')
 flags.DEFINE_bool('write', False, 'merge the projection into docs/results/perf.json')
 FLAGS = flags.FLAGS
@@ -51,9 +56,16 @@ def project(report: dict) -> dict:
   phases = report.get('phases_this_process', {})
   wall = float(phases.get('total_s') or report.get('wall_s_this_process'))
   fixed = wall - iter_s_measured
-  return {'iters_scale': scale, 'units_reconstructed': len(units), 'wall_measured_s': wall,
+  extra = 0.0
+  if FLAGS.extrapolate_par_rounds:
+    per_round = (float(report.get('timings', {}).get('capture_round0_s', 0.0))
+                 + float(report.get('init_timings', {}).get('act_search_s', 0.0))
+                 + sum(u.get('seconds_total', 0.0) - u.get('seconds', 0.0) for u in units)
+                 + float(phases.get('checkpoint_s', 0.0)))
+    extra = FLAGS.extrapolate_par_rounds * (per_round + FLAGS.par_iters_ratio * iter_s_full)
+  return {'extrapolated_par_rounds': FLAGS.extrapolate_par_rounds, 'par_rounds_s': extra,'iters_scale': scale, 'units_reconstructed': len(units), 'wall_measured_s': wall,
           'iterations_measured_s': iter_s_measured, 'fixed_s': fixed, 'iterations_full_s': iter_s_full,
-          'projected_full_min': (fixed + iter_s_full) / 60.0, 'median_it_per_s': med_all,
+          'projected_full_min': (fixed + iter_s_full + extra) / 60.0, 'median_it_per_s': med_all,
           'total_iters_measured': int(sum(u['iters'] for u in units)),
           'phases': phases, 'compile': report.get('compile_this_process', {})}
 

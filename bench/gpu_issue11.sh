@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 SAMPLE_T=${SAMPLE_T:-240} RECON_T=${RECON_T:-100} CALIB_T=${CALIB_T:-240}
-BATCH=${BATCH:-512} FID_IMAGES=${FID_IMAGES:-5120} SCALE=${SCALE:-0.05}
+BATCH=${BATCH:-512} FID_IMAGES=${FID_IMAGES:-5120} SCALE=${SCALE:-0.05} PAR=${PAR:-0}
 stage() { local name=$1 t=$2; shift 2; local t0=$(date +%s)
   timeout "$t" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name rc=$rc $(( $(date +%s) - t0 )) s"; grep -v '^I[0-9]\{4\}\|^W[0-9]\{4\}' "$OUT/$name.log" | tail -n 14; }
@@ -18,9 +18,9 @@ python -c 'import jax; print(jax.__version__, jax.devices())' >> "$OUT/gpu.txt" 
 stage sample "$SAMPLE_T" python bench/sample.py --models cifar10 --cifar_batch_sizes "$BATCH" --steps 100 \
   --fid_images "$FID_IMAGES" --write
 stage recon "$RECON_T" python bench/recon.py --iters 500 --batch 32 --n 256 --write
-stage calib "$CALIB_T" python bench/calib_projection.py --out_dir /tmp/proj --write -- \
+stage calib "$CALIB_T" python bench/calib_projection.py --out_dir /tmp/proj --write --extrapolate_par_rounds=$(( 2 - PAR )) -- \
   --flagfile=configs/cifar10_w4a8.flags --model_dir= --model_config=ddim_cifar10 --iters_scale="$SCALE" \
-  --forward_batch=512 --capture_batch=512 --noprogress --png_samples=0
+  --forward_batch=512 --capture_batch=512 --noprogress --png_samples=0 --par_rounds="$PAR" --eval_units=true
 if [ ! -f /tmp/proj/report.json ]; then
   python bench/calib_projection.py --partial /tmp/proj > "$OUT/calib_partial.log" 2>&1; tail -n 8 "$OUT/calib_partial.log"
 fi
