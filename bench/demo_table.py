@@ -194,7 +194,8 @@ def table_lines(results: dict, st: dict) -> list:
   lines = [f"demo FID (digit-classifier features, {st['num_samples']} samples vs 1,797 real digits; DDIM "
            f"{st['num_steps']} quad steps; iters_scale {it}: {int(20000 * it)} iterations per block + "
            f"{int(10000 * it)} per PAR round (qdiff: + {int(5000 * it)} in its activation pass); calibration "
-           f"{st['calib_samples']} x 20 steps)", '',
+           f"{st['calib_samples']} samples x 20 steps (qdiff: x {len(range(0, st['num_steps'], max(st['num_steps'] // 20, 1)))}, "
+           "its interval rule))", '',
            '| row | method | W/A | FID | conf | calib s |', '|---|---|---|---|---|---|']
   for name, r in results.items():
     wa = 'FP' if r['method'] == 'fp' else f"W{r['w_bits']}A{r['a_bits']}"
@@ -237,7 +238,9 @@ def plot_chart(results: dict, path: str) -> None:
   if 'fp' in results:
     ax.axhline(results['fp']['fid'], color='k', ls='--', lw=1, label='FP')
   ax.set_xticks(np.arange(len(BITS)), [f'W{w}A{a}' for w, a in BITS])
-  ax.set_ylabel('FID (demo features)')
+  ax.set_yscale('log')                       # W4A4 rows can be 10x the others
+  ax.set_xlim(-0.5, len(BITS) - 0.5)
+  ax.set_ylabel('FID (demo features, log scale)')
   ax.legend(fontsize=8, ncol=3)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

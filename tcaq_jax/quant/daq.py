@@ -1,4 +1,8 @@
-"""DAQ: per-(layer, timestep) choice between a log2 and a uniform quantizer for post-Softmax values.
+"""DAQ: per-(layer, timestep) choice of the quantizer for post-Softmax values.
+
+Two rules. `output_errors` + `choose_by_error` (the project's default): the quantizer among uniform / log2 /
+log-sqrt2 with the lowest mean squared error of the attention output probs @ V. The paper's rule, below: a
+likelihood-ratio test between a log2 and a uniform quantizer.
 
 Test (Clauset, Shalizi & Newman 2009 style, maximum likelihood on the values x >= x_min, x > 0, n of them):
   power law    alpha = 1 + n / sum ln(x / x_min)
