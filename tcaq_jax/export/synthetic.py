@@ -1,0 +1,89 @@
+"""A quantized model with calibration-shaped state but no calibration (tests and benchmarks of the export).
+
+  q = synthetic_quantized(model, params, config, w_bits=8, a_bits=8, num_steps=4)   # a QuantizedModel
+  save_as_run(q, run_dir, done=True)          # a run dir that `load_quantized` / `export_run` read
+
+Every field a tcaq run sets is set: qdiff policy (every conv / linear, attention operands, post-Softmax;
+the concat shortcut split in two activation quantizers), TCR ratios r in [1, 2), min-max weight scales of
+W diag(r) (optionally split at the concat boundary as Q-Diffusion's), AdaRound alphas drawn at random (so hard
+rounding goes up or down), per-slot asymmetric activation ranges of x / r measured on one FP forward per slot
+(each slot its own timestep), and a DAQ choice alternating log2 / uniform over the slots. Seconds, not minutes.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcaq_jax.models import family
+from tcaq_jax.quant.intercept import collect_calls
+from tcaq_jax.quant.policy import build_policy
+from tcaq_jax.quant.ranges import params_from_range
+from tcaq_jax.quant.state import LayerQState, QState, to_tree
+from tcaq_jax.quantized import QuantizedModel, params_fingerprint, quant_eps_fn
+
+__all__ = ['synthetic_quantized', 'save_as_run']
+
+
+def _act_ranges(model, params, config, policy, ratios, timesteps, seed) -> dict:
+  """{path: [K, S, 2] (lo, hi) of x / r per slot and input segment} from one FP forward per timestep."""
+  specs = {p: s for p, s in policy.layers.items() if s.acts}
+  (x, _), kw = family.example_inputs(config, 2)
+  x = jax.random.normal(jax.random.PRNGKey(seed), x.shape)
+
+  def record(call):
+    a = call.args[0]
+    if call.path in ratios:
+      a = a / ratios[call.path]
+    s = specs[call.path].split
+    segs = [a[..., :s], a[..., s:]] if s else [a]
+    return jnp.stack([jnp.stack([jnp.min(g), jnp.max(g)]) for g in segs])
+
+  @jax.jit
+  def ranges(t):
+    return collect_calls(lambda: model.apply({'params': params}, x, jnp.full((2,), t, jnp.int32), **kw),
+                         select=lambda p, m: p in specs, record=record, need_args=True)[1]
+
+  per_slot = [jax.device_get(ranges(t)) for t in timesteps]
+  return {p: np.stack([r[p] for r in per_slot]) for p in specs}
+
+
+def synthetic_quantized(model, params, config: dict, w_bits: int = 8, a_bits: int = 8, softmax_bits: int = 8,
+                        num_steps: int = 4, num_slots: int = 2, seed: int = 0, w_split: bool = False,
+                        preset: str = 'qdiff') -> QuantizedModel:
+  """A QuantizedModel of (model, params) with synthetic but realistic quantizer state (module docstring)."""
+  from tcaq_jax.train.init import init_weights
+  args, kw = family.example_inputs(config, 1)
+  policy = build_policy(model, {'params': params}, args, preset, w_bits, a_bits, softmax_bits, example_kwargs=kw)
+  rng = np.random.default_rng(seed)
+  ratios = {s.path: jnp.asarray(rng.uniform(1.0, 2.0, s.in_features), jnp.float32)
+            for s in policy.quantized() if s.acts and s.kind in ('conv', 'dense')}
+  layers = init_weights(params, policy, ratios, 'minmax', adaround=True, split=w_split)
+  layers = {p: st.replace(alpha=jnp.asarray(rng.normal(size=st.alpha.shape), jnp.float32))
+            if st.alpha is not None else st for p, st in layers.items()}
+  timesteps = np.linspace(config.get('num_timesteps', 1000) - 1, 0, num_slots).astype(np.int32)
+  ranges = _act_ranges(model, params, config, policy, ratios, timesteps, seed)
+  for p, rg in ranges.items():
+    spec = policy.layers[p]
+    bits = spec.a_bits
+    scale, zero = params_from_range(rg[..., 0], rg[..., 1], bits)                      # [K, S]
+    st = layers.get(p, LayerQState()).replace(a_scale=scale, a_zero=zero)
+    if spec.kind == 'softmax':
+      st = st.replace(use_log2=jnp.asarray(np.arange(num_slots) % 2 == 0, jnp.float32),
+                      log2_delta=jnp.asarray(np.maximum(rg[:, 0, 1], 1e-6), jnp.float32))
+    layers[p] = st
+  step_slot = jnp.asarray(np.minimum(np.arange(num_steps) * num_slots // num_steps, num_slots - 1), jnp.int32)
+  qstate = QState(step_slot, layers)
+  meta = {'model_config': config, 'policy': policy.to_dict(), 'progress': {'done': True},
+          'model_fingerprint': params_fingerprint(params),
+          'config': {'num_steps': num_steps, 'skip_type': 'quad', 'eta': 0.0, 'guidance_scale': 1.0,
+                     'method': 'synthetic', 'w_bits': w_bits, 'a_bits': a_bits, 'softmax_bits': softmax_bits}}
+  return QuantizedModel(model, params, qstate, policy, quant_eps_fn(model, params, qstate, policy, config), config,
+                        meta)
+
+
+def save_as_run(q: QuantizedModel, run_dir: str, done: bool = True) -> None:
+  """Writes q as the latest checkpoint of a calibration run dir (progress.done = done)."""
+  from tcaq_jax import checkpoint
+  meta = dict(q.meta, progress={'done': bool(done)})
+  checkpoint.save(run_dir, 0, params=q.params, qstate=to_tree(q.qstate), meta=meta)

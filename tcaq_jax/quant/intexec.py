@@ -1,0 +1,172 @@
+"""Integer execution of a quantized model: nn.Conv / nn.Dense layers whose weights and inputs are both
+quantized to <= 8 bits run as int8 x int8 -> int32 kernels (`intops`) plus one rescale; every other quantized
+point (attention matmul operands, post-Softmax log2 / uniform, > 8-bit layers, weight-only or input-only layers,
+convs with feature groups or input dilation) keeps the fake-quant path of `apply.act_interceptor`.
+
+  iw = IntWeights.from_codes(codes, w_scale, w_zero, bits, bias)     # one layer's integer kernel
+  routes = int_routes(model, variables, policy, int_paths, *example_args)   # {path: 'int' | why not}
+  y = int_apply(model, variables, qstate, policy, {path: iw}, x, t, step_index=i)
+`variables['params']` holds the float params with TCR folded in and the fallback layers' kernels already
+fake-quantized (the export's `dequantized` weights); integer layers need no float kernel there.
+Per-step activation scales are picked by `apply.slot_of(step_index)`; the integer path needs a scalar
+step_index (the sampler's). Imports nothing from the rest of tcaq_jax except its sibling quantizers.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcaq_jax.quant import intops
+from tcaq_jax.quant.apply import ApplyError, _at_slot, act_interceptor, slot_of
+from tcaq_jax.quant.intercept import collect_calls
+from tcaq_jax.quant.tcr import scale_activation
+
+__all__ = ['MAX_INT_BITS', 'IntWeights', 'int_support', 'int_routes', 'int_interceptor', 'int_apply']
+
+MAX_INT_BITS = 8
+
+
+@flax.struct.dataclass
+class IntWeights:
+  """One layer's integer kernel. w: int8 codes - offset (kernel shape), or uint8 packed nibbles (<= 4 bits);
+  w_scale: f32 [S, Cout]; w_zero: int32 [S, Cout] (offset applied), one row per input segment; bias: f32 [Cout] or None."""
+  w: Any
+  w_scale: Any
+  w_zero: Any
+  bias: Any = None
+  bits: int = flax.struct.field(pytree_node=False, default=8)
+  shape: tuple = flax.struct.field(pytree_node=False, default=())
+  packed: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @staticmethod
+  def from_storage(w, w_scale, w_zero, bits: int, shape: Sequence[int], split: int | None = None,
+                   bias=None) -> 'IntWeights':
+    """From stored arrays: w int8 (codes - offset) or packed uint8 (bits <= 4); w_scale, w_zero: the unsigned
+    quantizer's keepdims [1, .., Cout], or kernel-shaped [1, .., Cin, Cout] when split at a concatenation
+    (constant over each input segment). Keeps one row per input segment: [S, Cout]."""
+    rows = [0, split] if split else [0]
+
+    def per_segment(a):
+      a = np.broadcast_to(np.asarray(a, np.float32), (1,) * (len(shape) - 2) + tuple(shape[-2:]))
+      return a.reshape(shape[-2:])[rows]
+
+    zero = jnp.asarray(per_segment(w_zero) - intops.int8_offset(bits), jnp.int32)
+    return IntWeights(jnp.asarray(w), jnp.asarray(per_segment(w_scale)), zero,
+                      None if bias is None else jnp.asarray(bias, jnp.float32), int(bits), tuple(shape),
+                      int(bits) <= 4)
+
+  def int8(self) -> jax.Array:
+    """The int8 kernel (unpacked on the fly for W4)."""
+    return intops.unpack_int4(self.w, self.shape) if self.packed else self.w
+
+
+def _conv_geometry(module: nn.Conv, x_ndim: int):
+  """(kernel, strides, dilation, padding) of a plain nn.Conv, or a string saying why it is not supported."""
+  ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+
+  def bc(v):
+    v = 1 if v is None else v
+    return (v,) * len(ks) if isinstance(v, int) else tuple(v)
+
+  if x_ndim != len(ks) + 2:
+    return f'input rank {x_ndim} is not {len(ks) + 2} (several batch axes)'
+  if module.feature_group_count != 1 or any(d != 1 for d in bc(module.input_dilation)):
+    return 'feature groups or input dilation'
+  if getattr(module, 'mask', None) is not None or not getattr(module, 'shared_weights', True):
+    return 'masked or unshared kernel'
+  padding = nn.linear.canonicalize_padding(module.padding, len(ks))
+  if isinstance(padding, str) and padding not in ('SAME', 'VALID'):
+    return f'padding {padding!r}'
+  return ks, bc(module.strides), bc(module.kernel_dilation), padding
+
+
+def int_support(module: nn.Module, spec, x_ndim: int) -> str:
+  """'int' when the layer can run on the integer path, else the reason it keeps fake quant."""
+  if spec.kind not in ('conv', 'dense'):
+    return ('post-Softmax point (log2 / uniform, DAQ)' if spec.kind == 'softmax' else
+            'attention matmul operand (its einsum is model code)')
+  if not (spec.weights and spec.acts):
+    return 'weights or input not quantized'
+  if spec.w_bits > MAX_INT_BITS or spec.a_bits > MAX_INT_BITS:
+    return f'w{spec.w_bits}a{spec.a_bits}: more than {MAX_INT_BITS} bits'
+  if type(module) is nn.Dense:
+    return 'int'
+  if type(module) is not nn.Conv:
+    return f'{type(module).__name__} is not nn.Conv / nn.Dense'
+  geo = _conv_geometry(module, x_ndim)
+  return geo if isinstance(geo, str) else 'int'
+
+
+def int_routes(model: nn.Module, variables: Any, policy, *args, method=None, **kwargs) -> dict:
+  """{path: 'int' | reason} for every quantized policy layer, found by tracing one forward (no FLOPs).
+  variables must be complete for a float forward (e.g. the dequantized export)."""
+  def record(call):
+    return int_support(call.module, policy.layers[call.path], call.args[0].ndim)
+
+  def fwd(v, *a):
+    out, rec = collect_calls(lambda: model.apply(v, *a, method=method, **kwargs),
+                             select=lambda p, m: p in policy.layers and (policy.layers[p].weights or policy.layers[p].acts),
+                             record=record,
+                             need_args=True)
+    found.update(rec)
+    return out
+
+  found: dict = {}
+  jax.eval_shape(fwd, variables, *args)
+  return {s.path: found.get(s.path, 'not called') for s in policy.quantized()}
+
+
+def _int_layer(module, x, st, spec, iw: IntWeights, slot):
+  """y of one quantized conv / dense on the integer path (TCR division and activation codes included)."""
+  if st.r is not None:
+    x = scale_activation(x, st.r)
+  scale, zero = _at_slot(st.a_scale, slot), _at_slot(st.a_zero, slot)       # [S]
+  w = iw.int8()
+  c = x.shape[-1]
+  bounds = [(0, spec.split), (spec.split, c)] if spec.split else [(0, c)]
+  off = intops.int8_offset(spec.a_bits)
+  y = 0.
+  for i, (lo, hi) in enumerate(bounds):
+    xq = intops.act_codes(x[..., lo:hi], scale[i], zero[i], spec.a_bits)
+    za = jnp.nan_to_num(zero[i]).astype(jnp.int32) - off      # NaN (uncalibrated step) reaches y via scale
+    wi = w[..., lo:hi, :]
+    if type(module) is nn.Dense:
+      acc = intops.int_dense(xq, za, wi, iw.w_zero[i])
+    else:
+      ks, strides, dil, padding = _conv_geometry(module, x.ndim)
+      pads = intops.conv_pads(padding, x.shape[1:-1], ks, strides, dil)
+      acc = intops.int_conv(xq, za, wi, iw.w_zero[i], strides, pads, dil)
+    y = y + acc.astype(jnp.float32) * (scale[i] * iw.w_scale[i])
+  if iw.bias is not None:
+    y = y + iw.bias
+  return y
+
+
+def int_interceptor(qstate, policy, int_layers: dict, step_index, paths: Sequence[str] | None = None):
+  """Like `apply.act_interceptor`, but the layers in `int_layers` ({path: IntWeights}) run on integers."""
+  fake = act_interceptor(qstate, policy, step_index, paths)
+  slot = slot_of(qstate, step_index)
+
+  def interceptor(next_fun, args, kwargs, ctx):
+    path = '/'.join(ctx.module.path)
+    iw = int_layers.get(path) if ctx.method_name == '__call__' and args else None
+    if iw is None:
+      return fake(next_fun, args, kwargs, ctx)
+    if slot.ndim:
+      raise ApplyError(f'layer {path!r}: the integer path needs one scalar step_index, got shape {slot.shape}')
+    return _int_layer(ctx.module, args[0], qstate.layers[path], policy.layers[path], iw, slot)
+
+  return interceptor
+
+
+def int_apply(model: nn.Module, variables: Any, qstate, policy, int_layers: dict, *args, step_index,
+              method=None, **kwargs):
+  """model.apply with `int_layers` on the integer path and fake-quantized inputs everywhere else the policy
+  quantizes (weights of the non-integer layers must already be fake-quantized in variables['params'])."""
+  with nn.intercept_methods(int_interceptor(qstate, policy, int_layers, step_index)):
+    return model.apply(variables, *args, method=method, **kwargs)
