@@ -4,6 +4,7 @@
   python -m tcaq_jax.eval.sample --flagfile configs/sample_demo.flags
   python -m tcaq_jax.eval.sample --model_dir DIR --num_samples 50000 --steps 100 --skip_type quad --eta 0
   python -m tcaq_jax.eval.sample --quant_dir runs/calib/demo_tcaq_w4a8 --out_dir samples/demo_w4a8
+  python -m tcaq_jax.eval.sample --quant_dir exports/demo_w8a8 --backend=int    # an exported dir (tcaq_jax.export)
 
 Hook for other eps functions: `generate(..., eps_fn_builder=f)` where f(model, params, config) returns the eps_fn
 (a `jax.tree_util.Partial`, see tcaq_jax/diffusion/ddim.py); the full-precision one is `models.family.eps_fn`.
@@ -103,6 +104,9 @@ def define_flags() -> None:
   flags.DEFINE_bool('overwrite', False, 'replace samples already in --out_dir')
   flags.DEFINE_string('quant_dir', None, 'sample the quantized model calibrated into this dir (the --out_dir of '
                       'tcaq_jax.train.calibrate)')
+  flags.DEFINE_enum('backend', None, ['int', 'fake'], "--quant_dir holding an exported model "
+                    "(tcaq_jax.export): 'int' runs its <= 8-bit conv / linear layers on integer kernels (default), "
+                    "'fake' fake-quantizes; a calibration run dir samples with fake quant only")
   flags.DEFINE_enum('sampler_loop', 'auto', ['auto', 'device', 'host'],
                     "'device': the trajectory is one jitted lax.scan (sharded over local devices); 'host': a Python "
                     "loop over one jitted step (XLA:CPU runs scan bodies ~20x slower); auto: host on CPU")
@@ -115,8 +119,18 @@ def main(argv):
   builder, loaded = None, None
   steps, skip_type, eta = (100 if f.steps is None else f.steps, f.skip_type or 'quad',
                            0.0 if f.eta is None else f.eta)
-  if f.quant_dir:
+  if f.quant_dir and os.path.isfile(os.path.join(f.quant_dir, 'manifest.json')):
+    from tcaq_jax.export import load_exported
+    from tcaq_jax.quantized import check_sampler_settings
+    m = load_exported(f.quant_dir)
+    steps, skip_type, eta = check_sampler_settings({'config': m.sampler}, f.steps, f.skip_type, f.eta, f.quant_dir)
+    eps = m.eps_fn(f.backend or 'int')
+    loaded, builder = (m.model, m.params, m.config), lambda model, params, config: eps
+  elif f.quant_dir:
     from tcaq_jax.quantized import RunDirError, check_sampler_settings, load_quantized, params_fingerprint
+    if f.backend == 'int':
+      raise SampleError(f'--backend=int needs an exported dir; {f.quant_dir!r} is a calibration run: export it '
+                        'with `python -m tcaq_jax.export --run_dir RUN --out DIR`')
     q = load_quantized(f.quant_dir)
     steps, skip_type, eta = check_sampler_settings(q.meta, f.steps, f.skip_type, f.eta, f.quant_dir)
     if f.model_dir:

@@ -48,19 +48,48 @@ def _act_ranges(model, params, config, policy, ratios, timesteps, seed) -> dict:
   return {p: np.stack([r[p] for r in per_slot]) for p in specs}
 
 
+def _weight_state(params, policy, ratios, w_split, rng) -> dict:
+  """{path: LayerQState(r, w_scale, w_zero, alpha)}: min-max per output channel of W diag(r) (NumPy: no
+  per-shape compiles), kernel-shaped scales split at the concat boundary when w_split, random AdaRound alphas."""
+  layers = {}
+  for spec in policy.quantized():
+    st = {'r': ratios[spec.path]} if spec.path in ratios else {}
+    if spec.weights:
+      w = np.asarray(params_at(params, spec.path)['kernel'], np.float32)
+      if 'r' in st:
+        w = w * np.asarray(st['r'])[:, None]
+      rows = w.reshape(-1, w.shape[-2], w.shape[-1])
+      cuts = [0, spec.split, w.shape[-2]] if (w_split and spec.split) else [0, w.shape[-2]]
+      segs = [params_from_range(rows[:, a:b].min(axis=(0, 1)), rows[:, a:b].max(axis=(0, 1)), spec.w_bits)
+              for a, b in zip(cuts[:-1], cuts[1:])]
+      keep = (1,) * (w.ndim - 2) + ((w.shape[-2],) if len(segs) > 1 else (1,)) + (w.shape[-1],)
+      reps = np.diff(cuts)[:, None] if len(segs) > 1 else np.ones((1, 1), int)
+      for name, j in (('w_scale', 0), ('w_zero', 1)):
+        st[name] = jnp.asarray(np.repeat(np.stack([np.asarray(sz[j]) for sz in segs]), reps[:, 0], axis=0)
+                               .reshape(keep), jnp.float32)
+      st['alpha'] = jnp.asarray(rng.normal(size=w.shape), jnp.float32)
+    layers[spec.path] = LayerQState(**st)
+  return layers
+
+
+def params_at(params, path: str):
+  for k in path.split('/'):
+    params = params[k]
+  return params
+
+
 def synthetic_quantized(model, params, config: dict, w_bits: int = 8, a_bits: int = 8, softmax_bits: int = 8,
                         num_steps: int = 4, num_slots: int = 2, seed: int = 0, w_split: bool = False,
-                        preset: str = 'qdiff') -> QuantizedModel:
-  """A QuantizedModel of (model, params) with synthetic but realistic quantizer state (module docstring)."""
-  from tcaq_jax.train.init import init_weights
+                        preset: str = 'qdiff', overrides: tuple = ()) -> QuantizedModel:
+  """A QuantizedModel of (model, params) with synthetic but realistic quantizer state (module docstring).
+  overrides: policy override strings ('REGEX:SPEC', e.g. '^up_:w4a8' for mixed bit widths)."""
   args, kw = family.example_inputs(config, 1)
-  policy = build_policy(model, {'params': params}, args, preset, w_bits, a_bits, softmax_bits, example_kwargs=kw)
+  policy = build_policy(model, {'params': params}, args, preset, w_bits, a_bits, softmax_bits, overrides,
+                        example_kwargs=kw)
   rng = np.random.default_rng(seed)
   ratios = {s.path: jnp.asarray(rng.uniform(1.0, 2.0, s.in_features), jnp.float32)
             for s in policy.quantized() if s.acts and s.kind in ('conv', 'dense')}
-  layers = init_weights(params, policy, ratios, 'minmax', adaround=True, split=w_split)
-  layers = {p: st.replace(alpha=jnp.asarray(rng.normal(size=st.alpha.shape), jnp.float32))
-            if st.alpha is not None else st for p, st in layers.items()}
+  layers = _weight_state(params, policy, ratios, w_split, rng)
   timesteps = np.linspace(config.get('num_timesteps', 1000) - 1, 0, num_slots).astype(np.int32)
   ranges = _act_ranges(model, params, config, policy, ratios, timesteps, seed)
   for p, rg in ranges.items():

@@ -1,0 +1,65 @@
+"""Shared fixtures of the export tests: the tiny test model (random weights drawn without compiling an init)
+and the shipped demo UNet, quantized with `tcaq_jax.export.synthetic` (calibration-shaped state in seconds; a
+real calibration run takes minutes on CI's CPUs) and exported once per session at W8A8 and W4A8."""
+import numpy as np
+import pytest
+from flax import traverse_util
+import jax.numpy as jnp
+
+from tcaq_jax.assets import DEMO_UNET_DIR
+from tcaq_jax.export import export_quantized, load_exported
+from tcaq_jax.export.synthetic import synthetic_quantized
+from tcaq_jax.models import configs, family
+
+
+def tiny_model(seed=0):
+  """(model, params, config) of ddim_tiny: He-scaled normal kernels, small biases, unit norm scales."""
+  config = configs.get_config('ddim_tiny')
+  model = configs.build_model(config)
+  rng = np.random.default_rng(seed)
+  flat = traverse_util.flatten_dict(family.abstract_params(config, model))
+  params = {}
+  for path, leaf in flat.items():
+    shape = tuple(leaf.shape)
+    if path[-1] == 'kernel':
+      v = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    elif path[-1] == 'scale':
+      v = np.ones(shape)
+    else:
+      v = 0.02 * rng.normal(size=shape)
+    params[path] = jnp.asarray(v, jnp.float32)
+  return model, traverse_util.unflatten_dict(params), config
+
+
+@pytest.fixture(scope='session')
+def models():
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      cache[name] = tiny_model() if name == 'tiny' else family.load(DEMO_UNET_DIR)
+    return cache[name]
+  return get
+
+
+# Both bit widths in each model (one compiled forward per model, CI has 2 CPUs): the tiny model at W8A8 with
+# its up path at W4A8 (the concat shortcuts' weight quantizer split in two, Q-Diffusion's w_split), the demo at
+# W4A8 with its up path at W8A8 (one weight quantizer per shortcut).
+SETTINGS = {'tiny': dict(w_bits=8, overrides=('^up_:w4a8',), w_split=True),
+            'demo': dict(w_bits=4, overrides=('^up_:w8a8',), w_split=False)}
+
+
+@pytest.fixture(scope='session')
+def exported(models, tmp_path_factory):
+  """exported(name) -> (QuantizedModel, ExportedModel, dir), 4 sampler steps over 2 calibration slots."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      model, params, config = models(name)
+      q = synthetic_quantized(model, params, config, a_bits=8, num_steps=4, **SETTINGS[name])
+      out = str(tmp_path_factory.mktemp('export') / name)
+      export_quantized(q, out, source='synthetic')
+      cache[name] = (q, load_exported(out), out)
+    return cache[name]
+  return get
