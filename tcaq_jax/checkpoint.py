@@ -184,7 +184,11 @@ def _verify(directory: str, step: int, step_dir: str) -> bool:
 # ----------------------------------------------------------------------------------------------- save
 
 def _save_args(directory: str, step: int, params: Any, qstate: Any, meta: dict | None) -> ocp.args.Composite:
-  items = {'params': ocp.args.StandardSave(_to_host(params))}
+  items = {}
+  if params is not None:
+    items['params'] = ocp.args.StandardSave(_to_host(params))
+  elif qstate is None:
+    raise CheckpointError(f'step {step} of {directory} would hold neither params nor qstate')
   if qstate is not None:
     items['qstate'] = ocp.args.StandardSave(_to_host(qstate))
   if meta is not None:
@@ -199,7 +203,9 @@ def _save_args(directory: str, step: int, params: Any, qstate: Any, meta: dict |
 def save(directory: str, step: int, params: Any, qstate: Any = None, meta: dict | None = None,
          keep: int | None = 3) -> None:
   """Atomically writes `step` to `directory`, then its checksum manifest; keeps the last `keep` steps (None
-  keeps all). An existing step with the same number (e.g. one `restore` skipped as corrupt) is replaced."""
+  keeps all). An existing step with the same number (e.g. one `restore` skipped as corrupt) is replaced.
+  params may be None when qstate is given (a calibration's intermediate steps: its FP params are stored once,
+  beside the steps); such a step restores with params None."""
   step = int(step)
   args = _save_args(directory, step, params, qstate, meta)
   step_dir = _step_dir(directory, step)
@@ -271,8 +277,8 @@ def _restore_step(directory: str, step: int, targets: dict) -> dict:
   step_dir = _step_dir(directory, step)
   _verify(directory, step, step_dir)
   present = set(os.listdir(step_dir))
-  if 'params' not in present:
-    raise _BadStep(directory, step, f'no params item (found {sorted(present)})')
+  if 'params' not in present and 'qstate' not in present:
+    raise _BadStep(directory, step, f'no params or qstate item (found {sorted(present)})')
   args = _restore_args(directory, step, step_dir, present, targets)
   mngr = _manager(directory, create=False)
   try:
@@ -281,7 +287,7 @@ def _restore_step(directory: str, step: int, targets: dict) -> dict:
     raise _BadStep(directory, step, f'could not read it ({type(e).__name__}: {_first_line(e)})') from e
   finally:
     mngr.close()
-  return {'step': step, 'params': out['params'], 'qstate': out['qstate'] if 'qstate' in args else None,
+  return {'step': step, 'params': out['params'] if 'params' in args else None, 'qstate': out['qstate'] if 'qstate' in args else None,
           'meta': out['meta'] if 'meta' in args else None}
 
 
@@ -289,7 +295,7 @@ def restore(directory: str, step: int | None = None, params_target: Any = None,
             qstate_target: Any = None) -> dict:
   """Restores a step (default: the latest complete one that verifies).
 
-  Returns {'step': int, 'params': pytree, 'qstate': pytree or None, 'meta': dict or None}. Without a
+  Returns {'step': int, 'params': pytree or None, 'qstate': pytree or None, 'meta': dict or None}. Without a
   target, pytrees come back as nested dicts of numpy arrays; with a target (a pytree of arrays or
   `jax.ShapeDtypeStruct`s) they come back with the target's structure, and a missing / extra key or a
   shape mismatch raises CheckpointError naming the directory, the step and the first mismatching key.

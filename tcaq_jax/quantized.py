@@ -93,6 +93,21 @@ class QuantizedModel:
     return iter((self.model, self.params, self.qstate, self.policy, self.eps_fn))
 
 
+def _fp_params(out_dir: str, meta: dict):
+  """The FP params of an unfinished run: its steps hold none; they are in out_dir/fp_model, written once."""
+  import os
+  fp_dir = os.path.join(out_dir, 'fp_model')
+  try:
+    params, _ = checkpoint.load_model_dir(fp_dir)
+  except checkpoint.CheckpointError as e:
+    raise RunDirError(f'{out_dir!r}: its latest step holds no params and {fp_dir!r} cannot be read ({e})') from e
+  want = meta.get('model_fingerprint')
+  if want is not None and params_fingerprint(params) != want:
+    raise RunDirError(f'{fp_dir!r} holds other weights than the run was calibrated from (fingerprint '
+                      f'{params_fingerprint(params)}, the run records {want})')
+  return params
+
+
 def load_quantized(out_dir: str) -> QuantizedModel:
   """Rebuilds a calibrated model from its run dir (latest checkpoint): unpacks as
   (model, params, qstate, policy, eps_fn); also has .config (model config) and .meta."""
@@ -102,7 +117,7 @@ def load_quantized(out_dir: str) -> QuantizedModel:
     raise RunDirError(f'{out_dir!r} is not a calibration output (no model_config / policy / qstate)')
   mconfig = meta['model_config']
   model = configs.build_model(mconfig)
-  params = jax.tree.map(jnp.asarray, ck['params'])
+  params = jax.tree.map(jnp.asarray, ck['params'] if ck['params'] is not None else _fp_params(out_dir, meta))
   qstate = from_tree(ck['qstate'])
   policy = Policy.from_dict(meta['policy'])
   eps_fn = quant_eps_fn(model, params, qstate, policy, mconfig)

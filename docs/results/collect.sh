@@ -8,7 +8,7 @@ echo "# Results"
 echo
 echo "Every number below was measured by the command printed beside it, on the project's shared 2-core CPU machine"
 echo "(JAX 0.10.2 CPU), often while other jobs ran at once, so wall times are rough and only comparable within one"
-echo "table. No GPU was lent to this project's tasks so far: there are no accelerator numbers yet. Sections are kept"
+echo "table, except where a section names the lent H200 GPU (issue 11, 2026-11-30). Sections are kept"
 echo "per topic in docs/results/*.md and collected here by \`bash docs/results/collect.sh\`."
 echo
 echo "Contents: quantizer ops (issue 2) - model forward and parity (issue 3) - sampling and demo (issue 4) -"

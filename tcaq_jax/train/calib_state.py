@@ -1,6 +1,7 @@
 """The state a calibration run threads through its stages (`CalibState`) and its checkpoint form.
 
-A run dir's orbax step holds: params (the FP model's), qstate (`quant.state.to_tree`), meta = {'config': the flat
+A run dir's orbax step holds: params (the FP model's; only in the final step, the others find them in
+out_dir/fp_model), qstate (`quant.state.to_tree`), meta = {'config': the flat
 config, 'model_config', 'policy', 'units', 'progress', 'report', 'ckpt_step'}. `restore_state` refuses a run made
 with other flags (those in `config.RESUMABLE` may change).
 """
@@ -17,7 +18,7 @@ from tcaq_jax import checkpoint
 from tcaq_jax.quant.state import QState, from_tree, to_tree
 from tcaq_jax.train.config import RESUMABLE, CalibrationError
 
-__all__ = ['Progress', 'CalibState', 'save_state', 'restore_state', 'new_report', 'jsonable']
+__all__ = ['FP_MODEL_DIR', 'Progress', 'CalibState', 'save_state', 'restore_state', 'new_report', 'jsonable']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +43,25 @@ class CalibState:
   ckpt_step: int = flax.struct.field(pytree_node=False, default=0)
 
 
+FP_MODEL_DIR = 'fp_model'
+
+
 def save_state(setup, state: CalibState) -> None:
-  """Atomically writes `state` as checkpoint step state.ckpt_step of out_dir (params, qstate, meta)."""
+  """Atomically writes `state` as checkpoint step state.ckpt_step of out_dir (qstate, meta; params in the final
+  step). The FP params are written once per run, to out_dir/fp_model (a model dir, `checkpoint.save_model_dir`),
+  instead of into every step: the intermediate steps hold only what changes (for ddim_cifar10 that is 137 MB
+  less per unit). The final step (progress.done) holds the params too, so a finished run dir is self-contained."""
+  out_dir = setup.cfg.out_dir
+  fp_dir = os.path.join(out_dir, FP_MODEL_DIR)
+  if not state.progress.done and checkpoint.latest_step(fp_dir) is None:
+    checkpoint.save_model_dir(fp_dir, setup.params, setup.mconfig, extra={'model_fingerprint': setup.fingerprint},
+                              overwrite=True)
   meta = {'config': setup.cfg.to_flat(), 'model_config': setup.mconfig, 'policy': setup.policy.to_dict(),
           'units': [u.to_dict() for u in setup.units], 'progress': state.progress.to_dict(),
-          'report': jsonable(state.report), 'ckpt_step': state.ckpt_step, 'model_fingerprint': setup.fingerprint}
-  checkpoint.save(setup.cfg.out_dir, state.ckpt_step, setup.params, qstate=to_tree(jax.device_get(state.qstate)),
-                  meta=meta)
+          'report': jsonable(state.report), 'ckpt_step': state.ckpt_step, 'model_fingerprint': setup.fingerprint,
+          'params_in': 'step' if state.progress.done else FP_MODEL_DIR}
+  checkpoint.save(out_dir, state.ckpt_step, setup.params if state.progress.done else None,
+                  qstate=to_tree(jax.device_get(state.qstate)), meta=meta)
 
 
 def jsonable(d):

@@ -18,7 +18,8 @@ from tcaq_jax.diffusion.capture import CalibData
 from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
 from tcaq_jax.quant.apply import quantized_apply
 from tcaq_jax.diffusion.host_sampler import make_sampler
-from tcaq_jax.quantized import load_quantized
+from tcaq_jax.models import family
+from tcaq_jax.quantized import load_quantized, params_fingerprint
 from tcaq_jax.train import par
 from tcaq_jax.train.pipeline import CalibrationError, Hooks, run
 
@@ -123,10 +124,17 @@ def test_nan_in_a_block_loss_stops_with_a_named_error_and_keeps_state(tmp_path):
   assert ck['meta']['progress']['next_unit'] == 1 and not ck['meta']['progress']['done']
   leaves = jax.tree.leaves(ck['qstate'])
   assert leaves and all(np.all(np.isfinite(np.asarray(v))) for v in leaves)
+  # intermediate steps hold no params; the unfinished run still loads, with the FP params of out/fp_model
+  assert ck['params'] is None and ck['meta']['params_in'] == 'fp_model'
+  q = load_quantized(out)
+  assert params_fingerprint(q.params) == ck['meta']['model_fingerprint']
+  _, fp_params, _ = family.random_model('ddim_tiny', BASE['seed'])
+  assert params_fingerprint(q.params) == params_fingerprint(fp_params)
   # fixing the cause (no hook) and re-running resumes at that block and finishes
   report = run(cfg)
   assert report['resumed'] == [{'round': 0, 'unit': 1}]
-  assert checkpoint.restore(out)['meta']['progress']['done']
+  final = checkpoint.restore(out)
+  assert final['meta']['progress']['done'] and final['params'] is not None     # the finished run is self-contained
 
 
 def test_par_recapture_differs_from_fp_and_comes_from_the_quantized_model(full_run, tmp_path):
