@@ -1,34 +1,19 @@
 """Shared fixtures of the export tests: the tiny test model (random weights drawn without compiling an init)
 and the shipped demo UNet, quantized with `tcaq_jax.export.synthetic` (calibration-shaped state in seconds; a
 real calibration run takes minutes on CI's CPUs) and exported once per session at W8A8 and W4A8."""
-import numpy as np
 import pytest
-from flax import traverse_util
-import jax.numpy as jnp
 
 from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.export import export_quantized, load_exported
-from tcaq_jax.export.synthetic import synthetic_quantized
+from tcaq_jax.export.synthetic import random_params, synthetic_quantized
 from tcaq_jax.models import configs, family
 
 
 def tiny_model(seed=0):
-  """(model, params, config) of ddim_tiny: He-scaled normal kernels, small biases, unit norm scales."""
+  """(model, params, config) of ddim_tiny with random weights (`random_params`: no compiled init)."""
   config = configs.get_config('ddim_tiny')
   model = configs.build_model(config)
-  rng = np.random.default_rng(seed)
-  flat = traverse_util.flatten_dict(family.abstract_params(config, model))
-  params = {}
-  for path, leaf in flat.items():
-    shape = tuple(leaf.shape)
-    if path[-1] == 'kernel':
-      v = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
-    elif path[-1] == 'scale':
-      v = np.ones(shape)
-    else:
-      v = 0.02 * rng.normal(size=shape)
-    params[path] = jnp.asarray(v, jnp.float32)
-  return model, traverse_util.unflatten_dict(params), config
+  return model, random_params(config, seed, model), config
 
 
 @pytest.fixture(scope='session')
