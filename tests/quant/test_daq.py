@@ -102,3 +102,25 @@ def test_error_rule_picks_uniform_where_the_likelihood_ratio_picks_log2():
                                 float(q.max()), 4))
   assert choose_by_error(e4[None])[0] == 1 and e4[1] < e4[0] / 10
   assert list(choose_by_error(np.array([[1., 1., 2.], [3., 2., 1.]]))) == [0, 2]    # ties: uniform
+
+
+def test_a_layer_using_both_log_kinds_selects_per_slot():
+  """use_log2 0 / 1 / 2 with both deltas stored: uniform / log2 / log-sqrt2 at that slot (apply.act_fake_quant),
+  and the report names them (act_search.daq_choices)."""
+  import types
+  from tcaq_jax.quant.apply import act_fake_quant
+  from tcaq_jax.quant.log2 import log_fake_quant
+  from tcaq_jax.quant.state import LayerQState
+  from tcaq_jax.quant.uniform import fake_quant
+  from tcaq_jax.train.act_search import daq_choices
+  x = jnp.asarray(np.random.default_rng(3).dirichlet(np.ones(16), size=(2, 16)), jnp.float32)
+  st = LayerQState(a_scale=jnp.full((3, 1), 1. / 255), a_zero=jnp.zeros((3, 1)), log2_delta=jnp.full((3,), .9),
+                   logsqrt2_delta=jnp.full((3,), .8), use_log2=jnp.asarray([0., 1., 2.]))
+  spec = types.SimpleNamespace(kind='softmax', a_bits=8, split=None)
+  want = [fake_quant(x, 1. / 255, 0., 8), log_fake_quant(x, .9, 8, 'log2'), log_fake_quant(x, .8, 8, 'logsqrt2')]
+  for slot in range(3):
+    np.testing.assert_array_equal(np.asarray(act_fake_quant(x, st, spec, jnp.int32(slot))), np.asarray(want[slot]))
+  policy = types.SimpleNamespace(layers={'a/attn_probs': spec, 'b/attn_probs': spec})
+  only_sqrt2 = LayerQState(logsqrt2_delta=jnp.ones(2), use_log2=jnp.asarray([1., 0.]))
+  assert daq_choices({'a/attn_probs': st, 'b/attn_probs': only_sqrt2}, policy) == {
+      'a/attn_probs': ['uniform', 'log2', 'logsqrt2'], 'b/attn_probs': ['logsqrt2', 'uniform']}
