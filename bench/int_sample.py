@@ -93,8 +93,12 @@ def main(argv):
           exported[bits] = (load_exported(out), man['sizes']['export_bytes'] / 1e6)
         m, size = exported[bits]
         eps = m.eps_fn(variant)
-      first, best = _time(eps, config, bs)
       tag = variant if bits is None else f'{variant} w{bits}a8'
+      try:
+        first, best = _time(eps, config, bs)
+      except Exception as e:  # noqa: BLE001  (a backend that cannot compile a variant: report it, keep going)
+        print(f'# {label} {tag} batch {bs}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}', flush=True)
+        continue
       rows.append((label, tag, bs, FLAGS.steps, first, best, bs / best, size, float_mb))
       print(f'# {label} {tag} batch {bs}: first {first:.1f} s, {bs / best:.3f} img/s, {size:.2f} MB', flush=True)
   fp = {r[0]: r[6] for r in rows if r[1] == 'fp'}

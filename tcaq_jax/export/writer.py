@@ -117,10 +117,10 @@ def export_quantized(q, out_dir: str, source: str = '', overwrite: bool = False)
 
 def export_run(run_dir: str, out_dir: str, overwrite: bool = False) -> dict:
   """Exports the latest checkpoint of a finished calibration run dir (ExportError for an unfinished one)."""
+  from tcaq_jax import checkpoint
   from tcaq_jax.quantized import load_quantized
-  q = load_quantized(run_dir)
-  progress = q.meta.get('progress', {})
+  progress = (checkpoint.restore(run_dir)['meta'] or {}).get('progress', {})
   if not progress.get('done'):
     raise ExportError(f'{run_dir!r}: calibration not finished (progress {progress}); resume it with the same '
                       '--out_dir, then export')
-  return export_quantized(q, out_dir, source=run_dir, overwrite=overwrite)
+  return export_quantized(load_quantized(run_dir), out_dir, source=run_dir, overwrite=overwrite)
