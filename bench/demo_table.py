@@ -58,8 +58,9 @@ FLAGS = flags.FLAGS
 
 BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 GRID_SAMPLES = 16
-# tcaq as the paper states it, where this project's default differs (issue 14): the likelihood-ratio DAQ rule.
-PAPER_EXACT = {'daq_rule': 'llr'}
+# tcaq as the paper states it, where this project's defaults differ (issue 14): the likelihood-ratio DAQ rule, and
+# every reconstruction kept (no held-out check).
+PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False}
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
              ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}))
@@ -257,14 +258,14 @@ def plot_grids(results: dict, grid_dir: str, path: str, cols: int = 6) -> None:
   if not names:
     return
   rows = -(-len(names) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.7 * rows), squeeze=False)
   for ax in axes.reshape(-1):
     ax.axis('off')
   for ax, name in zip(axes.reshape(-1), names):
     ax.imshow(np.asarray(Image.open(os.path.join(grid_dir, f'{name}.png'))), cmap='gray')
     ax.set_title(f"{name}\nFID {results[name]['fid']:.2f}", fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
 
 
