@@ -21,9 +21,10 @@ def table():
 
 def test_rows_cover_the_baselines_the_paper_rules_and_the_ablations(table):
   rows = {name: (method, w, a, extra) for name, method, w, a, extra in table.row_specs()}
+  assert table.PAPER_EXACT['daq_rule'] == 'llr'                  # the paper's likelihood-ratio DAQ
   for w, a in table.BITS:
     assert rows[f'qdiff_w{w}a{a}'][0] == 'qdiff' and rows[f'qdiff_plus_w{w}a{a}'][0] == 'qdiff_plus'
-    assert rows[f'tcaq_paper_w{w}a{a}'] == ('tcaq', w, a, {'daq_rule': 'llr'})
+    assert rows[f'tcaq_paper_w{w}a{a}'] == ('tcaq', w, a, table.PAPER_EXACT)
     assert rows[f'tcaq_w{w}a{a}'] == ('tcaq', w, a, {}) and rows[f'minmax_w{w}a{a}'][0] == 'minmax'
   for w, a in ((6, 6), (4, 4)):
     assert rows[f'tcaq_w{w}a{a}_no_per_step'][3] == {'act_per_step': False}
