@@ -25,9 +25,10 @@ FLAGS = flags.FLAGS
 
 BASE = dict(num_steps=10, calib_steps=4, calib_samples=8, capture_batch=8, forward_batch=16, act_batch=8,
             iters_scale=0.002, chunk=20, par_rounds=1, recon_samples=32, png_samples=4, seed=1, progress=False)
-# (issue 14 renamed the earlier 'qdiff' to 'qdiff_plus' and made the DAQ output-error rule tcaq's default: these
+# (issue 14 renamed the earlier 'qdiff' to 'qdiff_plus' and made the DAQ output-error rule and --keep_best tcaq's
+# defaults: these
 # rows keep the earlier behaviour, so dumps made before and after compare)
-ROWS = {'tcaq_w4a8': dict(method='tcaq', w_bits=4, a_bits=8, daq_rule='llr'),
+ROWS = {'tcaq_w4a8': dict(method='tcaq', w_bits=4, a_bits=8, daq_rule='llr', keep_best=False),
         'qdiff_w4a4': dict(method='qdiff_plus', w_bits=4, a_bits=4),
         'minmax_w6a6': dict(method='minmax', w_bits=6, a_bits=6)}
 UNIT_KEYS = ('unit', 'round', 'mse_before', 'mse_after', 'final_rec', 'final_total')

@@ -152,7 +152,8 @@ def make_io_capture(path: str, in_forward: Callable | None = None, out_forward: 
 def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_consts: Any = None,
                     out_consts: Any = None, path: str | None = None) -> CapturedIO:
   """Runs a `make_group_capture` / `make_io_capture` recorder over a data set (arrays [N, ...] sliced along
-  axis 0) in batches and keeps unit `path`'s call (default: the recorder's only unit).
+  axis 0) in batches of exactly `batch` (a short batch is padded, so every call shares one compiled shape) and
+  keeps unit `path`'s call (default: the recorder's only unit).
 
   Returns CapturedIO with device arrays (inputs when the recorder has an in_forward, output when it has an
   out_forward).
@@ -167,10 +168,14 @@ def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_con
   n = int(data[0].shape[0])
   ins, outs = [], []
   for i in range(0, n, batch):
-    d = [jnp.asarray(a[i:i + batch]) for a in data]
-    dyn, out = fn(in_consts, out_consts, *d)
-    ins.append(dyn.get(path, []))
-    outs.append(out.get(path))
+    d = [np.asarray(a[i:i + batch]) for a in data]
+    m = d[0].shape[0]
+    if m < batch:          # a short (last or only) batch is padded to the compiled shape, then trimmed
+      d = [np.concatenate([a, np.repeat(a[-1:], batch - m, axis=0)]) for a in d]
+    dyn, out = fn(in_consts, out_consts, *[jnp.asarray(a) for a in d])
+    trim = (lambda a: a[:m]) if m < batch else (lambda a: a)
+    ins.append([trim(a) for a in dyn.get(path, [])])
+    outs.append(None if out.get(path) is None else jax.tree.map(trim, out[path]))
     del dyn, out                                # the group's other units are dropped batch by batch
   leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if ins[0] else []
   output = (jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if outs[0] is not None else None)

@@ -30,10 +30,10 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 # AdaRound while activations are quantized).
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
-               calib_step_rule='linspace')
+               calib_step_rule='linspace', keep_best=False)
 METHOD_DEFAULTS = {
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
-                 reconstruct=True),
+                 reconstruct=True, keep_best=True),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
                   act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
                   calib_step_rule='interval'),
@@ -48,7 +48,7 @@ MODEL_DEFAULTS = {
 }
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
-             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule')
+             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
@@ -163,6 +163,15 @@ class Config:
   recon: ReconConfig = dataclasses.field(default_factory=ReconConfig, metadata={'nested': True})
   par_iters: int = _f(10000, 'iterations per unit in each PAR round (scaled by --iters_scale)')
   par_rounds: int = _f(2, 'PAR rounds after the first reconstruction')
+  keep_best: bool | None = _f(None, "keep a unit's reconstruction (each round) only if it lowers the unit's output "
+                                    "error on --holdout_samples held-out calibration samples against its starting "
+                                    "point, else keep the start (default: the method's; tcaq: true)")
+  holdout_samples: int = _f(64, 'calibration samples held out of reconstruction for --keep_best: drawn from those '
+                                'outside the reconstruction subset, and when too few are left, from it (at most '
+                                'a quarter of it)')
+  par_alpha: str = _f('carry', "AdaRound alphas at the start of a PAR round: 'carry' (as the previous round left "
+                                "them) or 'reinit' (re-initialised from its hard rounding, h(alpha) = 0.25 / 0.75, "
+                                "so that saturated alphas get gradients again)", enum=('carry', 'reinit'))
   par_research_act: bool = _f(True, 're-search activation scales on the recaptured data of each PAR round')
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)

@@ -63,3 +63,24 @@ def recon_subset(data: dict, size: int, seed: int) -> dict:
     return data
   idx = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
   return {k: v[idx] for k, v in data.items()}
+
+
+def split_holdout(data: dict, size: int, holdout: int, seed: int) -> tuple[dict, dict | None]:
+  """(reconstruction set, held-out set or None). The reconstruction set is `recon_subset(data, size, seed)` when
+  `holdout` samples are left outside it (so holding out changes nothing else); otherwise the missing held-out
+  samples come from it, at most a quarter of it."""
+  n = data['x'].shape[0]
+  idx = (np.sort(np.random.default_rng(seed).choice(n, size, replace=False)) if size and size < n
+         else np.arange(n))
+  if holdout <= 0:
+    return {k: v[idx] for k, v in data.items()}, None
+  rng = np.random.default_rng(seed + 1)
+  rest = np.setdiff1d(np.arange(n), idx)
+  if len(rest) >= holdout:
+    hold = np.sort(rng.choice(rest, holdout, replace=False))
+  else:
+    pick = np.sort(rng.choice(len(idx), min(holdout - len(rest), len(idx) // 4), replace=False))
+    hold = np.sort(np.concatenate([rest, idx[pick]]))
+    idx = np.delete(idx, pick)
+  train = {k: v[idx] for k, v in data.items()}
+  return train, ({k: v[hold] for k, v in data.items()} if len(hold) else None)

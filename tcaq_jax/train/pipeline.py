@@ -227,9 +227,33 @@ def _capture_group(setup: Setup, k: int) -> tuple[str, ...]:
   return next(g for g in blocks.capture_groups(setup.units, CAPTURE_GROUP) if setup.units[k].path in g)
 
 
+def _alpha_stats(theta: dict) -> float:
+  """Share of AdaRound alphas whose rectified sigmoid is clipped at 0 or 1 (zero gradient)."""
+  from tcaq_jax.quant.adaround import GAMMA, ZETA
+  alphas = [np.asarray(th.alpha) for th in theta.values() if th.alpha is not None]
+  if not alphas:
+    return float('nan')
+  h = [1.0 / (1.0 + np.exp(-a.astype(np.float64))) * (ZETA - GAMMA) + GAMMA for a in alphas]
+  return float(sum(np.sum((v <= 0) | (v >= 1)) for v in h) / sum(v.size for v in h))
+
+
+def _reinit_alpha(theta: dict, margin: float = 0.25) -> dict:
+  """Alphas re-initialised from their hard rounding: h(alpha) = 0.5 + margin (rounded up) or 0.5 - margin."""
+  from tcaq_jax.quant.adaround import GAMMA, ZETA, hard_rounding
+
+  def re(a):
+    target = jnp.where(hard_rounding(a) > 0.5, 0.5 + margin, 0.5 - margin)
+    p = (target - GAMMA) / (ZETA - GAMMA)
+    return jnp.log(p / (1.0 - p)).astype(a.dtype)
+  return {path: th.replace(alpha=re(th.alpha)) if th.alpha is not None else th for path, th in theta.items()}
+
+
 def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
-                     loss_hook: Callable | None = None) -> tuple[QState, dict]:
-  """BRECQ/AdaRound on unit k in round rnd. Returns (qstate with the unit's trained fields, stats)."""
+                     loss_hook: Callable | None = None, holdout: dict | None = None) -> tuple[QState, dict]:
+  """BRECQ/AdaRound on unit k in round rnd. Returns (qstate with the unit's trained fields, stats).
+
+  holdout: held-out calibration samples (--keep_best): the unit's result is kept only if its output error on them
+  (hard rounding) is lower than the starting point's; else the start is kept. stats records both errors."""
   cfg = setup.cfg
   unit = setup.units[k]
   t0 = time.time()
@@ -246,6 +270,9 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   program = setup.compiled(('program', unit.path, w_pass), lambda: blocks.unit_program(
       setup.model, setup.params, setup.w_policy if w_pass else setup.policy, unit))
   theta = blocks.to_relative(_trainable(qstate, unit, learn, alpha=not act_pass), unit)
+  theta_start = theta
+  if rnd > 0 and cfg.par_alpha == 'reinit' and not act_pass:
+    theta = _reinit_alpha(theta)
   aux = blocks.unit_aux(setup.params, qstate, unit)
   rcfg = cfg.recon_for_round(rnd)
   n = int(steps.shape[0])
@@ -274,8 +301,20 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
                            f'this unit: fix the cause and re-run to resume') from e
   stats.update({k2: v for k2, v in rstats.items() if k2 != 'iters'})
   t1 = time.time()
+  stats['alpha_saturated'] = _alpha_stats(theta)
   if cfg.eval_units and theta:
     stats['mse_after'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
+  if holdout is not None and theta:
+    hio = blocks.capture_unit_io(io_fn, _arrays(holdout), cfg.forward_batch, in_consts=(setup.params, qstate),
+                                 out_consts=setup.params, path=unit.path)
+    hsteps = jnp.asarray(holdout['step'])
+    n_hold = int(hsteps.shape[0])
+    e0, e1 = (recon.eval_loss(eval_fn, th, aux, hio.leaves, hio.output, hsteps, max_samples=n_hold)
+              for th in (theta_start, theta))
+    stats.update(holdout_before=e0, holdout_after=e1, holdout_samples=n_hold,
+                 kept='reconstructed' if e1 < e0 else 'start')
+    if not e1 < e0:
+      theta = theta_start
   stats['eval_s'] = t_eval + time.time() - t1
   stats['seconds_total'] = time.time() - t0
   return qstate.merge(blocks.to_absolute(theta, unit)), stats
@@ -349,13 +388,14 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
           phases['act_search_s'] += secs
           state = state.replace(qstate=qstate)
         state = commit(state, round=rnd, next_unit=0, act_done=True, done=False)
-      data = par.recon_subset(data, cfg.recon_samples, cfg.seed)
+      data, holdout = par.split_holdout(data, cfg.recon_samples, cfg.holdout_samples if cfg.keep_best else 0,
+                                        cfg.seed)
       first = state.progress.next_unit if state.progress.round == rnd else 0
       for k in range(first, len(setup.units)):
         if not _selected(cfg, setup.units[k]):
           continue
         hook = hooks.loss_hook(rnd, k) if hooks.loss_hook is not None else None
-        qstate, stats = reconstruct_unit(setup, rnd, k, state.qstate, data, hook)
+        qstate, stats = reconstruct_unit(setup, rnd, k, state.qstate, data, hook, holdout)
         for name, key in (('unit_capture_s', 'capture_s'), ('reconstruction_s', 'seconds'),
                           ('unit_eval_s', 'eval_s')):
           phases[name] += stats.get(key, 0.0)
