@@ -44,7 +44,8 @@ def test_reinit_alpha_keeps_the_hard_rounding_and_unsaturates():
 def test_a_unit_made_worse_is_reverted_to_its_start(tmp_path):
   """The first unit's loss is negated (gradient ascent): with --keep_best its held-out error does not fall, so
   its start is kept: its layers' final state equals the state saved right after initialisation."""
-  cfg = dict(BASE, par_rounds=0, keep_best=True, holdout_samples=64, lr=1e-2, out_dir=str(tmp_path / 'a'))
+  cfg = dict(BASE, par_rounds=0, keep_best=True, holdout_samples=64, lr=1e-2, out_dir=str(tmp_path / 'a'),
+             policy_override=('.*:fp', f'^{UNITS[0]}/:w4a8', f'^{UNITS[1]}/:w4a8'), png_samples=0)
   worse = lambda loss, it: -loss
   start = {}
   keep_start = lambda state: start.setdefault('q', state.qstate) if state.ckpt_step == 0 else None
