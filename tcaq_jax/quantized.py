@@ -93,10 +93,13 @@ class QuantizedModel:
     return iter((self.model, self.params, self.qstate, self.policy, self.eps_fn))
 
 
+FP_MODEL_DIR = 'fp_model'        # a calibration run's FP params, written once (train.calib_state.save_state)
+
+
 def _fp_params(out_dir: str, meta: dict):
   """The FP params of an unfinished run: its steps hold none; they are in out_dir/fp_model, written once."""
   import os
-  fp_dir = os.path.join(out_dir, 'fp_model')
+  fp_dir = os.path.join(out_dir, FP_MODEL_DIR)
   try:
     params, _ = checkpoint.load_model_dir(fp_dir)
   except checkpoint.CheckpointError as e:

@@ -28,8 +28,23 @@ def init_alpha(w, scale, zero_point=None):
   """
   del zero_point
   v = jnp.asarray(w, jnp.float32) / scale
-  frac = v - jnp.floor(v)
-  return -jnp.log((ZETA - GAMMA) / (frac - GAMMA) - 1.)
+  return alpha_for(v - jnp.floor(v))
+
+
+def alpha_for(h):
+  """The alpha whose (unclipped) rectified sigmoid equals h in (gamma, zeta): the inverse of `soft_rounding`."""
+  return -jnp.log((ZETA - GAMMA) / (h - GAMMA) - 1.)
+
+
+def reinit_from_hard(alpha, margin: float = 0.25):
+  """Alphas that keep `alpha`'s hard rounding with soft value 0.5 +- margin (no longer clipped: gradients flow)."""
+  return alpha_for(jnp.where(hard_rounding(alpha) > 0.5, 0.5 + margin, 0.5 - margin)).astype(alpha.dtype)
+
+
+def saturated(alpha):
+  """1 where soft_rounding(alpha) is clipped at 0 or 1 (zero gradient), else 0."""
+  h = soft_rounding(alpha)
+  return ((h <= 0.) | (h >= 1.)).astype(jnp.float32)
 
 
 def soft_rounding(alpha):

@@ -16,6 +16,7 @@ import jax
 
 from tcaq_jax import checkpoint
 from tcaq_jax.quant.state import QState, from_tree, to_tree
+from tcaq_jax.quantized import FP_MODEL_DIR
 from tcaq_jax.train.config import RESUMABLE, CalibrationError
 
 __all__ = ['FP_MODEL_DIR', 'Progress', 'CalibState', 'save_state', 'restore_state', 'new_report', 'jsonable']
@@ -41,9 +42,6 @@ class CalibState:
   progress: Progress = flax.struct.field(pytree_node=False, default_factory=Progress)
   report: dict = flax.struct.field(pytree_node=False, default_factory=dict)
   ckpt_step: int = flax.struct.field(pytree_node=False, default=0)
-
-
-FP_MODEL_DIR = 'fp_model'
 
 
 def save_state(setup, state: CalibState) -> None:

@@ -37,6 +37,7 @@ from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import grid_scale, save_grid, to_uint8
 from tcaq_jax.jit_stats import CompileStats
 from tcaq_jax.models import family
+from tcaq_jax.quant import adaround
 from tcaq_jax.quant.policy import build_policy
 from tcaq_jax.quant.state import LayerQState, QState, merge_layers
 from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
@@ -80,6 +81,7 @@ class Setup:
     self.w_policy = dataclasses.replace(self.policy, layers={
         p: dataclasses.replace(s, a_bits=None, split=s.split if s.weights else None)
         for p, s in self.policy.layers.items()})
+    self.capture_group_of = {p: g for g in blocks.capture_groups(self.units, CAPTURE_GROUP) for p in g}
     self.fp_fwd = family.forward(self.model, self.mconfig)
     self.q_fwd = quant_forward(self.model, self.policy, self.mconfig)
     self.qw_fwd = quant_forward(self.model, self.w_policy, self.mconfig)
@@ -224,28 +226,21 @@ CAPTURE_GROUP = 8
 
 
 def _capture_group(setup: Setup, k: int) -> tuple[str, ...]:
-  return next(g for g in blocks.capture_groups(setup.units, CAPTURE_GROUP) if setup.units[k].path in g)
+  return setup.capture_group_of[setup.units[k].path]
 
 
 def _alpha_stats(theta: dict) -> float:
   """Share of AdaRound alphas whose rectified sigmoid is clipped at 0 or 1 (zero gradient)."""
-  from tcaq_jax.quant.adaround import GAMMA, ZETA
-  alphas = [np.asarray(th.alpha) for th in theta.values() if th.alpha is not None]
+  alphas = [th.alpha for th in theta.values() if th.alpha is not None]
   if not alphas:
     return float('nan')
-  h = [1.0 / (1.0 + np.exp(-a.astype(np.float64))) * (ZETA - GAMMA) + GAMMA for a in alphas]
-  return float(sum(np.sum((v <= 0) | (v >= 1)) for v in h) / sum(v.size for v in h))
+  return float(sum(jnp.sum(adaround.saturated(a)) for a in alphas) / sum(a.size for a in alphas))
 
 
-def _reinit_alpha(theta: dict, margin: float = 0.25) -> dict:
-  """Alphas re-initialised from their hard rounding: h(alpha) = 0.5 + margin (rounded up) or 0.5 - margin."""
-  from tcaq_jax.quant.adaround import GAMMA, ZETA, hard_rounding
-
-  def re(a):
-    target = jnp.where(hard_rounding(a) > 0.5, 0.5 + margin, 0.5 - margin)
-    p = (target - GAMMA) / (ZETA - GAMMA)
-    return jnp.log(p / (1.0 - p)).astype(a.dtype)
-  return {path: th.replace(alpha=re(th.alpha)) if th.alpha is not None else th for path, th in theta.items()}
+def _reinit_alpha(theta: dict) -> dict:
+  """Alphas re-initialised from their hard rounding (`adaround.reinit_from_hard`)."""
+  return {path: th.replace(alpha=adaround.reinit_from_hard(th.alpha)) if th.alpha is not None else th
+          for path, th in theta.items()}
 
 
 def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,

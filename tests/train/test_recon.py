@@ -166,8 +166,16 @@ def test_group_capture_records_each_unit_as_its_own_capture(block_setup):
     for a, b in zip(alone.leaves + [alone.output], grouped.leaves + [grouped.output]):
       np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
     assert grouped.rebuild(grouped.leaves)[0][0].shape == alone.rebuild(alone.leaves)[0][0].shape
-  np.testing.assert_array_equal(np.asarray(blocks.capture_unit_io(group, data, 16, (params, qs), params,
-                                                                  path=UNIT).output), np.asarray(io.output))
+  # the FP outputs against an independent reference: flax's own capture_intermediates of the FP model
+  _, inter = model.apply({'params': params}, jnp.asarray(x), jnp.asarray(data[1]),
+                         capture_intermediates=lambda mdl, name: name == '__call__' and
+                         '/'.join(mdl.path) in (UNIT, others[1]), mutable=['intermediates'])
+  for path in (UNIT, others[1]):
+    node = inter['intermediates']
+    for seg in path.split('/'):
+      node = node[seg]
+    got = blocks.capture_unit_io(group, data, 16, (params, qs), params, path=path).output
+    np.testing.assert_allclose(np.asarray(got), np.asarray(node['__call__'][0]), rtol=1e-5, atol=1e-5)
   with pytest.raises(blocks.BlockError, match='not captured by this recorder'):
     blocks.capture_unit_io(group, data, 16, (params, qs), params, path='up_0/block_1')
   with pytest.raises(blocks.BlockError, match='name one with path='):
