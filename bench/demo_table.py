@@ -8,18 +8,30 @@ and without TCR and per-step scales), with CPU-feasible iteration counts (--iter
   PYTHONPATH=. python bench/demo_table.py --out runs/demo_table --diagnostics   # + the diagnostic rows
   PYTHONPATH=. python bench/demo_table.py --out /tmp/t --rows=fp,minmax_w8a8 --num_samples=100
 
-Outputs in --out: table.md (rows + an FID grid methods x bit widths), table.json (settings + one record per row:
-name, method, options, w_bits, a_bits, fid, conf, samples, sample_seed, iters_scale, calib_s, ...), fid_chart.png
-(FID by method and bit width) and sample_grids.png (the first 16 FID samples of every row; per-row PNGs in
-grids/). Every calibration writes its own out_dir under --out; a row already in table.json with the same
-settings is skipped, so an interrupted table resumes where it stopped. Each row samples --num_samples images with
-the same seeds (DDIM --num_steps 'quad', eta 0) and compares them to the 1,797 real digits. 'conf' is the mean
-top-1 classifier probability of the samples.
+Outputs in --out: table.md (rows + FID and speckle grids methods x bit widths), table.json (settings + one record
+per row: name, method, options, w_bits, a_bits, fid, conf, speckle, speckle_share, samples, sample_seed,
+iters_scale, calib_s, config, ...), fid_chart.png (FID by method and bit width), sample_grids.png (the first 16 FID
+samples of every row; per-row PNGs in grids/) and fp_samples.npy (the FP row's samples, for the speckle of rows
+run by later processes). Each row samples --num_samples images with the same seeds (DDIM --num_steps 'quad',
+eta 0) and compares them to the 1,797 real digits. 'conf' is the mean top-1 classifier probability of the samples.
+
+'speckle' sees what a feature-space FID can miss: isolated-pixel noise (tcaq_jax/eval/speckle.py). It is the
+row's mean squared isolated-pixel residual (image minus its 3x3 median filter) over that of the FP row's samples
+(FP = 1.0; above 1 = more speckle than FP). 'speckle_share' is the share of the row's pixels whose residual
+exceeds 0.5 in [-1, 1] units (FP has its own share: a 3x3 median also trims thin strokes).
+
+Resuming: every calibration writes its own out_dir under --out, and a row already in table.json is reused when
+the table's settings, the row's sample seed and, for calibrated rows, its resolved calibration config (the flat
+`Config.resolve()`, less the `RESUMABLE` fields that do not change results; the record's 'config') are the same;
+otherwise the row runs again (a record without 'config', from an older table, always does). A row's out_dir
+holding a calibration with another config is moved aside to <out_dir>.stale first (so it is neither resumed nor
+refused by pipeline.run); one with the same config is resumed (a finished one costs only the sampling).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -29,6 +41,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tcaq_jax import checkpoint  # noqa: E402
 from tcaq_jax.checkpoint import quiet_orbax_logs  # noqa: E402
 from tcaq_jax.diffusion.batched import sample_all  # noqa: E402
 from tcaq_jax.diffusion.ddim import sampler_coefficients  # noqa: E402
@@ -36,11 +49,13 @@ from tcaq_jax.assets import DEMO_UNET_DIR  # noqa: E402
 from tcaq_jax.demo.classifier import classify, load_classifier  # noqa: E402
 from tcaq_jax.demo.data import load_digits_16  # noqa: E402
 from tcaq_jax.eval.metrics import feature_stats, frechet_distance  # noqa: E402
+from tcaq_jax.eval.speckle import speckle_ratio, speckle_share  # noqa: E402
 from tcaq_jax.images import save_grid, to_uint8  # noqa: E402
 from tcaq_jax.diffusion.host_sampler import make_sampler  # noqa: E402
 from tcaq_jax.models import family  # noqa: E402
 from tcaq_jax.quantized import load_quantized  # noqa: E402
 from tcaq_jax.train import pipeline  # noqa: E402
+from tcaq_jax.train.config import RESUMABLE, Config  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json/png)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k / 5k reconstruction iterations')
@@ -58,6 +73,8 @@ FLAGS = flags.FLAGS
 
 BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 GRID_SAMPLES = 16
+FP_SAMPLES = 'fp_samples.npy'
+SPECKLE_THRESHOLD = 0.5          # speckle_share: |image - 3x3 median| above a quarter of the [-1, 1] range
 # tcaq as the paper states it, where this project's defaults differ (issue 14): the likelihood-ratio DAQ rule, and
 # every reconstruction kept (no held-out check).
 PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False}
@@ -113,6 +130,66 @@ def sample(eps_fn, config, n, steps, seed=123, batch=250):
   return np.clip(sample_all(sampler, n, batch, seed), -1., 1.)
 
 
+def comparable(flat: dict) -> dict:
+  """A flat calibration config less the fields that do not change results (config.RESUMABLE)."""
+  return {k: v for k, v in flat.items() if k not in RESUMABLE}
+
+
+def row_config(kw: dict) -> dict:
+  """What a calibrated row's result depends on: its resolved flat config, less RESUMABLE."""
+  return comparable(Config.from_flat(kw).resolve().to_flat())
+
+
+def reusable(record: dict, config: dict | None, sample_seed: int) -> bool:
+  """Whether a row of table.json (already under the same settings) stands for this run of the row."""
+  name = record['name']
+  if record.get('sample_seed') != sample_seed:
+    logging.info('%s: stored with sample seed %s, now %s: running it again', name, record.get('sample_seed'),
+                 sample_seed)
+    return False
+  if config is None:                                      # FP rows: nothing to calibrate
+    return True
+  if 'config' not in record:
+    logging.warning('%s: its record has no calibration config (an older table.json): running it again', name)
+    return False
+  if record['config'] != config:
+    changed = sorted(k for k in set(config) | set(record['config']) if config.get(k) != record['config'].get(k))
+    logging.warning('%s: its calibration config changed (%s): running it again', name, ', '.join(changed))
+    return False
+  return True
+
+
+def set_aside_stale(out_dir: str, config: dict) -> None:
+  """Moves a calibration made with another config to <out_dir>.stale: pipeline.run would otherwise refuse it, or
+  resume it as finished when the difference is a field its checkpoint predates."""
+  if checkpoint.latest_step(out_dir) is None:
+    return
+  try:
+    stored = (checkpoint.restore(out_dir)['meta'] or {}).get('config')
+    why = 'another calibration config' if stored is not None else 'no config'
+  except checkpoint.CheckpointError as e:
+    stored, why = None, f'an unreadable checkpoint ({e})'
+  if stored is not None and comparable(stored) == config:
+    return
+  stale = out_dir.rstrip('/') + '.stale'
+  if os.path.islink(stale) or os.path.isfile(stale):
+    os.unlink(stale)
+  elif os.path.isdir(stale):
+    shutil.rmtree(stale)
+  logging.warning('%s holds %s: moved to %s, calibrating again', out_dir, why, stale)
+  os.replace(out_dir.rstrip('/'), stale)
+
+
+def load_fp_samples(out: str, results: dict) -> np.ndarray | None:
+  """The FP row's samples saved in out (None unless the FP row of this table, same settings and seed, wrote
+  them and they have the expected shape)."""
+  path = os.path.join(out, FP_SAMPLES)
+  if results.get('fp', {}).get('sample_seed') != FLAGS.sample_seed or not os.path.exists(path):
+    return None
+  images = np.load(path)
+  return images if images.shape == (FLAGS.num_samples, 16, 16, 1) else None
+
+
 def load_table(path: str, current: dict) -> dict:
   """{row name: record} of a table.json written under the same settings (others are ignored: re-run)."""
   if not os.path.exists(path):
@@ -141,41 +218,83 @@ def main(argv):
   unknown = set(FLAGS.rows) - {r[0] for r in specs}
   if unknown:
     raise app.UsageError(f'--rows: unknown row(s) {sorted(unknown)}')
+  fp = {'images': load_fp_samples(FLAGS.out, results)}      # the speckle reference, sampled when first needed
+
+  def fp_images() -> np.ndarray:
+    if fp['images'] is None:
+      logging.info('no FP samples of this table in %s: sampling FP for the speckle reference', FLAGS.out)
+      fp['images'] = sample(*fp_model(), FLAGS.num_samples, FLAGS.num_steps, seed=FLAGS.sample_seed)
+      np.save(os.path.join(FLAGS.out, FP_SAMPLES), fp['images'])
+    return fp['images']
+
   for name, method, w, a, extra in specs:
-    if (FLAGS.rows and name not in FLAGS.rows) or name in results:
+    if FLAGS.rows and name not in FLAGS.rows:
       continue
-    t0 = time.time()
     extra = dict(extra)
     sample_seed = extra.pop('sample_seed', FLAGS.sample_seed)
     iters_scale = extra.get('iters_scale', FLAGS.iters_scale)
-    if method is None:
-      model, params, config = family.load(DEMO_UNET_DIR)
-      eps = family.eps_fn(model, params, config)
-      calib_s, n_units = 0.0, 0
-    else:
+    kw = config = None
+    if method is not None:
       kw = dict(out_dir=os.path.join(FLAGS.out, name), method=method, w_bits=w, a_bits=a,
                 num_steps=FLAGS.num_steps, calib_samples=FLAGS.calib_samples, recon_samples=FLAGS.recon_samples,
                 iters_scale=FLAGS.iters_scale, chunk=100, png_samples=0, eval_units=False, progress=False)
       kw.update(extra)                                                  # a row may override any of these
+      config = row_config(kw)
+    if name in results and reusable(results[name], config, sample_seed):
+      if name != 'fp' or fp['images'] is not None:                     # FP reruns when its samples are lost
+        logging.info('%s: reused from table.json', name)
+        fill_speckle(results[name], fp['images'])
+        continue
+    t0 = time.time()
+    if method is None:
+      eps, mconfig = fp_model()
+      calib_s, n_units = 0.0, 0
+    else:
+      set_aside_stale(kw['out_dir'], config)
       report = pipeline.run(kw)
       calib_s = time.time() - t0
       q = load_quantized(kw['out_dir'])
-      eps, config, n_units = q.eps_fn, q.config, len(report['units'])
-    images = sample(eps, config, FLAGS.num_samples, FLAGS.num_steps, seed=sample_seed)
+      eps, mconfig, n_units = q.eps_fn, q.config, len(report['units'])
+    images = sample(eps, mconfig, FLAGS.num_samples, FLAGS.num_steps, seed=sample_seed)
+    if name == 'fp':
+      np.save(os.path.join(FLAGS.out, FP_SAMPLES), images)
+      fp['images'] = images
     save_grid(os.path.join(FLAGS.out, 'grids', f'{name}.png'), to_uint8(images[:GRID_SAMPLES]), scale=4)
     feats, probs = classify(clf, clf_params, images)
     mu, sig = feature_stats(feats)
     fid = frechet_distance(mu_r, sig_r, mu, sig)
+    spk = speckle_ratio(images, fp_images())
     label = 'tcaq_paper' if name.startswith('tcaq_paper') else (method or 'fp')
     results[name] = {'name': name, 'method': method or 'fp', 'label': label, 'options': extra,
                      'w_bits': None if method is None else w, 'a_bits': None if method is None else a,
-                     'fid': float(fid), 'conf': float(probs.max(1).mean()), 'samples': FLAGS.num_samples,
+                     'fid': float(fid), 'conf': float(probs.max(1).mean()), 'speckle': spk,
+                     'speckle_share': speckle_share(images, SPECKLE_THRESHOLD), 'samples': FLAGS.num_samples,
                      'sample_seed': sample_seed, 'iters_scale': None if method is None else iters_scale,
-                     'calib_s': calib_s, 'recon_units': n_units, 'total_s': time.time() - t0}
-    logging.info('%s: FID %.3f (%.0f s)', name, fid, time.time() - t0)
+                     'calib_s': calib_s, 'recon_units': n_units, 'total_s': time.time() - t0, 'config': config}
+    logging.info('%s: FID %.3f, speckle %.2f x FP (%.0f s)', name, fid, spk, time.time() - t0)
     write_outputs(FLAGS.out, results, current)
   write_outputs(FLAGS.out, results, current)
   print(open(os.path.join(FLAGS.out, 'table.md')).read())
+
+
+def fp_model():
+  """The FP demo model's (eps_fn, model config)."""
+  model, params, config = family.load(DEMO_UNET_DIR)
+  return family.eps_fn(model, params, config), config
+
+
+def fill_speckle(record: dict, fp_images: np.ndarray | None) -> None:
+  """A reused record from before the speckle column: the FP row's value is known (1.0, its share from its saved
+  samples); other rows' samples are not stored, and sampling them again costs as much as their FID, so their
+  speckle stays null."""
+  if 'speckle' in record:
+    return
+  if record['name'] == 'fp' and fp_images is not None:
+    record['speckle'], record['speckle_share'] = 1.0, speckle_share(fp_images, SPECKLE_THRESHOLD)
+  else:
+    record['speckle'] = record['speckle_share'] = None
+    logging.warning('%s: reused without a speckle value (its samples are not kept); remove it from table.json to '
+                    'sample it again', record['name'])
 
 
 def write_outputs(out: str, results: dict, current: dict) -> None:
@@ -197,32 +316,40 @@ def table_lines(results: dict, st: dict) -> list:
            f"{int(10000 * it)} per PAR round (qdiff: + {int(5000 * it)} in its activation pass); calibration "
            f"{st['calib_samples']} samples x 20 steps (qdiff: x {len(range(0, st['num_steps'], max(st['num_steps'] // 20, 1)))}, "
            "its interval rule))", '',
-           '| row | method | W/A | FID | conf | calib s |', '|---|---|---|---|---|---|']
+           "speckle: mean squared (image - 3x3 median) over FP's (1.00 = FP); spk px: % of pixels whose "
+           f"|image - 3x3 median| > {SPECKLE_THRESHOLD}", '',
+           '| row | method | W/A | FID | conf | speckle | spk px % | calib s |', '|---|---|---|---|---|---|---|---|']
   for name, r in results.items():
     wa = 'FP' if r['method'] == 'fp' else f"W{r['w_bits']}A{r['a_bits']}"
     opts = ' ' + json.dumps(r['options']) if r['options'] else ''
-    lines.append(f"| {name} | {r['method']}{opts} | {wa} | {r['fid']:.3f} | {r['conf']:.3f} | {r['calib_s']:.0f} |")
-  return lines + ['', *pivot_lines(results)]
+    share = r.get('speckle_share')
+    lines.append(f"| {name} | {r['method']}{opts} | {wa} | {r['fid']:.3f} | {r['conf']:.3f} | "
+                 f"{_num(r.get('speckle'))} | {_num(None if share is None else 100 * share)} | {r['calib_s']:.0f} |")
+  return lines + ['', *pivot_lines(results, 'fid', 'FID'), '', *pivot_lines(results, 'speckle', 'speckle')]
 
 
-def _cell(results: dict, name: str) -> str:
-  return '-' if name not in results else f"{results[name]['fid']:.2f}"
+def _num(v) -> str:
+  return '-' if v is None else f'{v:.2f}'
 
 
-def pivot_lines(results: dict) -> list:
-  """The main rows as one FID grid: methods down, bit widths across (FP repeated in its own row), then the
+def _cell(results: dict, name: str, key: str) -> str:
+  return _num(results.get(name, {}).get(key))
+
+
+def pivot_lines(results: dict, key: str, title: str) -> list:
+  """The main rows as one grid of `key`: methods down, bit widths across (FP repeated in its own row), then the
   ablations at W6A6 and W4A4."""
   head = ' | '.join(f'W{w}A{a}' for w, a in BITS)
-  lines = [f'| FID | {head} |', '|---' * (len(BITS) + 1) + '|']
+  lines = [f'| {title} | {head} |', '|---' * (len(BITS) + 1) + '|']
   if 'fp' in results:
-    lines.append('| fp | ' + ' | '.join(f"{results['fp']['fid']:.2f}" for _ in BITS) + ' |')
+    lines.append('| fp | ' + ' | '.join(_cell(results, 'fp', key) for _ in BITS) + ' |')
   for method in METHODS:
-    lines.append(f'| {method} | ' + ' | '.join(_cell(results, f'{method}_w{w}a{a}') for w, a in BITS) + ' |')
-  lines += ['', '| tcaq ablation | W6A6 | W4A4 |', '|---|---|---|']
+    lines.append(f'| {method} | ' + ' | '.join(_cell(results, f'{method}_w{w}a{a}', key) for w, a in BITS) + ' |')
+  lines += ['', f'| tcaq ablation ({title}) | W6A6 | W4A4 |', '|---|---|---|']
   for tag, _ in (('default', {}),) + ABLATIONS:
     suffix = '' if tag == 'default' else f'_{tag}'
-    lines.append(f'| {tag} | ' + ' | '.join(_cell(results, f'tcaq_w{w}a{a}{suffix}') for w, a in ((6, 6), (4, 4)))
-                 + ' |')
+    lines.append(f'| {tag} | ' + ' | '.join(_cell(results, f'tcaq_w{w}a{a}{suffix}', key)
+                                             for w, a in ((6, 6), (4, 4))) + ' |')
   return lines
 
 
@@ -263,7 +390,7 @@ def plot_grids(results: dict, grid_dir: str, path: str, cols: int = 6) -> None:
     ax.axis('off')
   for ax, name in zip(axes.reshape(-1), names):
     ax.imshow(np.asarray(Image.open(os.path.join(grid_dir, f'{name}.png'))), cmap='gray')
-    ax.set_title(f"{name}\nFID {results[name]['fid']:.2f}", fontsize=7)
+    ax.set_title(f"{name}\nFID {results[name]['fid']:.2f}, speckle {_num(results[name].get('speckle'))}", fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100, bbox_inches='tight')
   plt.close(fig)
