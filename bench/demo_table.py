@@ -75,9 +75,9 @@ BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
 GRID_SAMPLES = 16
 FP_SAMPLES = 'fp_samples.npy'
 SPECKLE_THRESHOLD = 0.5          # speckle_share: |image - 3x3 median| above a quarter of the [-1, 1] range
-# tcaq as the paper states it, where this project's defaults differ (issue 14): the likelihood-ratio DAQ rule, and
-# every reconstruction kept (no held-out check).
-PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False}
+# tcaq as the paper states it, where this project's defaults differ (issue 14): the likelihood-ratio DAQ rule,
+# every reconstruction kept (no held-out check) and TCR on every layer (no per-layer selection).
+PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all'}
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
              ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}))

@@ -150,6 +150,11 @@ class Config:
   r_tru: float = _f(-1.0, 'TCR truncation R_tru; 0 = none; -1 = the paper default (3 at W4A8, else none)')
   tcr_target: str = _f('min', "TCR target range over channels per step: 'min' or 'mean'", enum=('min', 'mean'))
   tcr_dense: bool = _f(True, 'TCR also on linear layers (false: conv only)')
+  tcr_select: str = _f('error', "which layers take TCR: 'error' (per layer the ratio r^e, e in --tcr_exponents, "
+                                "with the lowest quantized output error of the layer on calibration data; e = 0 "
+                                "is no TCR) or 'all' (the paper: every layer takes r)", enum=('error', 'all'))
+  tcr_exponents: tuple = _f((0.0, 0.5, 1.0), 'exponents e of the tempered TCR ratios r^e that --tcr_select=error '
+                                             'chooses among (0 = no TCR, 1 = the paper\'s r)', item=float)
   daq_log_kind: str = _f('log2', "DAQ's log quantizer for --daq_rule=llr: 'log2' or 'logsqrt2'",
                          enum=('log2', 'logsqrt2'))
   daq_rule: str | None = _f(None, "DAQ choice per layer and step: 'error' (uniform / log2 / log-sqrt2, the one "
@@ -209,6 +214,7 @@ class Config:
                           '(min-max ranges): drop it')
       new['act_pcts'] = (100.0,)
     new['act_pcts'] = tuple(float(p) for p in new.get('act_pcts', self.act_pcts))
+    new['tcr_exponents'] = tuple(float(e) for e in self.tcr_exponents)
     new['policy_override'] = tuple(self.policy_override)
     cfg = dataclasses.replace(self, **new)
     if cfg.learn_act_scale and not cfg.reconstruct:
@@ -261,6 +267,9 @@ class Config:
     bad = [p for p in self.act_pcts if not 0.0 < float(p) <= 100.0]
     if bad or not self.act_pcts:
       raise ConfigError(f'--act_pcts: percentiles must be in (0, 100], got {list(self.act_pcts)}')
+    exps = [float(e) for e in self.tcr_exponents]
+    if not exps or any(not 0.0 <= e <= 4.0 for e in exps) or len(set(exps)) != len(exps):
+      raise ConfigError(f'--tcr_exponents: distinct exponents in [0, 4] expected, got {list(self.tcr_exponents)}')
     if self.recon_units:
       try:
         re.compile(self.recon_units)

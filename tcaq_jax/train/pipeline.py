@@ -41,7 +41,7 @@ from tcaq_jax.quant import adaround
 from tcaq_jax.quant.policy import build_policy
 from tcaq_jax.quant.state import LayerQState, QState, merge_layers
 from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
-from tcaq_jax.train import act_search, blocks, init as qinit, par, recon, unit_order
+from tcaq_jax.train import act_search, blocks, init as qinit, par, recon, tcr_select, unit_order
 from tcaq_jax.train.calib_state import CalibState, Progress, jsonable, new_report, restore_state, save_state
 from tcaq_jax.train.config import CalibrationError, Config
 
@@ -159,11 +159,12 @@ def _slots(setup: Setup, data: dict, per_step: bool):
   return step_slot, k, qinit.calib_slot_ids(step_slot, data['step'])
 
 
-def initialise(setup: Setup, data: dict) -> tuple[QState, dict]:
-  """TCR ratios, weight quantizers (and AdaRound alphas), then `search_acts`. Returns (qstate, timings)."""
+def initialise(setup: Setup, data: dict) -> tuple[QState, dict, dict]:
+  """TCR ratios (chosen per layer with --tcr_select=error), weight quantizers (and AdaRound alphas), then
+  `search_acts`. Returns (qstate, timings, report entries: `tcr_choices`)."""
   cfg = setup.cfg
   step_slot, _, _ = _slots(setup, data, cfg.act_per_step)
-  timings = {}
+  timings, info = {}, {}
   t0 = time.time()
   ratios = {}
   if cfg.tcr:
@@ -175,15 +176,45 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict]:
     ratios = qinit.tcr_ratios(peaks, cfg.r_tru, cfg.tcr_target)
   timings['tcr_s'] = time.time() - t0
   t0 = time.time()
-  layers = qinit.init_weights(setup.params, setup.policy, ratios, cfg.weight_init, adaround=cfg.reconstruct,
-                              split=cfg.w_split)
+  init_w = lambda policy, r: qinit.init_weights(setup.params, policy, r, cfg.weight_init,  # noqa: E731
+                                                adaround=cfg.reconstruct, split=cfg.w_split)
+  select = cfg.tcr_select == 'error' and ratios and len(cfg.tcr_exponents) > 1
+  layers = init_w(setup.policy, {} if select else ratios)
   timings['weight_init_s'] = time.time() - t0
+  if select:
+    layers, info['tcr_choices'], timings['tcr_select_s'] = _select_tcr(setup, data, ratios, layers, init_w)
   qstate = QState(step_slot=jnp.asarray(step_slot), layers=layers)
   secs = 0.0
   if cfg.schedule != 'two_pass':      # two_pass: activation ranges after the AdaRound pass (round 1)
     qstate, secs = search_acts(setup, qstate, data)
   timings['act_search_s'] = secs
-  return qstate, timings
+  return qstate, timings, info
+
+
+def _select_tcr(setup: Setup, data: dict, ratios: dict, base: dict, init_w: Callable) -> tuple[dict, dict, float]:
+  """--tcr_select=error: per TCR layer the exponent of r with the lowest quantized output error
+  (`tcr_select`). base: the weight states without TCR. Returns (layers, {path: choice record}, seconds)."""
+  cfg = setup.cfg
+  t0 = time.time()
+  paths = tuple(sorted(ratios))
+  sub = dataclasses.replace(setup.policy, layers={p: setup.policy.layers[p] for p in paths})
+  cands = [base if e == 0 else init_w(sub, tcr_select.tempered(ratios, e)) for e in cfg.tcr_exponents]
+  cands = [{p: c.get(p, LayerQState()) for p in paths} for c in cands]
+  _, k, sid = _slots(setup, data, cfg.act_per_step)
+  fn = setup.compiled(('tcr_select', paths), lambda: tcr_select.make_select(setup.fp_fwd, setup.policy, paths,
+                                                                            cfg.act_pcts))
+  errors = tcr_select.layer_errors(fn, ratios, cands, cfg.tcr_exponents, _arrays(data), sid, k, cfg.act_batch,
+                                   cfg.seed, setup.params)
+  chosen = tcr_select.choose(errors, cfg.tcr_exponents)
+  layers = dict(base)
+  for p, e in chosen.items():
+    if e != 0:
+      layers[p] = cands[list(cfg.tcr_exponents).index(e)][p]
+  choices = {p: {'exponent': chosen[p], 'errors': [float(v) for v in errors[p]],
+                 'r_max': float(jnp.max(ratios[p]))} for p in paths}
+  logging.info('TCR selection: %d of %d layers keep TCR (exponents %s)', sum(e != 0 for e in chosen.values()),
+               len(chosen), sorted(set(chosen.values())))
+  return layers, choices, time.time() - t0
 
 
 def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float]:
@@ -363,12 +394,12 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   else:
     data, timings['capture_round0_s'] = capture(setup, 0)
     phases['capture_s'] += timings['capture_round0_s']
-    qstate, init_t = initialise(setup, data)
+    qstate, init_t, init_info = initialise(setup, data)
     timings.update(init_t)
     for name, key in (('statistics_s', 'tcr_s'), ('weight_init_s', 'weight_init_s'),
-                      ('act_search_s', 'act_search_s')):
-      phases[name] += init_t[key]
-    state = CalibState(qstate, Progress(), new_report(setup, timings), ckpt_step=0)
+                      ('act_search_s', 'act_search_s'), ('tcr_select_s', 'tcr_select_s')):
+      phases[name] += init_t.get(key, 0.0)
+    state = CalibState(qstate, Progress(), dict(new_report(setup, timings), **init_info), ckpt_step=0)
     save(state)
   if not state.progress.done:
     bar = _progress_bar(cfg, setup, state.progress)
@@ -426,7 +457,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
 
 # What report.json's `phases_this_process` breaks the wall time into (compile time is inside these phases; the
 # process-wide XLA compile count and seconds are in `compile_this_process`).
-PHASES = ('setup_s', 'capture_s', 'statistics_s', 'weight_init_s', 'act_search_s', 'par_capture_s',
+PHASES = ('setup_s', 'capture_s', 'statistics_s', 'tcr_select_s', 'weight_init_s', 'act_search_s', 'par_capture_s',
           'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'checkpoint_s', 'sample_grid_s')
 
 

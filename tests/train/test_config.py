@@ -122,6 +122,8 @@ def test_tri_state_flags_default_to_the_method():
     ({'method': 'qdiff', 'learn_act_scale': False}, '--learn_act_scale=false contradicts'),
     ({'method': 'qdiff', 'daq': True}, '--act_init=minmax_sym has no DAQ'),
     ({'act_lr': 0.0}, '--act_lr=0.0'),
+    ({'tcr_exponents': ('0', '0')}, '--tcr_exponents'),
+    ({'tcr_exponents': ('-1',)}, '--tcr_exponents'),
 ])
 def test_bad_values_and_ignored_combinations_are_refused(flat, match):
   with pytest.raises(ConfigError, match=match):

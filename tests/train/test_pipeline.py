@@ -72,7 +72,17 @@ def test_full_run_report_checkpoint_and_outputs(full_run):
   model, params, qstate, policy, eps_fn = q
   # TCR ratios (>= 1 for the min target), per-step activation scales [K=2 slots, S], DAQ choice per slot.
   st = qstate.layers['down_0/block_0/conv1']
-  assert np.all(np.asarray(st.r) >= 1.0) and st.a_scale.shape == (2, 1)
+  assert st.a_scale.shape == (2, 1)
+  # --tcr_select=error (default): every TCR layer reports its candidates' errors and the chosen exponent; a layer
+  # keeps a ratio (>= 1, min target) exactly when its exponent is not 0, and the choice has the lowest error.
+  choices = report['tcr_choices']
+  assert 'down_0/block_0/conv1' in choices and 'conv_out' not in choices
+  for p, c in choices.items():
+    assert c['exponent'] in (0.0, 0.5, 1.0) and len(c['errors']) == 3
+    assert c['errors'][[0.0, 0.5, 1.0].index(c['exponent'])] == min(c['errors'])
+    r = qstate.layers[p].r
+    assert (r is None) == (c['exponent'] == 0.0)
+    assert r is None or (np.all(np.asarray(r) >= 1.0) and float(np.max(r)) <= c['r_max'] * (1 + 1e-6))
   assert qstate.layers['up_0/block_1/nin_shortcut'].a_scale.shape == (2, 2)
   assert qstate.layers['mid/attn_1/attn_probs'].use_log2.shape == (2,)
   assert 'conv_out' not in qstate.layers and policy.layers['conv_out'].w_bits is None
