@@ -7,7 +7,8 @@ Every field a tcaq run sets is set: qdiff policy (every conv / linear, attention
 the concat shortcut split in two activation quantizers), TCR ratios r in [1, 2), min-max weight scales of
 W diag(r) (optionally split at the concat boundary as Q-Diffusion's), AdaRound alphas drawn at random (so hard
 rounding goes up or down), per-slot asymmetric activation ranges of x / r measured on one FP forward per slot
-(each slot its own timestep), and a DAQ choice alternating log2 / uniform over the slots. Seconds, not minutes.
+(each slot its own timestep), and a DAQ choice alternating log2 / uniform over the slots (or the three-way
+log2 / log-sqrt2 / uniform state of the output-error rule). Seconds, not minutes.
 """
 from __future__ import annotations
 
@@ -96,9 +97,11 @@ def params_at(params, path: str):
 
 def synthetic_quantized(model, params, config: dict, w_bits: int = 8, a_bits: int = 8, softmax_bits: int = 8,
                         num_steps: int = 4, num_slots: int = 2, seed: int = 0, w_split: bool = False,
-                        preset: str = 'qdiff', overrides: tuple = ()) -> QuantizedModel:
+                        preset: str = 'qdiff', overrides: tuple = (), daq: str = 'log2') -> QuantizedModel:
   """A QuantizedModel of (model, params) with synthetic but realistic quantizer state (module docstring).
-  overrides: policy override strings ('REGEX:SPEC', e.g. '^up_:w4a8' for mixed bit widths)."""
+  overrides: policy override strings ('REGEX:SPEC', e.g. '^up_:w4a8' for mixed bit widths); daq: 'log2' (slots
+  alternate log2 / uniform, only log2_delta set) or 'three_way' (both log deltas set, slot k uses
+  (k + 1) % 3: 1 log2, 2 log-sqrt2, 0 uniform: the output-error DAQ rule's state)."""
   args, kw = family.example_inputs(config, 1)
   policy = build_policy(model, {'params': params}, args, preset, w_bits, a_bits, softmax_bits, overrides,
                         example_kwargs=kw)
@@ -114,8 +117,12 @@ def synthetic_quantized(model, params, config: dict, w_bits: int = 8, a_bits: in
     scale, zero = params_from_range(rg[..., 0], rg[..., 1], bits)                      # [K, S]
     st = layers.get(p, LayerQState()).replace(a_scale=scale, a_zero=zero)
     if spec.kind == 'softmax':
-      st = st.replace(use_log2=jnp.asarray(np.arange(num_slots) % 2 == 0, jnp.float32),
-                      log2_delta=jnp.asarray(np.maximum(rg[:, 0, 1], 1e-6), jnp.float32))
+      delta = jnp.asarray(np.maximum(rg[:, 0, 1], 1e-6), jnp.float32)
+      if daq == 'three_way':
+        st = st.replace(use_log2=jnp.asarray((np.arange(num_slots) + 1) % 3, jnp.float32), log2_delta=delta,
+                        logsqrt2_delta=delta)
+      else:
+        st = st.replace(use_log2=jnp.asarray(np.arange(num_slots) % 2 == 0, jnp.float32), log2_delta=delta)
     layers[p] = st
   step_slot = jnp.asarray(np.minimum(np.arange(num_steps) * num_slots // num_steps, num_slots - 1), jnp.int32)
   qstate = QState(step_slot, layers)

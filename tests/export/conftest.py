@@ -29,14 +29,15 @@ def models():
 
 # Both bit widths in each model (one compiled forward per model, CI has 2 CPUs): the tiny model at W8A8 with
 # its up path at W4A8 (the concat shortcuts' weight quantizer split in two, Q-Diffusion's w_split), the demo at
-# W4A8 with its up path at W8A8 (one weight quantizer per shortcut).
-SETTINGS = {'tiny': dict(w_bits=8, overrides=('^up_:w4a8',), w_split=True),
+# W4A8 with its up path at W8A8 (one weight quantizer per shortcut). The tiny model's post-Softmax points hold the
+# three-way DAQ state (both log deltas; log2 / log-sqrt2 / uniform over its 3 slots), the demo's log2 / uniform.
+SETTINGS = {'tiny': dict(w_bits=8, overrides=('^up_:w4a8',), w_split=True, num_slots=3, daq='three_way'),
             'demo': dict(w_bits=4, overrides=('^up_:w8a8',), w_split=False)}
 
 
 @pytest.fixture(scope='session')
 def exported(models, tmp_path_factory):
-  """exported(name) -> (QuantizedModel, ExportedModel, dir), 4 sampler steps over 2 calibration slots."""
+  """exported(name) -> (QuantizedModel, ExportedModel, dir), 4 sampler steps over 2 or 3 calibration slots."""
   cache = {}
 
   def get(name):

@@ -1,62 +1,16 @@
-"""The integer path against the fake-quant path it replaces (tcaq_jax/quant/intexec.py, tcaq_jax/export/).
+"""The integer path against the fake-quant path it replaces (tcaq_jax/quant/intexec.py, tcaq_jax/export/), on
+synthetic calibration state (tests/export/conftest.py).
 
-Bound, per integer layer, on the inputs one full UNet forward gives it (fake path; the int path computes the
-layer from the same input): with u = 2^-24, K the reduction size (kernel window x input channels), â the
-fake-quantized input and ŵ the dequantized kernel,
-    |y_int - y_fake| <= (K + 2) u max|â| sum_k |ŵ_k,o| + 2 u |y_fake|
-(the int path is exact up to the rescale; the fake path's float32 sum of K products has the classic
-(K + 2) u sum|â ŵ| error bound). Chained through a whole forward the two paths also agree except where such a
+Per integer layer, on the inputs one full UNet forward gives it, the float32 summation bound of
+tests/export/int_check.py holds. Chained through a whole forward the two paths also agree except where such a
 rounding difference moves a downstream activation across a rounding tie (one code step): measured in
-`test_full_forward_differs_only_by_rare_code_flips` and in docs/results/export.md."""
-import flax.linen as nn
+`test_fake_backend_is_the_calibration_fake_path_and_int_is_close` and in docs/results/export.md."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tcaq_jax.models import family
-from tcaq_jax.quant import intexec
-from tcaq_jax.quant.apply import _at_slot, act_interceptor, slot_of
-from tcaq_jax.quant.uniform import qrange
-
-U = 2.0 ** -24
-
-
-def _inputs(config, seed=1):
-  x = jax.random.normal(jax.random.PRNGKey(seed), (2,) + family.sample_shape(config))
-  return x, jnp.asarray([700, 20], jnp.int32)
-
-
-def _layer_pairs(m, x, t, step):
-  """({path: (y_fake, y_int, bound)} for every integer layer along one fake-quant forward, eps of that forward)."""
-  fake = act_interceptor(m.qstate, m.policy, step)
-  slot = slot_of(m.qstate, step)
-
-  def run(params, qstate, int_layers, x, t):
-    found = {}
-
-    def icpt(next_fun, args, kwargs, ctx):
-      path = '/'.join(ctx.module.path)
-      y = fake(next_fun, args, kwargs, ctx)
-      if ctx.method_name == '__call__' and path in int_layers and path not in found:
-        st, spec, iw = qstate.layers[path], m.policy.layers[path], int_layers[path]
-        y_int = intexec._int_layer(ctx.module, args[0], st, spec, iw, slot)
-        qmin, qmax = qrange(spec.a_bits)
-        s, z = _at_slot(st.a_scale, slot), _at_slot(st.a_zero, slot)
-        a_max = jnp.max(s * jnp.maximum(jnp.abs(qmin - z), jnp.abs(qmax - z)))
-        w = params
-        for k in path.split('/'):
-          w = w[k]
-        w = w['kernel']
-        bound = (np.prod(w.shape[:-1]) + 2) * U * a_max * jnp.sum(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
-        found[path] = (y, y_int, bound + 2 * U * jnp.abs(y))
-      return y
-
-    with nn.intercept_methods(icpt):
-      eps = m.model.apply({'params': params}, x, t)
-    return found, eps
-
-  return jax.jit(run)(m.params, m.qstate, m.int_layers, x, t)
+from int_check import assert_same_state, inputs, layer_pairs, rel_l2, worst_excess  # noqa: E402  (int_check.py)
 
 
 @pytest.fixture(scope='module')
@@ -66,8 +20,8 @@ def pairs(exported):
   def get(name):
     if name not in cache:
       m = exported(name)[1]
-      x, t = _inputs(m.config)
-      cache[name] = jax.device_get(_layer_pairs(m, x, t, STEP))
+      x, t, cond = inputs(m.config)
+      cache[name] = layer_pairs(m, x, t, cond, STEP)
     return cache[name]
   return get
 
@@ -86,14 +40,8 @@ def test_every_integer_layer_equals_fake_quant_to_float_rounding(exported, pairs
   assert set(m.fallback()) == {p for p, s in m.policy.layers.items() if s.kind in ('matmul', 'softmax')}
   found, _ = pairs(name)
   assert set(found) == set(ints)
-  worst = {4: 0.0, 8: 0.0}
-  for path, (y_fake, y_int, bound) in found.items():
-    assert np.all(np.isfinite(y_int)), path
-    excess = np.abs(y_int - y_fake) / bound
-    assert np.all(excess <= 1.0), (path, float(excess.max()))
-    bits = m.policy.layers[path].w_bits
-    worst[bits] = max(worst[bits], float(excess.max()))
-  assert min(worst.values()) > 0         # the two paths are distinct computations (not the same float ops)
+  worst = worst_excess(m, found)
+  assert set(worst) == {4, 8} and min(worst.values()) > 0    # distinct computations (not the same float ops)
 
 
 def _numpy_fake_quant_kernel(kernel, st, bits):
@@ -121,17 +69,29 @@ def test_fake_backend_is_the_calibration_fake_path_and_int_is_close(exported, pa
       step = np.broadcast_to(np.asarray(q.qstate.layers[p].w_scale), got.shape)
       assert np.all((got == want) | (tie & np.isclose(np.abs(got - want), step, rtol=1e-6))), p
       assert (got != want).mean() < 1e-4, p
-  x, t = _inputs(m.config)
+  x, t, cond = inputs(m.config)
   _, fake = pairs('demo')
-  got = np.asarray(jax.jit(m.eps_fn('int'))(x, t, STEP, None))
-  rel = np.linalg.norm(got - fake) / np.linalg.norm(fake)
+  rel = rel_l2(jax.jit(m.eps_fn('int'))(x, t, STEP, cond), fake)
   assert 0 < rel < 1e-2, rel
+
+
+def test_three_way_daq_state_is_exported_bit_for_bit(exported):
+  """The output-error DAQ's state (both log deltas, use_log2 0 / 1 / 2 per slot) and all other quantizer state
+  of the synthetic tiny model come back from the exported dir unchanged."""
+  q, m, _ = exported('tiny')
+  assert_same_state(q, m)
+  softmax = [s.path for s in m.policy.quantized() if s.kind == 'softmax']
+  assert softmax
+  for p in softmax:
+    st = m.qstate.layers[p]
+    assert st.has('log2_delta') and st.has('logsqrt2_delta')
+    assert sorted(np.asarray(st.use_log2).tolist()) == [0., 1., 2.]
 
 
 def test_int8_operands_reach_conv_and_dot_general(exported):
   _, m, _ = exported('tiny')
-  x, t = _inputs(m.config)
-  jaxpr = jax.make_jaxpr(m.eps_fn('int'))(x, t, 0, None)
+  x, t, cond = inputs(m.config)
+  jaxpr = jax.make_jaxpr(m.eps_fn('int'))(x, t, 0, cond)
   found = {'conv_general_dilated': 0, 'dot_general': 0}
 
   def walk(jx):
