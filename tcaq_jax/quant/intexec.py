@@ -6,10 +6,17 @@ convs with feature groups or input dilation) keeps the fake-quant path of `apply
   iw = IntWeights.from_codes(codes, w_scale, w_zero, bits, bias)     # one layer's integer kernel
   routes = int_routes(model, variables, policy, int_paths, *example_args)   # {path: 'int' | why not}
   y = int_apply(model, variables, qstate, policy, {path: iw}, x, t, step_index=i)
+  y = int_matmul('bic,bjc->bij', q, st_q, spec_q, k, st_k, spec_k, slot)    # one attention matmul on integers
 `variables['params']` holds the float params with TCR folded in and the fallback layers' kernels already
 fake-quantized (the export's `dequantized` weights); integer layers need no float kernel there.
 Per-step activation scales are picked by `apply.slot_of(step_index)`; the integer path needs a scalar
-step_index (the sampler's). Imports nothing from the rest of tcaq_jax except its sibling quantizers.
+step_index (the sampler's).
+
+`int_matmul` is the integer form of an attention matmul (q k^T, probs @ v) whose two operands pass through
+quantization points with uniform quantizers. It is not wired into `int_apply` yet: the models compute those
+einsums in their own code between QuantPoint calls, which method interception cannot replace; it needs the
+models to route the einsum through an interceptable no-op module (docs/results/export.md).
+Imports nothing from the rest of tcaq_jax except its sibling quantizers.
 """
 from __future__ import annotations
 
@@ -22,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.quant import intops
-from tcaq_jax.quant.apply import ApplyError, _at_slot, act_interceptor, slot_of
+from tcaq_jax.quant.apply import ApplyError, _at_slot, act_fake_quant, act_interceptor, slot_of
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.tcr import scale_activation
 
-__all__ = ['MAX_INT_BITS', 'IntWeights', 'int_support', 'int_routes', 'int_interceptor', 'int_apply']
+__all__ = ['MAX_INT_BITS', 'IntWeights', 'int_support', 'int_routes', 'int_interceptor', 'int_apply', 'int_matmul']
 
 MAX_INT_BITS = 8
 
@@ -145,6 +152,37 @@ def _int_layer(module, x, st, spec, iw: IntWeights, slot):
   if iw.bias is not None:
     y = y + iw.bias
   return y
+
+
+def int_matmul(equation: str, a, st_a, spec_a, b, st_b, spec_b, slot) -> jax.Array:
+  """einsum(equation, Q_a(a), Q_b(b)) with Q the operands' per-tensor activation quantizers at calibration slot
+  `slot` (a scalar), computed as one exact int32 einsum (`intops.int_einsum`) and one rescale s_a s_b.
+
+  a, b: float operands as the model feeds its quantization points (e.g. q, k [B, N, C]; probs [B, N, M], v);
+  st_*: their LayerQState (a_scale / a_zero [K, 1]); spec_*: their LayerSpec (kind 'matmul' or 'softmax',
+  a_bits <= 8). A post-Softmax operand with DAQ state (use_log2) keeps fake quant at the slots whose choice is a
+  log2 / log-sqrt2 quantizer: its codes are exponents (x = delta 2^(-q/k)), not affine in the value, so no int8
+  matmul gives probs @ v; there the result is the float einsum of the dequantized operands, as on the fake path.
+  """
+  for spec in (spec_a, spec_b):
+    if spec.kind not in ('matmul', 'softmax') or not spec.acts or spec.a_bits > MAX_INT_BITS or spec.split:
+      raise ApplyError(f'{spec.path!r}: int_matmul needs an unsplit attention operand quantized to <= '
+                       f'{MAX_INT_BITS} bits, got kind {spec.kind!r}, a_bits {spec.a_bits}')
+  operands = []
+  for x, st, spec in ((a, st_a, spec_a), (b, st_b, spec_b)):
+    scale, zero = _at_slot(st.a_scale, slot)[0], _at_slot(st.a_zero, slot)[0]
+    xq = intops.act_codes(x, scale, zero, spec.a_bits)
+    za = jnp.nan_to_num(zero).astype(jnp.int32) - intops.int8_offset(spec.a_bits)   # NaN slot: via scale
+    operands.append((xq, za, scale))
+  (aq, za, sa), (bq, zb, sb) = operands
+  y = intops.int_einsum(equation, aq, za, bq, zb).astype(jnp.float32) * (sa * sb)
+  logs = [(x, st, spec) for x, st, spec in ((a, st_a, spec_a), (b, st_b, spec_b))
+          if spec.kind == 'softmax' and st.use_log2 is not None]
+  if not logs:
+    return y
+  fake = jnp.einsum(equation, act_fake_quant(a, st_a, spec_a, slot), act_fake_quant(b, st_b, spec_b, slot))
+  use_log = sum(_at_slot(st.use_log2, slot) for _, st, _ in logs) > 0.5
+  return jnp.where(use_log, fake, y)
 
 
 def int_interceptor(qstate, policy, int_layers: dict, step_index, paths: Sequence[str] | None = None):

@@ -12,6 +12,10 @@ activation codes (reduce_window), the third a per-output constant. Zero padding 
 with the code z'a (its float value is exactly 0), so the conv pads explicitly with z'a and runs VALID: every
 window then holds K codes. Magnitudes stay far below 2^31 for K < 30,000.
 
+Attention matmuls (`int_einsum`): the same expansion for a two-operand einsum with per-tensor zero points on both
+operands (q k^T: both activations; probs @ v: the uniform post-Softmax codes and v); the two zero-point terms are
+sums of one operand over the contracted axes, broadcast into the output's layout.
+
 W4 storage: two 4-bit codes per byte (`pack_int4` / `unpack_int4`, low nibble first, row-major), unpacked to
 int8 inside the jitted forward. Imports nothing from the rest of tcaq_jax except its sibling quantizers.
 """
@@ -25,7 +29,8 @@ import numpy as np
 
 from tcaq_jax.quant.uniform import qrange
 
-__all__ = ['int8_offset', 'pack_int4', 'unpack_int4', 'act_codes', 'conv_pads', 'int_conv', 'int_dense']
+__all__ = ['int8_offset', 'pack_int4', 'unpack_int4', 'act_codes', 'conv_pads', 'int_conv', 'int_dense',
+           'int_einsum']
 
 
 def int8_offset(bits: int) -> int:
@@ -103,3 +108,45 @@ def int_dense(xq, za, wq, zw) -> jax.Array:
   w_sum = jnp.sum(wq, axis=0, dtype=jnp.int32)
   zw = jnp.asarray(zw, jnp.int32)
   return acc - row[..., None] * zw - za * w_sum + wq.shape[0] * za * zw
+
+
+def _parse_einsum(equation: str) -> tuple[str, str, str]:
+  """'ab,bc->ac' -> ('ab', 'bc', 'ac'); explicit two-operand equations with single-letter labels only."""
+  eq = equation.replace(' ', '')
+  if '->' not in eq or eq.count(',') != 1 or '.' in eq:
+    raise ValueError(f'tcaq_jax/quant/intops.py: int_einsum needs an explicit two-operand equation without '
+                     f'ellipsis, got {equation!r}')
+  ins, out = eq.split('->')
+  la, lb = ins.split(',')
+  if any(len(set(x)) != len(x) for x in (la, lb, out)) or not set(out) <= set(la) | set(lb):
+    raise ValueError(f'tcaq_jax/quant/intops.py: int_einsum: repeated or unknown labels in {equation!r}')
+  return la, lb, out
+
+
+def _sum_into(x, labels: str, contracted: set, out: str) -> jax.Array:
+  """x (axes named by `labels`) summed over `contracted` (int32), laid out to broadcast against `out`."""
+  keep = ''.join(c for c in labels if c not in contracted)
+  s = jnp.sum(x, axis=tuple(i for i, c in enumerate(labels) if c in contracted), dtype=jnp.int32)
+  s = jnp.transpose(s, [keep.index(c) for c in out if c in keep])
+  return jnp.expand_dims(s, tuple(i for i, c in enumerate(out) if c not in keep))
+
+
+def int_einsum(equation: str, aq, za, bq, zb) -> jax.Array:
+  """Exact int32 einsum(equation, aq - za, bq - zb) of two int8 operands with scalar zero points.
+
+  aq, bq: int8 codes - offset; za, zb: int32 scalars (offset applied). Every contracted label (in both inputs,
+  not in the output) is summed; labels of one input only must appear in the output. With K the product of the
+  contracted sizes:
+    sum (aq - za)(bq - zb) = einsum(aq, bq) - zb sum_K aq - za sum_K bq + K za zb
+  exact while |values| stay below 2^31 (K < 30,000 at 8 bits).
+  """
+  la, lb, out = _parse_einsum(equation)
+  contracted = (set(la) & set(lb)) - set(out)
+  if (set(la) ^ set(lb)) - set(out):
+    raise ValueError(f'tcaq_jax/quant/intops.py: int_einsum: a label of one input only is summed in {equation!r}')
+  sizes = dict(zip(la, aq.shape)) | dict(zip(lb, bq.shape))
+  k = int(np.prod([sizes[c] for c in contracted]))
+  za, zb = jnp.asarray(za, jnp.int32), jnp.asarray(zb, jnp.int32)
+  acc = jnp.einsum(equation, aq, bq, preferred_element_type=jnp.int32)
+  return (acc - zb * _sum_into(aq, la, contracted, out) - za * _sum_into(bq, lb, contracted, out)
+          + k * za * zb)
