@@ -97,6 +97,14 @@ DIAG_ROWS = [
     ('tcaq_w4a4_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'par': False}),
     ('tcaq_w4a4_no_tcr_keep_act', 'tcaq', 4, 4, {'tcr': False, 'par_research_act': False}),
     ('tcaq_w6a6_iters10x', 'tcaq', 6, 6, {'iters_scale': 0.05}),
+    ('tcaq_w4a4_tcr_all', 'tcaq', 4, 4, {'tcr_select': 'all'}),
+    ('tcaq_w6a6_tcr_all', 'tcaq', 6, 6, {'tcr_select': 'all'}),
+    ('tcaq_w4a4_tcr_act_error', 'tcaq', 4, 4, {'tcr_select': 'act_error'}),
+    ('tcaq_w6a6_tcr_act_error', 'tcaq', 6, 6, {'tcr_select': 'act_error'}),
+    ('tcaq_w4a4_act_output', 'tcaq', 4, 4, {'act_criterion': 'output'}),
+    ('tcaq_w6a6_act_output', 'tcaq', 6, 6, {'act_criterion': 'output'}),
+    ('tcaq_w4a4_tcr_all_act_output', 'tcaq', 4, 4, {'tcr_select': 'all', 'act_criterion': 'output'}),
+    ('minmax_w4a4_act_output', 'qdiff_plus', 4, 4, {'reconstruct': False, 'act_criterion': 'output'}),
 ]
 
 

@@ -26,7 +26,7 @@ from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.log2 import log2_search_delta
 from tcaq_jax.quant.ranges import params_from_range
 from tcaq_jax.quant.state import LayerQState
-from tcaq_jax.quant.tcr import scale_activation
+from tcaq_jax.quant.tcr import scale_activation, scale_kernel_inputs
 from tcaq_jax.quant.uniform import fake_quant
 
 __all__ = ['ActSearchError', 'DEFAULT_PCTS', 'make_search', 'search_act_scales', 'make_minmax_sym',
@@ -74,8 +74,31 @@ def _percentiles(values, q: np.ndarray):
                            values)
 
 
-def _search_uniform(x, bits, pcts, key, symmetric):
-  """Best (scale, zero) scalars over percentile candidates by MSE of fake_quant(x) (one sort)."""
+def layer_output(call, x, kernel=None):
+  """The intercepted conv / dense layer of `call` applied to x, with its own params or `kernel` instead of its
+  kernel (float32 output)."""
+  params = dict(call.module.variables['params'])
+  if kernel is not None:
+    params['kernel'] = kernel.astype(params['kernel'].dtype)
+  y = call.module.clone(parent=None).apply({'params': params}, x.astype(call.args[0].dtype))
+  return y.astype(jnp.float32)
+
+
+def output_score(call, kernel, x, seg=None):
+  """score(xq) for `search_uniform`: mean squared error of the layer output (kernel: the layer's W diag(r), FP)
+  with input xq against its FP output. seg (lo, hi): xq is that channel segment of x (the rest stays FP)."""
+  ref = call.output.astype(jnp.float32)
+
+  def score(xq):
+    if seg is not None:
+      xq = jnp.concatenate([x[..., :seg[0]], xq, x[..., seg[1]:]], axis=-1)
+    return jnp.mean((layer_output(call, xq, kernel) - ref) ** 2)
+  return score
+
+
+def search_uniform(x, bits, pcts, key, symmetric, score=None):
+  """Best (scale, zero) scalars over percentile candidates (one sort) by the MSE of fake_quant(x), or by
+  score(fake_quant(x)) when given (e.g. `output_score`: the layer's output error)."""
   sub = _subsample(x, key)
   q = np.asarray([p for p in pcts if p < 100.0] + [100.0 - p for p in pcts if p < 100.0], np.float32)
   nc = len([p for p in pcts if p < 100.0])
@@ -88,7 +111,8 @@ def _search_uniform(x, bits, pcts, key, symmetric):
     his, los = [hi_all] + his, [lo_all] + los
   s, z = params_from_range(jnp.stack(los), jnp.stack(his), bits, symmetric=symmetric)     # [n_cand]
   # candidates unrolled (a handful): XLA:CPU runs while-loop (lax.map) bodies much slower than top-level ops
-  err = jnp.stack([jnp.mean((fake_quant(x, s[i], z[i], bits) - x) ** 2) for i in range(s.shape[0])])
+  score = score or (lambda xq: jnp.mean((xq - x) ** 2))
+  err = jnp.stack([score(fake_quant(x, s[i], z[i], bits)) for i in range(s.shape[0])])
   best = jnp.argmin(err)
   return s[best], z[best]
 
@@ -102,17 +126,22 @@ def _v_path(softmax_path: str) -> str:
 
 
 def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts: Sequence[float] = DEFAULT_PCTS,
-                daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, daq_rule: str = 'llr') -> Callable:
+                daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, daq_rule: str = 'llr',
+                criterion: str = 'input') -> Callable:
   """The compiled per-slot search: fn(consts, ratios {path: r}, key, *data_batch) -> {path: per-slot record}.
 
   ratio_paths: the layers whose inputs are divided by a TCR ratio (part of the compiled signature). Reuse the
   returned function across calls with the same forward, policy and options (PAR rounds). daq_rule 'llr': the
   power-law likelihood-ratio test on sampled values (log kind `log_kind`); 'error': the errors of probs @ V
   (V: the FP input of the sibling 'av_v' point, called before the softmax) with each of uniform / log2 /
-  log-sqrt2 (`tcaq_jax.quant.daq.output_errors`).
+  log-sqrt2 (`tcaq_jax.quant.daq.output_errors`). criterion 'input': a conv / dense input's clipping range by the
+  MSE of the quantized input; 'output': by the MSE of the layer's output (weights W diag(r) FP) against its FP
+  output (`output_score`; a split input's segments one at a time, the other segment FP).
   """
   if daq_rule not in ('llr', 'error'):
     raise ActSearchError(f"daq_rule must be 'llr' or 'error', got {daq_rule!r}")
+  if criterion not in ('input', 'output'):
+    raise ActSearchError(f"criterion must be 'input' or 'output', got {criterion!r}")
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratio_paths = frozenset(ratio_paths)
   pcts = tuple(float(p) for p in pcts)
@@ -126,12 +155,16 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
     if spec is None:
       return None
     x = call.args[0].astype(jnp.float32)
+    kernel = None
+    if spec.kind in ('conv', 'dense') and criterion == 'output':
+      kernel = call.module.variables['params']['kernel'].astype(jnp.float32)
     if call.path in ratio_paths and spec.kind in ('conv', 'dense'):
       x = scale_activation(x, ratios[call.path])
+      kernel = None if kernel is None else scale_kernel_inputs(kernel, ratios[call.path])
     k = jax.random.fold_in(key, call.index)
     rec = {}
     if spec.kind == 'softmax':
-      s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=True)
+      s, z = search_uniform(x, spec.a_bits, pcts, k, symmetric=True)
       rec['a_scale'], rec['a_zero'] = s[None], z[None]
       if daq and daq_rule == 'llr':
         sub = _subsample(x, jax.random.fold_in(k, 1), n=max(n_daq_values, 1 << 16))
@@ -146,13 +179,15 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
         rec['errors'] = output_errors(x[:m], None if v is None else v[:m], s, rec['log2_delta'],
                                       rec['logsqrt2_delta'], spec.a_bits)
     elif spec.split:
-      segs = [x[..., :spec.split], x[..., spec.split:]]
-      sz = [_search_uniform(sg, spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False)
-            for i, sg in enumerate(segs)]
+      bounds = [(0, spec.split), (spec.split, x.shape[-1])]
+      sz = [search_uniform(x[..., lo:hi], spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False,
+                           score=None if kernel is None else output_score(call, kernel, x, (lo, hi)))
+            for i, (lo, hi) in enumerate(bounds)]
       rec['a_scale'] = jnp.stack([s for s, _ in sz])
       rec['a_zero'] = jnp.stack([z for _, z in sz])
     else:
-      s, z = _search_uniform(x, spec.a_bits, pcts, k, symmetric=False)
+      s, z = search_uniform(x, spec.a_bits, pcts, k, symmetric=False,
+                            score=None if kernel is None else output_score(call, kernel, x))
       rec['a_scale'], rec['a_zero'] = s[None], z[None]
     return rec
 
@@ -166,7 +201,7 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
   return jax.jit(run)
 
 
-def _slot_batches(slot_ids: np.ndarray, num_slots: int, batch: int, seed: int, what: str):
+def slot_batches(slot_ids: np.ndarray, num_slots: int, batch: int, seed: int, what: str):
   """(slot k, sorted sample indices of slot k: all of them, or `batch` drawn without replacement)."""
   rng = np.random.default_rng(seed)
   for k in range(num_slots):
@@ -181,7 +216,8 @@ def _slot_batches(slot_ids: np.ndarray, num_slots: int, batch: int, seed: int, w
 def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[np.ndarray],
                       slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
                       daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0,
-                      consts: Any = None, search_fn: Callable | None = None, daq_rule: str = 'llr') -> dict:
+                      consts: Any = None, search_fn: Callable | None = None, daq_rule: str = 'llr',
+                      criterion: str = 'input') -> dict:
   """Returns {path: LayerQState(a_scale [K, S], a_zero [K, S], [<log_kind>_delta [K], use_log2 [K]])}.
 
   daq_rule 'error': per slot the quantizer with the lowest attention-output error; use_log2 then holds 0
@@ -195,9 +231,10 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratios = {p: st.r for p, st in qlayers.items() if st.r is not None and p in specs}
   if search_fn is None:
-    search_fn = make_search(forward, policy, tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values, daq_rule)
+    search_fn = make_search(forward, policy, tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values, daq_rule,
+                            criterion)
   per_slot = []
-  for k, idx in _slot_batches(slot_ids, num_slots, batch, seed, 'activation search'):
+  for k, idx in slot_batches(slot_ids, num_slots, batch, seed, 'activation search'):
     res = search_fn(consts, ratios, jax.random.PRNGKey(seed * 7919 + k),
                     *[jnp.asarray(np.asarray(a)[idx]) for a in data])
     per_slot.append(jax.device_get(res))
@@ -300,7 +337,7 @@ def init_minmax_sym(fn: Callable, policy, params, qstate, data: Sequence[np.ndar
   Returns {path: LayerQState(a_scale [K, S], a_zero [K, S])}."""
   from tcaq_jax.quant.state import LayerQState
   per_slot = []
-  for _, idx in _slot_batches(slot_ids, num_slots, n_samples, seed, 'activation init'):
+  for _, idx in slot_batches(slot_ids, num_slots, n_samples, seed, 'activation init'):
     per_slot.append(jax.device_get(fn(params, qstate, *[jnp.asarray(np.asarray(a)[idx]) for a in data])))
   out = {}
   for p, spec in policy.layers.items():

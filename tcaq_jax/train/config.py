@@ -30,7 +30,7 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 # AdaRound while activations are quantized).
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
-               calib_step_rule='linspace', keep_best=False)
+               calib_step_rule='linspace', keep_best=False, act_criterion='input')
 METHOD_DEFAULTS = {
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True, keep_best=True),
@@ -48,7 +48,7 @@ MODEL_DEFAULTS = {
 }
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
-             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best')
+             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best', 'act_criterion')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
@@ -152,7 +152,9 @@ class Config:
   tcr_dense: bool = _f(True, 'TCR also on linear layers (false: conv only)')
   tcr_select: str = _f('error', "which layers take TCR: 'error' (per layer the ratio r^e, e in --tcr_exponents, "
                                 "with the lowest quantized output error of the layer on calibration data; e = 0 "
-                                "is no TCR) or 'all' (the paper: every layer takes r)", enum=('error', 'all'))
+                                "is no TCR; weights and activations quantized), 'act_error' (the same with only "
+                                "the activations quantized in the measure) or 'all' (the paper: every layer takes "
+                                "r)", enum=('error', 'act_error', 'all'))
   tcr_exponents: tuple = _f((0.0, 0.5, 1.0), 'exponents e of the tempered TCR ratios r^e that --tcr_select=error '
                                              'chooses among (0 = no TCR, 1 = the paper\'s r)', item=float)
   daq_log_kind: str = _f('log2', "DAQ's log quantizer for --daq_rule=llr: 'log2' or 'logsqrt2'",
@@ -161,6 +163,10 @@ class Config:
                                   "with the lowest error of probabilities @ V on calibration data) or 'llr' (the "
                                   "paper's power-law likelihood-ratio test, log kind --daq_log_kind) (default: "
                                   "the method's)", enum=('error', 'llr'))
+  act_criterion: str | None = _f(None, "what scores a conv / linear input's clipping candidates in the activation "
+                                       "search: 'input' (MSE of the quantized input) or 'output' (MSE of the "
+                                       "layer's output, FP weights W diag(r), against its FP output) (default: the "
+                                       "method's)", enum=('input', 'output'))
   act_batch: int = _f(64, 'calibration samples per step for the activation range search')
   act_pcts: tuple = _f(DEFAULT_PCTS, 'percentile candidates of the activation range search (100 = min-max)',
                        item=float)

@@ -178,7 +178,7 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict, dict]:
   t0 = time.time()
   init_w = lambda policy, r: qinit.init_weights(setup.params, policy, r, cfg.weight_init,  # noqa: E731
                                                 adaround=cfg.reconstruct, split=cfg.w_split)
-  select = cfg.tcr_select == 'error' and ratios and len(cfg.tcr_exponents) > 1
+  select = cfg.tcr_select != 'all' and ratios and len(cfg.tcr_exponents) > 1
   layers = init_w(setup.policy, {} if select else ratios)
   timings['weight_init_s'] = time.time() - t0
   if select:
@@ -192,8 +192,8 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict, dict]:
 
 
 def _select_tcr(setup: Setup, data: dict, ratios: dict, base: dict, init_w: Callable) -> tuple[dict, dict, float]:
-  """--tcr_select=error: per TCR layer the exponent of r with the lowest quantized output error
-  (`tcr_select`). base: the weight states without TCR. Returns (layers, {path: choice record}, seconds)."""
+  """--tcr_select=error|act_error: per TCR layer the exponent of r with the lowest quantized output error
+  (`tcr_select`; act_error: weights FP in the measure). base: the weight states without TCR. Returns (layers, {path: choice record}, seconds)."""
   cfg = setup.cfg
   t0 = time.time()
   paths = tuple(sorted(ratios))
@@ -202,9 +202,11 @@ def _select_tcr(setup: Setup, data: dict, ratios: dict, base: dict, init_w: Call
   cands = [{p: c.get(p, LayerQState()) for p in paths} for c in cands]
   _, k, sid = _slots(setup, data, cfg.act_per_step)
   fn = setup.compiled(('tcr_select', paths), lambda: tcr_select.make_select(setup.fp_fwd, setup.policy, paths,
-                                                                            cfg.act_pcts))
-  errors = tcr_select.layer_errors(fn, ratios, cands, cfg.tcr_exponents, _arrays(data), sid, k, cfg.act_batch,
-                                   cfg.seed, setup.params)
+                                                                            cfg.act_pcts, cfg.act_criterion))
+  # 'act_error': weights FP in the measure (reconstruction learns the weight rounding, not the activation ranges)
+  measured = cands if cfg.tcr_select == 'error' else [{p: LayerQState() for p in paths}] * len(cands)
+  errors = tcr_select.layer_errors(fn, ratios, measured, cfg.tcr_exponents, _arrays(data), sid, k,
+                                   cfg.act_batch, cfg.seed, setup.params)
   chosen = tcr_select.choose(errors, cfg.tcr_exponents)
   layers = dict(base)
   for p, e in chosen.items():
@@ -230,11 +232,13 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
   ratio_paths = tuple(sorted(p for p, st in qstate.layers.items()
                              if st.r is not None and p in setup.policy.layers and setup.policy.layers[p].acts))
   search_fn = setup.compiled(('act_search', ratio_paths), lambda: act_search.make_search(
-      setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, daq_rule=cfg.daq_rule))
+      setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, daq_rule=cfg.daq_rule,
+      criterion=cfg.act_criterion))
   t0 = time.time()
   acts = act_search.search_act_scales(setup.fp_fwd, setup.policy, qstate.layers, _arrays(data), sid, k,
                                       cfg.act_batch, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, seed=cfg.seed,
-                                      consts=setup.params, search_fn=search_fn, daq_rule=cfg.daq_rule)
+                                      consts=setup.params, search_fn=search_fn, daq_rule=cfg.daq_rule,
+                                      criterion=cfg.act_criterion)
   return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
 
 

@@ -9,8 +9,8 @@ one with the lowest *quantized output error of that layer* on calibration data:
   err_a = sum over calibration slots k of mean((conv(Q_a(x / r^a), Q_w(W diag(r^a))) - conv(x, W))^2)
 
 x: the layer's FP input on the slot's activation-search batch (the same samples `act_search` uses); Q_a: the
-percentile-searched uniform activation quantizer of x / r^a for that slot (`act_search._search_uniform`, one per
-segment of a split input); Q_w: the layer's initial weight quantizer for W diag(r^a) (`init.init_weights`, round
+percentile-searched uniform activation quantizer of x / r^a for that slot (`act_search.search_uniform` with the
+activation search's criterion, one per segment of a split input); Q_w: the layer's initial weight quantizer for W diag(r^a) (`init.init_weights`, round
 to nearest). Ties keep the smaller exponent (a = 0 first). Layers whose input depends only on t (the time
 embedding) take part like every other layer: they keep TCR only when it lowers their error.
 `--tcr_select=all` is the paper: every layer takes r (exponent 1).
@@ -30,7 +30,7 @@ import numpy as np
 
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.uniform import fake_quant
-from tcaq_jax.train.act_search import DEFAULT_PCTS, _search_uniform, _slot_batches
+from tcaq_jax.train.act_search import DEFAULT_PCTS, layer_output, output_score, search_uniform, slot_batches
 
 __all__ = ['make_select', 'layer_errors', 'choose', 'tempered']
 
@@ -40,40 +40,40 @@ def tempered(ratios: dict, exponent: float) -> dict:
   return {p: jnp.asarray(r, jnp.float32) ** jnp.float32(exponent) for p, r in ratios.items()}
 
 
-def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[float] = DEFAULT_PCTS) -> Callable:
+def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[float] = DEFAULT_PCTS,
+                criterion: str = 'input') -> Callable:
   """The compiled per-slot error: fn(consts, ratios {path: [A, C]}, wq {path: (scale [A, ..], zero [A, ..]) or
   None}, key, *data_batch) -> {path: err [A]} (mean squared output error of the layer per candidate).
 
   forward(consts, *data) runs the FP model; `paths` are the conv / dense layers that may take TCR. wq[path] None:
-  the layer's weights stay FP (an activation-only layer)."""
+  the layer's weights stay FP in the measure. criterion: the activation search's ('input' | 'output', see
+  `act_search.make_search`), so that each candidate's activation quantizer is the one the search would pick."""
   specs = {p: policy.layers[p] for p in paths}
   pcts = tuple(float(p) for p in pcts)
 
   def errors(ratios, wq, key, call):
     spec = specs[call.path]
     x = call.args[0].astype(jnp.float32)
-    params = dict(call.module.variables['params'])
-    kernel = params['kernel'].astype(jnp.float32)
-    unbound = call.module.clone(parent=None)
+    kernel = call.module.variables['params']['kernel'].astype(jnp.float32)
     ref = call.output.astype(jnp.float32)
     r_all = ratios[call.path]
+    bounds = [(0, spec.split), (spec.split, x.shape[-1])] if spec.split else [(0, x.shape[-1])]
     out = []
     for a in range(r_all.shape[0]):
       r = r_all[a]
-      xa = x / r
-      segs = [xa[..., :spec.split], xa[..., spec.split:]] if spec.split else [xa]
+      xa, wa = x / r, kernel * r[:, None]
       k = jax.random.fold_in(jax.random.fold_in(key, call.index), a)
       qs = []
-      for i, sg in enumerate(segs):
-        s, z = _search_uniform(sg, spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False)
-        qs.append(fake_quant(sg, s, z, spec.a_bits))
+      for i, (lo, hi) in enumerate(bounds):
+        score = None if criterion == 'input' else output_score(call, wa, xa, (lo, hi) if spec.split else None)
+        s, z = search_uniform(xa[..., lo:hi], spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False,
+                              score=score)
+        qs.append(fake_quant(xa[..., lo:hi], s, z, spec.a_bits))
       xq = jnp.concatenate(qs, axis=-1) if len(qs) > 1 else qs[0]
-      w = kernel * r[:, None]
       if wq[call.path] is not None:
         ws, wz = wq[call.path]
-        w = fake_quant(w, ws[a], wz[a], spec.w_bits)
-      y = unbound.apply({'params': dict(params, kernel=w.astype(params['kernel'].dtype))}, xq.astype(call.args[0].dtype))
-      out.append(jnp.mean((y.astype(jnp.float32) - ref) ** 2))
+        wa = fake_quant(wa, ws[a], wz[a], spec.w_bits)
+      out.append(jnp.mean((layer_output(call, xq, wa) - ref) ** 2))
     return jnp.stack(out)
 
   def run(consts, ratios, wq, key, *d):
@@ -96,7 +96,7 @@ def layer_errors(fn: Callable, base_ratios: dict, weight_states: Sequence[dict],
     wq[p] = (None if sts[0].w_scale is None else
              (jnp.stack([st.w_scale for st in sts]), jnp.stack([st.w_zero for st in sts])))
   total = {p: np.zeros(len(exponents)) for p in paths}
-  for k, idx in _slot_batches(slot_ids, num_slots, batch, seed, 'TCR selection'):
+  for k, idx in slot_batches(slot_ids, num_slots, batch, seed, 'TCR selection'):
     res = jax.device_get(fn(consts, ratios, wq, jax.random.PRNGKey(seed * 7919 + k),
                             *[jnp.asarray(np.asarray(a)[idx]) for a in data]))
     for p in paths:
