@@ -101,6 +101,8 @@ DIAG_ROWS = [
     ('tcaq_w6a6_tcr_all', 'tcaq', 6, 6, {'tcr_select': 'all'}),
     ('tcaq_w4a4_tcr_act_error', 'tcaq', 4, 4, {'tcr_select': 'act_error'}),
     ('tcaq_w6a6_tcr_act_error', 'tcaq', 6, 6, {'tcr_select': 'act_error'}),
+    ('tcaq_w4a4_tcr_rel_error', 'tcaq', 4, 4, {'tcr_select': 'rel_error'}),
+    ('tcaq_w6a6_tcr_rel_error', 'tcaq', 6, 6, {'tcr_select': 'rel_error'}),
     ('tcaq_w4a4_act_output', 'tcaq', 4, 4, {'act_criterion': 'output'}),
     ('tcaq_w6a6_act_output', 'tcaq', 6, 6, {'act_criterion': 'output'}),
     ('tcaq_w4a4_tcr_all_act_output', 'tcaq', 4, 4, {'tcr_select': 'all', 'act_criterion': 'output'}),

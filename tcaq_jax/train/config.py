@@ -153,8 +153,9 @@ class Config:
   tcr_select: str = _f('error', "which layers take TCR: 'error' (per layer the ratio r^e, e in --tcr_exponents, "
                                 "with the lowest quantized output error of the layer on calibration data; e = 0 "
                                 "is no TCR; weights and activations quantized), 'act_error' (the same with only "
-                                "the activations quantized in the measure) or 'all' (the paper: every layer takes "
-                                "r)", enum=('error', 'act_error', 'all'))
+                                "the activations quantized in the measure), 'rel_error' (each calibration step's "
+                                "error relative to its FP output power, so every step counts alike) or 'all' (the "
+                                "paper: every layer takes r)", enum=('error', 'act_error', 'rel_error', 'all'))
   tcr_exponents: tuple = _f((0.0, 0.5, 1.0), 'exponents e of the tempered TCR ratios r^e that --tcr_select=error '
                                              'chooses among (0 = no TCR, 1 = the paper\'s r)', item=float)
   daq_log_kind: str = _f('log2', "DAQ's log quantizer for --daq_rule=llr: 'log2' or 'logsqrt2'",

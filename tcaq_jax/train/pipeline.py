@@ -204,9 +204,9 @@ def _select_tcr(setup: Setup, data: dict, ratios: dict, base: dict, init_w: Call
   fn = setup.compiled(('tcr_select', paths), lambda: tcr_select.make_select(setup.fp_fwd, setup.policy, paths,
                                                                             cfg.act_pcts, cfg.act_criterion))
   # 'act_error': weights FP in the measure (reconstruction learns the weight rounding, not the activation ranges)
-  measured = cands if cfg.tcr_select == 'error' else [{p: LayerQState() for p in paths}] * len(cands)
+  measured = [{p: LayerQState() for p in paths}] * len(cands) if cfg.tcr_select == 'act_error' else cands
   errors = tcr_select.layer_errors(fn, ratios, measured, cfg.tcr_exponents, _arrays(data), sid, k,
-                                   cfg.act_batch, cfg.seed, setup.params)
+                                   cfg.act_batch, cfg.seed, setup.params, relative=cfg.tcr_select == 'rel_error')
   chosen = tcr_select.choose(errors, cfg.tcr_exponents)
   layers = dict(base)
   for p, e in chosen.items():

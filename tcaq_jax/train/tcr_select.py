@@ -43,7 +43,8 @@ def tempered(ratios: dict, exponent: float) -> dict:
 def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[float] = DEFAULT_PCTS,
                 criterion: str = 'input') -> Callable:
   """The compiled per-slot error: fn(consts, ratios {path: [A, C]}, wq {path: (scale [A, ..], zero [A, ..]) or
-  None}, key, *data_batch) -> {path: err [A]} (mean squared output error of the layer per candidate).
+  None}, key, *data_batch) -> {path: {'err': [A] mean squared output error of the layer per candidate,
+  'power': mean squared FP output}}.
 
   forward(consts, *data) runs the FP model; `paths` are the conv / dense layers that may take TCR. wq[path] None:
   the layer's weights stay FP in the measure. criterion: the activation search's ('input' | 'output', see
@@ -74,7 +75,7 @@ def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[
         ws, wz = wq[call.path]
         wa = fake_quant(wa, ws[a], wz[a], spec.w_bits)
       out.append(jnp.mean((layer_output(call, xq, wa) - ref) ** 2))
-    return jnp.stack(out)
+    return {'err': jnp.stack(out), 'power': jnp.mean(ref ** 2)}
 
   def run(consts, ratios, wq, key, *d):
     return collect_calls(lambda: forward(consts, *d), select=lambda path, m: path in specs,
@@ -85,9 +86,10 @@ def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[
 
 def layer_errors(fn: Callable, base_ratios: dict, weight_states: Sequence[dict], exponents: Sequence[float],
                  data: Sequence[np.ndarray], slot_ids: np.ndarray, num_slots: int, batch: int, seed: int,
-                 consts: Any) -> dict:
-  """{path: [A] float64} errors summed over slots. weight_states[a]: {path: LayerQState} from `init_weights` with
-  the ratios r^exponents[a] (w_scale / w_zero read; layers without w_scale stay FP)."""
+                 consts: Any, relative: bool = False) -> dict:
+  """{path: [A] float64} errors summed over slots (relative: each slot's error divided by the mean squared FP
+  output of that slot, so that every step counts alike). weight_states[a]: {path: LayerQState} from
+  `init_weights` with the ratios r^exponents[a] (w_scale / w_zero read; layers without w_scale stay FP)."""
   paths = list(base_ratios)
   ratios = {p: jnp.stack([base_ratios[p] ** jnp.float32(e) for e in exponents]) for p in paths}
   wq = {}
@@ -100,7 +102,8 @@ def layer_errors(fn: Callable, base_ratios: dict, weight_states: Sequence[dict],
     res = jax.device_get(fn(consts, ratios, wq, jax.random.PRNGKey(seed * 7919 + k),
                             *[jnp.asarray(np.asarray(a)[idx]) for a in data]))
     for p in paths:
-      total[p] += np.asarray(res[p], np.float64)
+      err = np.asarray(res[p]['err'], np.float64)
+      total[p] += err / max(float(res[p]['power']), 1e-30) if relative else err
   bad = [p for p, e in total.items() if not np.all(np.isfinite(e))]
   if bad:
     raise ValueError(f'TCR selection: non-finite output error at layer {bad[0]!r}')

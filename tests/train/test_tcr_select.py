@@ -64,13 +64,15 @@ def test_layer_errors_match_a_float64_reference():
   fn = tcr_select.make_select(fwd, policy, ('c', 'd'), pcts=(100.0,))
   slots = np.array([0, 1, 0, 1, 1, 0])
   got = tcr_select.layer_errors(fn, base, states, exps, [x], slots, 2, batch=16, seed=0, consts=params)
+  rel = tcr_select.layer_errors(fn, base, states, exps, [x], slots, 2, batch=16, seed=0, consts=params,
+                                relative=True)
 
   x64 = x.astype(np.float64)
   b = {p: np.asarray(params[p]['bias'], np.float64) for p in ('c', 'd')}
   h = _conv3x3(x64, kernels['c']) + b['c']
   ops = {'c': (x64, lambda xin, w: _conv3x3(xin, w) + b['c']), 'd': (h, lambda xin, w: xin @ w + b['d'])}
   for p, (inp, op) in ops.items():
-    want = np.zeros(len(exps))
+    want, want_rel = np.zeros(len(exps)), np.zeros(len(exps))
     for a, e in enumerate(exps):
       r = np.asarray(base[p], np.float64) ** e
       st = states[a][p]
@@ -78,8 +80,12 @@ def test_layer_errors_match_a_float64_reference():
       for k in (0, 1):
         xk = inp[slots == k] / r
         s, z = _minmax(xk, bits)
-        want[a] += np.mean((op(_fq(xk, s, z, bits), wq) - op(inp[slots == k], kernels[p])) ** 2)
+        ref = op(inp[slots == k], kernels[p])
+        err = np.mean((op(_fq(xk, s, z, bits), wq) - ref) ** 2)
+        want[a] += err
+        want_rel[a] += err / np.mean(ref ** 2)
     np.testing.assert_allclose(got[p], want, rtol=2e-4)
+    np.testing.assert_allclose(rel[p], want_rel, rtol=2e-4)
   assert got['c'][0] != got['c'][2]                           # the candidates differ
 
 
