@@ -8,7 +8,8 @@ the integer or the fake-quant backend.
   m.sampler                      # {'num_steps', 'skip_type', 'eta', 'guidance_scale'} the scales were made for
 'fake' runs the float model with the exported weights dequantized ((codes - zero) * scale, the same values the
 calibration's fake-quant path uses) and the activation quantizers applied by `apply.act_interceptor`.
-'int' runs the layers whose route is 'int' with `quant.intexec` (int8 x int8 -> int32) and the rest as 'fake'.
+'int' runs the layers whose route is 'int' with `quant.intexec` (int8 x int8 -> int32 convs, dense layers and
+attention matmuls) and the rest as 'fake'.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from jax.tree_util import Partial
 from tcaq_jax.export.format import ExportError, decode_codes, read_arrays, read_manifest
 from tcaq_jax.models import configs, family
 from tcaq_jax.quant.apply import act_interceptor
-from tcaq_jax.quant.intexec import IntWeights, int_apply, int_routes
+from tcaq_jax.quant.intexec import IntWeights, int_apply, int_plan
 from tcaq_jax.quant.policy import Policy
 from tcaq_jax.quant.state import LayerQState, QState
 
@@ -53,7 +54,7 @@ class ExportedModel:
   qstate: QState                 # activation quantizers only (r, a_scale / a_zero, log deltas, DAQ choice)
   params: dict                   # float params with every quantized kernel dequantized ('fake')
   int_params: dict               # float params without the kernels of the 'int' layers
-  int_layers: dict               # {path: IntWeights}
+  int_layers: dict               # {conv / dense path: IntWeights, QuantMatmul path: IntMatmul}
   routes: dict
   sampler: dict
   manifest: dict
@@ -100,11 +101,12 @@ def load_exported(directory: str) -> ExportedModel:
   model = configs.build_model(config)
   params = _nest({**params_flat, **deq})
   (x, t), kw = family.example_inputs(config, 1)
-  routes = int_routes(model, {'params': params}, policy, x, t, **kw)
-  int_paths = [p for p, r in routes.items() if r == 'int']
+  routes, matmuls = int_plan(model, {'params': params}, policy, x, t, **kw)
+  int_paths = [p for p, r in routes.items() if r == 'int' and policy.layers[p].kind in ('conv', 'dense')]
   int_layers = {p: IntWeights.from_storage(arrays[f'w:{p}'], arrays[f'w_scale:{p}'], arrays[f'w_zero:{p}'],
                                            table[p]['w_bits'], table[p]['shape'], policy.layers[p].split,
                                            params_flat.get(f'{p}/bias'))
                 for p in int_paths}
+  int_layers.update(matmuls)
   int_params = _nest({**params_flat, **{k: v for k, v in deq.items() if k[:-len('/kernel')] not in int_layers}})
   return ExportedModel(model, config, policy, qstate, params, int_params, int_layers, routes, sampler, manifest)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcaq_jax.models.qpoint import QuantPoint
+from tcaq_jax.models.qpoint import QuantMatmul, QuantPoint
 
 _PAD1 = ((1, 1), (1, 1))
 
@@ -99,7 +99,7 @@ class AttnBlock(nn.Module):
 
   q, k, v, proj_out are 1x1 convs; q and k pass through QuantPoint('matmul') `qk_q`, `qk_k`, the
   softmax probabilities [B, HW, HW] through QuantPoint('softmax') `attn_probs`, v through
-  QuantPoint('matmul') `av_v` before probs @ v.
+  QuantPoint('matmul') `av_v` before probs @ v; the two einsums are QuantMatmuls `qk_matmul`, `av_matmul`.
   """
   channels: int
   eps: float = 1e-6
@@ -114,6 +114,8 @@ class AttnBlock(nn.Module):
     self.qk_k = QuantPoint(kind='matmul')
     self.attn_probs = QuantPoint(kind='softmax')
     self.av_v = QuantPoint(kind='matmul')
+    self.qk_matmul = QuantMatmul('bic,bjc->bij', ('qk_q', 'qk_k'))
+    self.av_matmul = QuantMatmul('bij,bjc->bic', ('attn_probs', 'av_v'))
 
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -121,9 +123,9 @@ class AttnBlock(nn.Module):
     q = self.qk_q(self.q(hn).reshape(b, h * w, c))
     k = self.qk_k(self.k(hn).reshape(b, h * w, c))
     v = self.av_v(self.v(hn).reshape(b, h * w, c))
-    logits = jnp.einsum('bic,bjc->bij', q, k) * (c ** -0.5)
+    logits = self.qk_matmul(q, k) * (c ** -0.5)
     probs = self.attn_probs(jax.nn.softmax(logits, axis=-1))
-    out = jnp.einsum('bij,bjc->bic', probs, v).reshape(b, h, w, c)
+    out = self.av_matmul(probs, v).reshape(b, h, w, c)
     return x + self.proj_out(out)
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tcaq_jax.models.qpoint import QuantPoint
+from tcaq_jax.models.qpoint import QuantMatmul, QuantPoint
 
 _PAD1 = ((1, 1), (1, 1))
 
@@ -154,7 +154,7 @@ class AttentionBlock(nn.Module):
   `qkv` (Dense C -> 3C; the checkpoint's conv1d [3C, C, 1]) output channels are head-major
   [head][q|k|v][d]; q and k are both scaled by d^-1/4. `proj_out` is Dense C -> C.
   Quantisation points: `qk_q`, `qk_k`, `av_v` (kind 'matmul') and `attn_probs` (kind 'softmax',
-  probabilities [B, heads, HW, HW]).
+  probabilities [B, heads, HW, HW]); the einsums are QuantMatmuls `qk_matmul`, `av_matmul`.
   """
   channels: int
   num_heads: int = 1
@@ -177,6 +177,8 @@ class AttentionBlock(nn.Module):
     self.qk_k = QuantPoint(kind='matmul')
     self.attn_probs = QuantPoint(kind='softmax')
     self.av_v = QuantPoint(kind='matmul')
+    self.qk_matmul = QuantMatmul('bthd,bshd->bhts', ('qk_q', 'qk_k'))
+    self.av_matmul = QuantMatmul('bhts,bshd->bthd', ('attn_probs', 'av_v'))
 
   def __call__(self, x):
     b, hh, ww, c = x.shape
@@ -187,9 +189,9 @@ class AttentionBlock(nn.Module):
     q = self.qk_q(qkv[..., 0, :] * scale)
     k = self.qk_k(qkv[..., 1, :] * scale)
     v = self.av_v(qkv[..., 2, :])
-    logits = jnp.einsum('bthd,bshd->bhts', q, k)
+    logits = self.qk_matmul(q, k)
     probs = self.attn_probs(jax.nn.softmax(logits, axis=-1))
-    out = jnp.einsum('bhts,bshd->bthd', probs, v).reshape(b, hh * ww, c)
+    out = self.av_matmul(probs, v).reshape(b, hh * ww, c)
     return x + self.proj_out(out).reshape(b, hh, ww, c)
 
 
@@ -198,6 +200,7 @@ class CrossAttention(nn.Module):
 
   to_q / to_k / to_v: Dense without bias; to_out_0: Dense with bias; scale dim_head^-1/2.
   Quantisation points: `qk_q`, `qk_k`, `av_v` ('matmul'), `attn_probs` ('softmax', [B, heads, N, M]).
+  The two einsums are QuantMatmuls `qk_matmul` (q k^T) and `av_matmul` (probs @ v).
   """
   query_dim: int
   heads: int
@@ -213,6 +216,8 @@ class CrossAttention(nn.Module):
     self.qk_k = QuantPoint(kind='matmul')
     self.attn_probs = QuantPoint(kind='softmax')
     self.av_v = QuantPoint(kind='matmul')
+    self.qk_matmul = QuantMatmul('bnhd,bmhd->bhnm', ('qk_q', 'qk_k'))
+    self.av_matmul = QuantMatmul('bhnm,bmhd->bnhd', ('attn_probs', 'av_v'))
 
   def __call__(self, x, context=None):
     context = x if context is None else context
@@ -222,9 +227,9 @@ class CrossAttention(nn.Module):
     q = self.qk_q(split(self.to_q(x), n))
     k = self.qk_k(split(self.to_k(context), m))
     v = self.av_v(split(self.to_v(context), m))
-    logits = jnp.einsum('bnhd,bmhd->bhnm', q, k) * (self.dim_head ** -0.5)
+    logits = self.qk_matmul(q, k) * (self.dim_head ** -0.5)
     probs = self.attn_probs(jax.nn.softmax(logits, axis=-1))
-    out = jnp.einsum('bhnm,bmhd->bnhd', probs, v).reshape(b, n, self.heads * self.dim_head)
+    out = self.av_matmul(probs, v).reshape(b, n, self.heads * self.dim_head)
     return self.to_out_0(out)
 
 

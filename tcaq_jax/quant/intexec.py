@@ -1,21 +1,24 @@
 """Integer execution of a quantized model: nn.Conv / nn.Dense layers whose weights and inputs are both
-quantized to <= 8 bits run as int8 x int8 -> int32 kernels (`intops`) plus one rescale; every other quantized
-point (attention matmul operands, post-Softmax log2 / uniform, > 8-bit layers, weight-only or input-only layers,
-convs with feature groups or input dilation) keeps the fake-quant path of `apply.act_interceptor`.
+quantized to <= 8 bits run as int8 x int8 -> int32 kernels (`intops`) plus one rescale, and so do the attention
+matmuls (q k^T, probs @ v: a model's `QuantMatmul` modules) whose two operand points are quantized per tensor to
+<= 8 bits; every other quantized point (> 8-bit layers or operands, weight-only or input-only layers, convs with
+feature groups or input dilation, an attention operand whose partner stays FP) keeps the fake-quant path of
+`apply.act_interceptor`.
 
-  iw = IntWeights.from_codes(codes, w_scale, w_zero, bits, bias)     # one layer's integer kernel
-  routes = int_routes(model, variables, policy, int_paths, *example_args)   # {path: 'int' | why not}
-  y = int_apply(model, variables, qstate, policy, {path: iw}, x, t, step_index=i)
+  iw = IntWeights.from_storage(w, w_scale, w_zero, bits, shape, split, bias)   # one layer's integer kernel
+  routes, matmuls = int_plan(model, variables, policy, *example_args)  # {path: 'int' | why not}, {path: IntMatmul}
+  y = int_apply(model, variables, qstate, policy, {path: iw, **matmuls}, x, t, step_index=i)
   y = int_matmul('bic,bjc->bij', q, st_q, spec_q, k, st_k, spec_k, slot)    # one attention matmul on integers
 `variables['params']` holds the float params with TCR folded in and the fallback layers' kernels already
 fake-quantized (the export's `dequantized` weights); integer layers need no float kernel there.
 Per-step activation scales are picked by `apply.slot_of(step_index)`; the integer path needs a scalar
 step_index (the sampler's).
 
-`int_matmul` is the integer form of an attention matmul (q k^T, probs @ v) whose two operands pass through
-quantization points with uniform quantizers. It is not wired into `int_apply` yet: the models compute those
-einsums in their own code between QuantPoint calls, which method interception cannot replace; it needs the
-models to route the einsum through an interceptable no-op module (docs/results/export.md).
+Attention: a QuantMatmul (any module named 'QuantMatmul' with `equation` and `operands`, the names of the sibling
+QuantPoints whose outputs are its operands; tcaq_jax/models/qpoint.py) is intercepted and replaced by
+`int_matmul` on its raw operands; the two operand QuantPoints then pass their inputs through unchanged (their
+outputs must feed only that matmul, as in the models). A post-Softmax operand keeps the fake-quant einsum at the
+slots whose DAQ choice is log2 / log-sqrt2 (its codes are exponents).
 Imports nothing from the rest of tcaq_jax except its sibling quantizers.
 """
 from __future__ import annotations
@@ -33,7 +36,8 @@ from tcaq_jax.quant.apply import ApplyError, _at_slot, act_fake_quant, act_inter
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.tcr import scale_activation
 
-__all__ = ['MAX_INT_BITS', 'IntWeights', 'int_support', 'int_routes', 'int_interceptor', 'int_apply', 'int_matmul']
+__all__ = ['MAX_INT_BITS', 'IntWeights', 'IntMatmul', 'int_support', 'int_plan', 'int_routes', 'int_interceptor',
+           'int_apply', 'int_matmul']
 
 MAX_INT_BITS = 8
 
@@ -72,6 +76,19 @@ class IntWeights:
     return intops.unpack_int4(self.w, self.shape) if self.packed else self.w
 
 
+@flax.struct.dataclass
+class IntMatmul:
+  """An attention matmul on the integer path: its QuantMatmul's einsum equation and the policy paths of the two
+  QuantPoints that quantize its operands. No arrays (a static pytree node)."""
+  equation: str = flax.struct.field(pytree_node=False)
+  a: str = flax.struct.field(pytree_node=False)
+  b: str = flax.struct.field(pytree_node=False)
+
+
+def _is_quant_matmul(module) -> bool:
+  return type(module).__name__ == 'QuantMatmul' and hasattr(module, 'equation') and hasattr(module, 'operands')
+
+
 def _conv_geometry(module: nn.Conv, x_ndim: int):
   """(kernel, strides, dilation, padding) of a plain nn.Conv, or a string saying why it is not supported."""
   ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
@@ -93,10 +110,15 @@ def _conv_geometry(module: nn.Conv, x_ndim: int):
 
 
 def int_support(module: nn.Module, spec, x_ndim: int) -> str:
-  """'int' when the layer can run on the integer path, else the reason it keeps fake quant."""
-  if spec.kind not in ('conv', 'dense'):
-    return ('post-Softmax point (log2 / uniform, DAQ)' if spec.kind == 'softmax' else
-            'attention matmul operand (its einsum is model code)')
+  """'int' when the layer can run on the integer path, else the reason it keeps fake quant. For an attention
+  operand point ('matmul' / 'softmax'), 'int' means it can be one operand of an integer matmul (`int_plan`
+  decides with its partner)."""
+  if spec.kind in ('matmul', 'softmax'):
+    if not spec.acts:
+      return 'not quantized'
+    if spec.a_bits > MAX_INT_BITS or spec.split:
+      return f'a{spec.a_bits}{" split" if spec.split else ""}: not one <= {MAX_INT_BITS}-bit quantizer'
+    return 'int'
   if not (spec.weights and spec.acts):
     return 'weights or input not quantized'
   if spec.w_bits > MAX_INT_BITS or spec.a_bits > MAX_INT_BITS:
@@ -109,23 +131,51 @@ def int_support(module: nn.Module, spec, x_ndim: int) -> str:
   return geo if isinstance(geo, str) else 'int'
 
 
-def int_routes(model: nn.Module, variables: Any, policy, *args, method=None, **kwargs) -> dict:
-  """{path: 'int' | reason} for every quantized policy layer, found by tracing one forward (no FLOPs).
-  variables must be complete for a float forward (e.g. the dequantized export)."""
+def int_plan(model: nn.Module, variables: Any, policy, *args, method=None, **kwargs) -> tuple[dict, dict]:
+  """(routes, matmuls), found by tracing one forward (no FLOPs): routes {path: 'int' | reason} for every
+  quantized policy layer; matmuls {QuantMatmul path: IntMatmul} for the attention matmuls whose two operand
+  points can both run on integers (those points' route is then 'int'). variables must be complete for a float
+  forward (e.g. the dequantized export)."""
   def record(call):
+    if _is_quant_matmul(call.module):
+      parent = call.path.rpartition('/')[0]
+      a, b = (f'{parent}/{name}' if parent else name for name in call.module.operands)
+      return IntMatmul(call.module.equation, a, b)
     return int_support(call.module, policy.layers[call.path], call.args[0].ndim)
+
+  def quantized(path, m):
+    spec = policy.layers.get(path)
+    return spec is not None and (spec.weights or spec.acts)
 
   def fwd(v, *a):
     out, rec = collect_calls(lambda: model.apply(v, *a, method=method, **kwargs),
-                             select=lambda p, m: p in policy.layers and (policy.layers[p].weights or policy.layers[p].acts),
-                             record=record,
+                             select=lambda p, m: _is_quant_matmul(m) or quantized(p, m), record=record,
                              need_args=True)
     found.update(rec)
     return out
 
   found: dict = {}
   jax.eval_shape(fwd, variables, *args)
-  return {s.path: found.get(s.path, 'not called') for s in policy.quantized()}
+  routes = {s.path: found.get(s.path, 'not called') for s in policy.quantized()}
+  operand_ok = {p: r for p, r in routes.items() if policy.layers[p].kind in ('matmul', 'softmax') and r == 'int'}
+  for p in operand_ok:
+    routes[p] = 'not the operand of a QuantMatmul'
+  matmuls = {}
+  for path, mm in found.items():
+    if not isinstance(mm, IntMatmul):
+      continue
+    for this, other in ((mm.a, mm.b), (mm.b, mm.a)):
+      if this in operand_ok:
+        routes[this] = (f'its matmul\'s other operand {other!r} keeps fake quant ({routes.get(other, "FP")})'
+                        if other not in operand_ok else 'int')
+    if mm.a in operand_ok and mm.b in operand_ok:
+      matmuls[path] = mm
+  return routes, matmuls
+
+
+def int_routes(model: nn.Module, variables: Any, policy, *args, method=None, **kwargs) -> dict:
+  """{path: 'int' | reason} for every quantized policy layer (`int_plan`'s routes)."""
+  return int_plan(model, variables, policy, *args, method=method, **kwargs)[0]
 
 
 def _int_layer(module, x, st, spec, iw: IntWeights, slot):
@@ -186,25 +236,36 @@ def int_matmul(equation: str, a, st_a, spec_a, b, st_b, spec_b, slot) -> jax.Arr
 
 
 def int_interceptor(qstate, policy, int_layers: dict, step_index, paths: Sequence[str] | None = None):
-  """Like `apply.act_interceptor`, but the layers in `int_layers` ({path: IntWeights}) run on integers."""
+  """Like `apply.act_interceptor`, but the layers in `int_layers` run on integers: {path: IntWeights} for
+  convs / dense layers, {QuantMatmul path: IntMatmul} for attention matmuls (their operand points then pass
+  their inputs through unquantized)."""
   fake = act_interceptor(qstate, policy, step_index, paths)
   slot = slot_of(qstate, step_index)
+  operands = {p for mm in int_layers.values() if isinstance(mm, IntMatmul) for p in (mm.a, mm.b)}
 
   def interceptor(next_fun, args, kwargs, ctx):
     path = '/'.join(ctx.module.path)
-    iw = int_layers.get(path) if ctx.method_name == '__call__' and args else None
-    if iw is None:
+    if ctx.method_name != '__call__' or not args:
+      return fake(next_fun, args, kwargs, ctx)
+    if path in operands:
+      return next_fun(*args, **kwargs)
+    op = int_layers.get(path)
+    if op is None:
       return fake(next_fun, args, kwargs, ctx)
     if slot.ndim:
       raise ApplyError(f'layer {path!r}: the integer path needs one scalar step_index, got shape {slot.shape}')
-    return _int_layer(ctx.module, args[0], qstate.layers[path], policy.layers[path], iw, slot)
+    if isinstance(op, IntMatmul):
+      layers, specs = qstate.layers, policy.layers
+      return int_matmul(op.equation, args[0], layers[op.a], specs[op.a], args[1], layers[op.b], specs[op.b], slot)
+    return _int_layer(ctx.module, args[0], qstate.layers[path], policy.layers[path], op, slot)
 
   return interceptor
 
 
 def int_apply(model: nn.Module, variables: Any, qstate, policy, int_layers: dict, *args, step_index,
               method=None, **kwargs):
-  """model.apply with `int_layers` on the integer path and fake-quantized inputs everywhere else the policy
-  quantizes (weights of the non-integer layers must already be fake-quantized in variables['params'])."""
+  """model.apply with `int_layers` ({path: IntWeights | IntMatmul}, see `int_interceptor`) on the integer path
+  and fake-quantized inputs everywhere else the policy quantizes (weights of the non-integer layers must already
+  be fake-quantized in variables['params'])."""
   with nn.intercept_methods(int_interceptor(qstate, policy, int_layers, step_index)):
     return model.apply(variables, *args, method=method, **kwargs)

@@ -30,7 +30,7 @@ import numpy as np
 from tcaq_jax.quant.uniform import qrange
 
 __all__ = ['int8_offset', 'pack_int4', 'unpack_int4', 'act_codes', 'conv_pads', 'int_conv', 'int_dense',
-           'int_einsum']
+           'contracted_size', 'int_einsum']
 
 
 def int8_offset(bits: int) -> int:
@@ -123,6 +123,14 @@ def _parse_einsum(equation: str) -> tuple[str, str, str]:
   return la, lb, out
 
 
+def contracted_size(equation: str, shape_a, shape_b) -> int:
+  """K of a two-operand einsum: the product of the sizes of its contracted labels (in both inputs, not in the
+  output)."""
+  la, lb, out = _parse_einsum(equation)
+  sizes = dict(zip(la, shape_a)) | dict(zip(lb, shape_b))
+  return int(np.prod([sizes[c] for c in (set(la) & set(lb)) - set(out)]))
+
+
 def _sum_into(x, labels: str, contracted: set, out: str) -> jax.Array:
   """x (axes named by `labels`) summed over `contracted` (int32), laid out to broadcast against `out`."""
   keep = ''.join(c for c in labels if c not in contracted)
@@ -144,8 +152,7 @@ def int_einsum(equation: str, aq, za, bq, zb) -> jax.Array:
   contracted = (set(la) & set(lb)) - set(out)
   if (set(la) ^ set(lb)) - set(out):
     raise ValueError(f'tcaq_jax/quant/intops.py: int_einsum: a label of one input only is summed in {equation!r}')
-  sizes = dict(zip(la, aq.shape)) | dict(zip(lb, bq.shape))
-  k = int(np.prod([sizes[c] for c in contracted]))
+  k = contracted_size(equation, aq.shape, bq.shape)
   za, zb = jnp.asarray(za, jnp.int32), jnp.asarray(zb, jnp.int32)
   acc = jnp.einsum(equation, aq, bq, preferred_element_type=jnp.int32)
   return (acc - zb * _sum_into(aq, la, contracted, out) - za * _sum_into(bq, lb, contracted, out)

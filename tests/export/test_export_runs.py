@@ -26,6 +26,7 @@ from tcaq_jax import checkpoint
 from tcaq_jax.export import export_run, load_exported
 from tcaq_jax.export.synthetic import random_params
 from tcaq_jax.models import configs
+from tcaq_jax.quant.intexec import IntMatmul, IntWeights
 from tcaq_jax.quantized import load_quantized
 
 from int_check import assert_same_state, inputs, layer_pairs, rel_l2, worst_excess  # noqa: E402
@@ -71,8 +72,10 @@ def _check_int_vs_fake(m, copies=3):
   move its whole forward. Returns the worst per-layer excess per weight bit width."""
   ints = {p for p, r in m.routes.items() if r == 'int'}
   quantized = m.policy.quantized()
-  assert ints == {s.path for s in quantized if s.kind in ('conv', 'dense') and s.weights}
-  assert set(m.fallback()) == {s.path for s in quantized if s.kind in ('matmul', 'softmax')} != set()
+  points = {s.path for s in quantized if s.kind in ('matmul', 'softmax')}
+  assert ints == {s.path for s in quantized if s.kind in ('conv', 'dense') and s.weights} | points
+  assert not m.fallback() and points                   # the attention matmuls run on integers too
+  assert {q for op in m.int_layers.values() if isinstance(op, IntMatmul) for q in (op.a, op.b)} == points
   x, t, cond = inputs(m.config)
   signs = [jax.random.rademacher(jax.random.PRNGKey(100 + i), x.shape).astype(jnp.float32)
            for i in range(copies - 1)]
@@ -80,7 +83,7 @@ def _check_int_vs_fake(m, copies=3):
   ts = jnp.tile(t, copies)
   conds = None if cond is None else jnp.tile(cond, copies)
   found, fake_eps = layer_pairs(m, xs, ts, conds, STEP)
-  assert set(found) == ints
+  assert set(found) == set(m.int_layers)
   worst = worst_excess(m, found)
   n = x.shape[0]
   rel = rel_l2(jax.jit(m.eps_fn('int'))(xs, ts, STEP, conds)[:n], fake_eps[:n])
@@ -117,12 +120,13 @@ def test_tcaq_ldm_run_exports_and_runs_on_integers(exported_run):
   assert m.manifest['source']['method'] == 'tcaq' and m.config['name'] == 'ldm_tiny_cin'
   assert_same_state(q, m)
   layers = {s.path: s for s in m.policy.quantized()}
-  assert any(layers[p].split for p in m.int_layers)                                        # skip connection
-  assert all(m.qstate.layers[p].r is not None for p in m.int_layers)                         # TCR
-  assert all(np.asarray(m.qstate.layers[p].a_scale).shape[0] == 2 for p in m.int_layers)    # per-step scales
+  convs = [p for p, op in m.int_layers.items() if isinstance(op, IntWeights)]
+  assert any(layers[p].split for p in convs)                                              # skip connection
+  assert all(m.qstate.layers[p].r is not None for p in convs)                               # TCR
+  assert all(np.asarray(m.qstate.layers[p].a_scale).shape[0] == 2 for p in layers)        # per-step scales
   softmax = [p for p, s in layers.items() if s.kind == 'softmax']
   # the output-error DAQ state (both log deltas only where both log kinds are chosen: random weights rarely do;
   # the three-way state is the synthetic tiny model's, tests/export/conftest.py)
   assert len(softmax) == 2 and all(m.qstate.layers[p].use_log2 is not None for p in softmax)
   assert {p.rsplit('/', 2)[-2] for p in softmax} == {'attn1', 'attn2'}                  # self- and cross-attention
-  assert {4, 8} <= set(_check_int_vs_fake(m))
+  assert {4, 8, 'matmul'} <= set(_check_int_vs_fake(m))

@@ -1,7 +1,7 @@
 """The integer path against the fake-quant path it replaces (tcaq_jax/quant/intexec.py, tcaq_jax/export/), on
 synthetic calibration state (tests/export/conftest.py).
 
-Per integer layer, on the inputs one full UNet forward gives it, the float32 summation bound of
+Per integer layer and attention matmul, on the inputs one full UNet forward gives it, the float32 summation bound of
 tests/export/int_check.py holds. Chained through a whole forward the two paths also agree except where such a
 rounding difference moves a downstream activation across a rounding tie (one code step): measured in
 `test_fake_backend_is_the_calibration_fake_path_and_int_is_close` and in docs/results/export.md."""
@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tcaq_jax.quant.intexec import IntMatmul
 
 from int_check import assert_same_state, inputs, layer_pairs, rel_l2, worst_excess  # noqa: E402  (int_check.py)
 
@@ -32,16 +34,20 @@ STEP = 3
 @pytest.mark.parametrize('name', ['tiny', 'demo'])
 def test_every_integer_layer_equals_fake_quant_to_float_rounding(exported, pairs, name):
   _, m, _ = exported(name)
-  ints = [p for p, r in m.routes.items() if r == 'int']
-  # every conv / linear is on the integer path, at both bit widths; only the attention points keep fake quant
-  assert set(ints) == {p for p, s in m.policy.layers.items() if s.kind in ('conv', 'dense') and s.weights}
-  assert {m.policy.layers[p].w_bits for p in ints} == {4, 8}
-  assert any(m.policy.layers[p].split for p in ints)
-  assert set(m.fallback()) == {p for p, s in m.policy.layers.items() if s.kind in ('matmul', 'softmax')}
+  ints = {p for p, r in m.routes.items() if r == 'int'}
+  # every conv / linear is on the integer path, at both bit widths, and so is every attention matmul (its
+  # operand points route 'int'); nothing keeps fake quant (log post-Softmax slots do, inside int_matmul)
+  layers = {p for p, s in m.policy.layers.items() if s.kind in ('conv', 'dense') and s.weights}
+  points = {p for p, s in m.policy.layers.items() if s.kind in ('matmul', 'softmax')}
+  assert ints == layers | points and not m.fallback()
+  assert {m.policy.layers[p].w_bits for p in layers} == {4, 8}
+  assert any(m.policy.layers[p].split for p in layers)
+  matmuls = {p: op for p, op in m.int_layers.items() if isinstance(op, IntMatmul)}
+  assert {q for op in matmuls.values() for q in (op.a, op.b)} == points and len(matmuls) == len(points) // 2
   found, _ = pairs(name)
-  assert set(found) == set(ints)
+  assert set(found) == set(m.int_layers) == layers | set(matmuls)
   worst = worst_excess(m, found)
-  assert set(worst) == {4, 8} and min(worst.values()) > 0    # distinct computations (not the same float ops)
+  assert set(worst) == {4, 8, 'matmul'} and min(worst.values()) > 0   # distinct computations (not the same ops)
 
 
 def _numpy_fake_quant_kernel(kernel, st, bits):
@@ -104,6 +110,8 @@ def test_int8_operands_reach_conv_and_dot_general(exported):
           walk(p.jaxpr if hasattr(p.jaxpr, 'eqns') else p.jaxpr.jaxpr)
 
   walk(jaxpr.jaxpr)
-  specs = [m.policy.layers[p] for p, r in m.routes.items() if r == 'int']
+  specs = [m.policy.layers[p] for p, r in m.routes.items() if r == 'int' and p in m.int_layers]
+  matmuls = sum(isinstance(op, IntMatmul) for op in m.int_layers.values())
   assert found['conv_general_dilated'] == sum(s.n_segments for s in specs if s.kind == 'conv')
-  assert found['dot_general'] == sum(s.n_segments for s in specs if s.kind == 'dense') > 0
+  assert found['dot_general'] == sum(s.n_segments for s in specs if s.kind == 'dense') + matmuls
+  assert matmuls > 0 and any(s.kind == 'dense' for s in specs)

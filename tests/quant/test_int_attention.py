@@ -67,13 +67,6 @@ def _np_dequant(x, st, bits, slot):
   return (codes.astype(np.float64) - float(z)), float(s)
 
 
-def _reduction_size(equation, shape_a, shape_b) -> int:
-  ins, out = equation.split('->')
-  la, lb = ins.split(',')
-  sizes = dict(zip(la, shape_a)) | dict(zip(lb, shape_b))
-  return int(np.prod([sizes[c] for c in set(la) & set(lb) - set(out)]))
-
-
 def _operands(equation, probs_first):
   rng = np.random.default_rng(len(equation))
   sa, sb = EQUATIONS[equation]
@@ -100,7 +93,7 @@ def test_int_matmul_equals_float64_reference_and_fake_quant(equation, symmetric)
     np.testing.assert_array_less(np.abs(got - ref), 3 * U * np.abs(ref) + 1e-30)
     fa, fb = (act_fake_quant(x, st, sp, slot) for x, st, sp in ((a, st_a, spec_a), (b, st_b, spec_b)))
     fake = np.asarray(jnp.einsum(equation, fa, fb), np.float64)
-    bound = (_reduction_size(equation, a.shape, b.shape) + 2) * U * np.einsum(equation, np.abs(ca) * sa,
+    bound = (intops.contracted_size(equation, a.shape, b.shape) + 2) * U * np.einsum(equation, np.abs(ca) * sa,
                                                                              np.abs(cb) * sb) + 3 * U * np.abs(ref)
     assert np.all(np.abs(got - fake) <= bound)
 
