@@ -101,6 +101,7 @@ DIAG_ROWS = [
     ('tcaq_w6a6_tcr_all', 'tcaq', 6, 6, {'tcr_select': 'all'}),
     ('tcaq_w4a4_tcr_act_error', 'tcaq', 4, 4, {'tcr_select': 'act_error'}),
     ('tcaq_w6a6_tcr_act_error', 'tcaq', 6, 6, {'tcr_select': 'act_error'}),
+    ('tcaq_w4a8_tcr_all', 'tcaq', 4, 8, {'tcr_select': 'all'}),
     ('tcaq_w4a4_tcr_rel_error', 'tcaq', 4, 4, {'tcr_select': 'rel_error'}),
     ('tcaq_w6a6_tcr_rel_error', 'tcaq', 6, 6, {'tcr_select': 'rel_error'}),
     ('tcaq_w4a4_act_output', 'tcaq', 4, 4, {'act_criterion': 'output'}),
