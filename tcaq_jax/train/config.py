@@ -56,6 +56,11 @@ RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'ca
              'eval_units')
 
 
+# --tcr_select=auto: the per-layer TCR choice from this activation bit width up, TCR on every layer below it (on the
+# demo the choice took W6A6 from FID 6.81 to 5.33 and W4A4 from 35.6 to 85.4; docs/results/fidelity.md).
+TCR_SELECT_MIN_A_BITS = 6
+
+
 class CalibrationError(RuntimeError):
   """The calibration cannot proceed (bad flag combination, incompatible out_dir, non-finite loss, ...)."""
 
@@ -150,12 +155,14 @@ class Config:
   r_tru: float = _f(-1.0, 'TCR truncation R_tru; 0 = none; -1 = the paper default (3 at W4A8, else none)')
   tcr_target: str = _f('min', "TCR target range over channels per step: 'min' or 'mean'", enum=('min', 'mean'))
   tcr_dense: bool = _f(True, 'TCR also on linear layers (false: conv only)')
-  tcr_select: str = _f('error', "which layers take TCR: 'error' (per layer the ratio r^e, e in --tcr_exponents, "
-                                "with the lowest quantized output error of the layer on calibration data; e = 0 "
-                                "is no TCR; weights and activations quantized), 'act_error' (the same with only "
-                                "the activations quantized in the measure), 'rel_error' (each calibration step's "
-                                "error relative to its FP output power, so every step counts alike) or 'all' (the "
-                                "paper: every layer takes r)", enum=('error', 'act_error', 'rel_error', 'all'))
+  tcr_select: str = _f('auto', "which layers take TCR: 'error' (per layer the ratio r^e, e in --tcr_exponents, "
+                               "with the lowest quantized output error of the layer on calibration data; e = 0 "
+                               "is no TCR; weights and activations quantized), 'act_error' (the same with only "
+                               "the activations quantized in the measure), 'rel_error' (each calibration step's "
+                               "error relative to its FP output power, so every step counts alike), 'all' (the "
+                               "paper: every layer takes r) or 'auto' ('error' at --a_bits >= "
+                               f"{TCR_SELECT_MIN_A_BITS}, else 'all': measured on the demo, docs/METHOD_NOTES.md)",
+                      enum=('auto', 'error', 'act_error', 'rel_error', 'all'))
   tcr_exponents: tuple = _f((0.0, 0.5, 1.0), 'exponents e of the tempered TCR ratios r^e that --tcr_select=error '
                                              'chooses among (0 = no TCR, 1 = the paper\'s r)', item=float)
   daq_log_kind: str = _f('log2', "DAQ's log quantizer for --daq_rule=llr: 'log2' or 'logsqrt2'",
@@ -222,6 +229,8 @@ class Config:
       new['act_pcts'] = (100.0,)
     new['act_pcts'] = tuple(float(p) for p in new.get('act_pcts', self.act_pcts))
     new['tcr_exponents'] = tuple(float(e) for e in self.tcr_exponents)
+    if self.tcr_select == 'auto':
+      new['tcr_select'] = 'error' if self.a_bits >= TCR_SELECT_MIN_A_BITS else 'all'
     new['policy_override'] = tuple(self.policy_override)
     cfg = dataclasses.replace(self, **new)
     if cfg.learn_act_scale and not cfg.reconstruct:

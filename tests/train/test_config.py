@@ -128,3 +128,11 @@ def test_tri_state_flags_default_to_the_method():
 def test_bad_values_and_ignored_combinations_are_refused(flat, match):
   with pytest.raises(ConfigError, match=match):
     Config.from_flat(flat).resolve()
+
+
+def test_tcr_select_auto_resolves_by_activation_bits():
+  assert Config(w_bits=6, a_bits=6).resolve().tcr_select == 'error'
+  assert Config(w_bits=4, a_bits=8).resolve().tcr_select == 'error'
+  assert Config(w_bits=4, a_bits=4).resolve().tcr_select == 'all'
+  assert Config(w_bits=4, a_bits=4, tcr_select='error').resolve().tcr_select == 'error'     # explicit kept
+  assert Config(w_bits=4, a_bits=4).resolve().resolve().tcr_select == 'all'                # idempotent
