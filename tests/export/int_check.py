@@ -34,13 +34,14 @@ def inputs(config, seed=1):
 
 def layer_pairs(m, x, t, cond, step):
   """({path: (y_fake, y_int, bound)} for every integer layer and attention matmul (IntMatmul) of the
-  ExportedModel m along one fake-quant forward, eps of that forward), as NumPy."""
+  ExportedModel m along one fake-quant forward, eps of that forward, eps of the 'int' backend), as NumPy; one
+  compiled call (CI's CPUs: the compile is most of the time)."""
   fake = act_interceptor(m.qstate, m.policy, step)
   slot = slot_of(m.qstate, step)
   kw = family.model_kwargs(m.config, cond)
   operands = {p for op in m.int_layers.values() if isinstance(op, intexec.IntMatmul) for p in (op.a, op.b)}
 
-  def run(params, qstate, int_layers, x, t, kw):
+  def run(params, int_params, qstate, int_layers, x, t, kw):
     found, raw = {}, {}
 
     def icpt(next_fun, args, kwargs, ctx):
@@ -70,9 +71,11 @@ def layer_pairs(m, x, t, cond, step):
 
     with nn.intercept_methods(icpt):
       eps = m.model.apply({'params': params}, x, t, **kw)
-    return found, eps
+    eps_int = intexec.int_apply(m.model, {'params': int_params}, qstate, m.policy, int_layers, x, t,
+                                step_index=step, **kw)
+    return found, eps, eps_int
 
-  return jax.device_get(jax.jit(run)(m.params, m.qstate, m.int_layers, x, t, kw))
+  return jax.device_get(jax.jit(run)(m.params, m.int_params, m.qstate, m.int_layers, x, t, kw))
 
 
 def worst_excess(m, found) -> dict:
