@@ -56,9 +56,10 @@ RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'ca
              'eval_units')
 
 
-# --tcr_select=auto: the per-layer TCR choice from this activation bit width up, TCR on every layer below it (on the
-# demo the choice took W6A6 from FID 6.81 to 5.33 and W4A4 from 35.6 to 85.4; docs/results/fidelity.md).
-TCR_SELECT_MIN_A_BITS = 6
+# --tcr_select=auto: the per-layer TCR choice when weights and activations both have at least this many bits, TCR
+# on every layer (the paper) otherwise. Demo FID with the choice vs TCR on every layer (docs/results/fidelity.md):
+# W6A6 5.33 vs 6.81, W4A8 19.62 vs 12.83, W4A4 85.4 vs 35.6.
+TCR_SELECT_MIN_BITS = 6
 
 
 class CalibrationError(RuntimeError):
@@ -160,8 +161,9 @@ class Config:
                                "is no TCR; weights and activations quantized), 'act_error' (the same with only "
                                "the activations quantized in the measure), 'rel_error' (each calibration step's "
                                "error relative to its FP output power, so every step counts alike), 'all' (the "
-                               "paper: every layer takes r) or 'auto' ('error' at --a_bits >= "
-                               f"{TCR_SELECT_MIN_A_BITS}, else 'all': measured on the demo, docs/METHOD_NOTES.md)",
+                               "paper: every layer takes r) or 'auto' ('error' when --w_bits and --a_bits are "
+                               f">= {TCR_SELECT_MIN_BITS}, else 'all': measured on the demo, "
+                               "docs/METHOD_NOTES.md)",
                       enum=('auto', 'error', 'act_error', 'rel_error', 'all'))
   tcr_exponents: tuple = _f((0.0, 0.5, 1.0), 'exponents e of the tempered TCR ratios r^e that --tcr_select=error '
                                              'chooses among (0 = no TCR, 1 = the paper\'s r)', item=float)
@@ -230,7 +232,7 @@ class Config:
     new['act_pcts'] = tuple(float(p) for p in new.get('act_pcts', self.act_pcts))
     new['tcr_exponents'] = tuple(float(e) for e in self.tcr_exponents)
     if self.tcr_select == 'auto':
-      new['tcr_select'] = 'error' if self.a_bits >= TCR_SELECT_MIN_A_BITS else 'all'
+      new['tcr_select'] = 'error' if min(self.w_bits, self.a_bits) >= TCR_SELECT_MIN_BITS else 'all'
     new['policy_override'] = tuple(self.policy_override)
     cfg = dataclasses.replace(self, **new)
     if cfg.learn_act_scale and not cfg.reconstruct:

@@ -130,9 +130,11 @@ def test_bad_values_and_ignored_combinations_are_refused(flat, match):
     Config.from_flat(flat).resolve()
 
 
-def test_tcr_select_auto_resolves_by_activation_bits():
+def test_tcr_select_auto_resolves_by_bit_widths():
   assert Config(w_bits=6, a_bits=6).resolve().tcr_select == 'error'
-  assert Config(w_bits=4, a_bits=8).resolve().tcr_select == 'error'
+  assert Config(w_bits=8, a_bits=8).resolve().tcr_select == 'error'
+  assert Config(w_bits=4, a_bits=8).resolve().tcr_select == 'all'
+  assert Config(w_bits=8, a_bits=4).resolve().tcr_select == 'all'
   assert Config(w_bits=4, a_bits=4).resolve().tcr_select == 'all'
   assert Config(w_bits=4, a_bits=4, tcr_select='error').resolve().tcr_select == 'error'     # explicit kept
   assert Config(w_bits=4, a_bits=4).resolve().resolve().tcr_select == 'all'                # idempotent

@@ -26,6 +26,8 @@ from tcaq_jax.train.pipeline import CalibrationError, Hooks, run
 from calib_settings import UNITS  # noqa: E402
 from calib_settings import BASE  # noqa: E402  (tests/train/calib_settings.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The full run takes the per-layer TCR choice (at W4A8 --tcr_select=auto would take TCR on every layer).
+FULL = dict(BASE, tcr_select='error')
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -44,7 +46,7 @@ def compile_cache(tmp_path_factory):
 @pytest.fixture(scope='module')
 def full_run(tmp_path_factory):
   out = str(tmp_path_factory.mktemp('calib') / 'full')
-  report = run(dict(BASE, out_dir=out))
+  report = run(dict(FULL, out_dir=out))
   return out, report
 
 
@@ -73,7 +75,7 @@ def test_full_run_report_checkpoint_and_outputs(full_run):
   # TCR ratios (>= 1 for the min target), per-step activation scales [K=2 slots, S], DAQ choice per slot.
   st = qstate.layers['down_0/block_0/conv1']
   assert st.a_scale.shape == (2, 1)
-  # --tcr_select=error (default): every TCR layer reports its candidates' errors and the chosen exponent; a layer
+  # --tcr_select=error: every TCR layer reports its candidates' errors and the chosen exponent; a layer
   # keeps a ratio (>= 1, min target) exactly when its exponent is not 0, and the choice has the lowest error.
   choices = report['tcr_choices']
   assert 'down_0/block_0/conv1' in choices and 'conv_out' not in choices
@@ -106,10 +108,10 @@ def test_resume_after_interrupt_gives_the_same_result(full_run, tmp_path):
       raise Killed()
 
   with pytest.raises(Killed):
-    run(dict(BASE, out_dir=out), hooks=Hooks(after_save=kill_after_unit_1))
+    run(dict(FULL, out_dir=out), hooks=Hooks(after_save=kill_after_unit_1))
   prog = checkpoint.restore(out)['meta']['progress']
   assert (prog['round'], prog['next_unit'], prog['done']) == (0, 2, False)
-  report = run(dict(BASE, out_dir=out))
+  report = run(dict(FULL, out_dir=out))
   assert report['resumed'] == [{'round': 0, 'unit': 2}]
   assert [u['unit'] for u in report['units']] == UNITS * 2
   a, b = _qstate_arrays(ref_dir), _qstate_arrays(out)
@@ -121,7 +123,7 @@ def test_resume_after_interrupt_gives_the_same_result(full_run, tmp_path):
 def test_incompatible_flags_on_resume_are_refused(full_run):
   out, _ = full_run
   with pytest.raises(CalibrationError, match='--w_bits=4'):
-    run(dict(BASE, out_dir=out, w_bits=8))
+    run(dict(FULL, out_dir=out, w_bits=8))
 
 
 def test_nan_in_a_block_loss_stops_with_a_named_error_and_keeps_state(tmp_path):
