@@ -377,7 +377,8 @@ def plot_chart(results: dict, path: str) -> None:
   if 'fp' in results:
     ax.axhline(results['fp']['fid'], color='k', ls='--', lw=1, label='FP')
   ax.set_xticks(np.arange(len(BITS)), [f'W{w}A{a}' for w, a in BITS])
-  ax.set_yscale('log')                       # W4A4 rows can be 10x the others
+  if any(results.get(f'{m}_w{w}a{a}', {}).get('fid', 0) > 0 for m in METHODS for w, a in BITS) or 'fp' in results:
+    ax.set_yscale('log')                     # W4A4 rows can be 10x the others (no log axis without a bar or FP)
   ax.set_xlim(-0.5, len(BITS) - 0.5)
   ax.set_ylabel('FID (demo features, log scale)')
   ax.legend(fontsize=8, ncol=3)

@@ -55,3 +55,15 @@ def test_outputs_and_resume(table, tmp_path):
     assert Image.open(tmp_path / png).size[0] > 300
   assert table.load_table(str(tmp_path / 'table.json'), settings) == results           # resumes these rows
   assert table.load_table(str(tmp_path / 'table.json'), dict(settings, num_samples=11)) == {}
+
+
+def test_chart_of_diagnostic_rows_only_is_written(table, tmp_path):
+  """A table run with only diagnostic rows has no bar and no FP line: the chart must still be written (a log
+  axis without positive data used to raise and stop the table after its first row)."""
+  path = str(tmp_path / 'chart.png')
+  table.plot_chart({'tcaq_w4a8_tcr_all': {'fid': 12.8}}, path)
+  assert os.path.getsize(path) > 0
+
+
+def test_paper_rows_take_tcr_on_every_layer(table):
+  assert table.PAPER_EXACT['tcr_select'] == 'all' and table.PAPER_EXACT['keep_best'] is False
