@@ -390,11 +390,14 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   state = restore_state(setup)
   data = None                      # round 0's calibration set, when this process captured it already
   if state is not None:
-    logging.info('resuming %s at round %d, unit %d', cfg.out_dir, state.progress.round, state.progress.next_unit)
-    report = dict(state.report)
-    report['resumed'] = report.get('resumed', []) + [{'round': state.progress.round,
-                                                       'unit': state.progress.next_unit}]
-    state = state.replace(report=report)
+    if state.progress.done:
+      logging.info('%s holds a finished calibration: nothing to resume', cfg.out_dir)
+    else:
+      logging.info('resuming %s at round %d, unit %d', cfg.out_dir, state.progress.round, state.progress.next_unit)
+      report = dict(state.report)
+      report['resumed'] = report.get('resumed', []) + [{'round': state.progress.round,
+                                                         'unit': state.progress.next_unit}]
+      state = state.replace(report=report)
   else:
     data, timings['capture_round0_s'] = capture(setup, 0)
     phases['capture_s'] += timings['capture_round0_s']
