@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.quant.intercept import collect_calls
+from tcaq_jax.quant.tcr import scale_activation, scale_kernel_inputs
 from tcaq_jax.quant.uniform import fake_quant
 from tcaq_jax.train.act_search import DEFAULT_PCTS, layer_output, output_score, search_uniform, slot_batches
 
@@ -62,7 +63,7 @@ def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[
     out = []
     for a in range(r_all.shape[0]):
       r = r_all[a]
-      xa, wa = x / r, kernel * r[:, None]
+      xa, wa = scale_activation(x, r), scale_kernel_inputs(kernel, r)
       k = jax.random.fold_in(jax.random.fold_in(key, call.index), a)
       qs = []
       for i, (lo, hi) in enumerate(bounds):
@@ -91,7 +92,8 @@ def layer_errors(fn: Callable, base_ratios: dict, weight_states: Sequence[dict],
   output of that slot, so that every step counts alike). weight_states[a]: {path: LayerQState} from
   `init_weights` with the ratios r^exponents[a] (w_scale / w_zero read; layers without w_scale stay FP)."""
   paths = list(base_ratios)
-  ratios = {p: jnp.stack([base_ratios[p] ** jnp.float32(e) for e in exponents]) for p in paths}
+  per_exp = [tempered(base_ratios, e) for e in exponents]
+  ratios = {p: jnp.stack([r[p] for r in per_exp]) for p in paths}
   wq = {}
   for p in paths:
     sts = [ws[p] for ws in weight_states]

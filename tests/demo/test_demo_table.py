@@ -22,6 +22,7 @@ def table():
 def test_rows_cover_the_baselines_the_paper_rules_and_the_ablations(table):
   rows = {name: (method, w, a, extra) for name, method, w, a, extra in table.row_specs()}
   assert table.PAPER_EXACT['daq_rule'] == 'llr'                  # the paper's likelihood-ratio DAQ
+  assert table.PAPER_EXACT['tcr_select'] == 'all' and table.PAPER_EXACT['keep_best'] is False   # TCR everywhere
   for w, a in table.BITS:
     assert rows[f'qdiff_w{w}a{a}'][0] == 'qdiff' and rows[f'qdiff_plus_w{w}a{a}'][0] == 'qdiff_plus'
     assert rows[f'tcaq_paper_w{w}a{a}'] == ('tcaq', w, a, table.PAPER_EXACT)
@@ -63,7 +64,3 @@ def test_chart_of_diagnostic_rows_only_is_written(table, tmp_path):
   path = str(tmp_path / 'chart.png')
   table.plot_chart({'tcaq_w4a8_tcr_all': {'fid': 12.8}}, path)
   assert os.path.getsize(path) > 0
-
-
-def test_paper_rows_take_tcr_on_every_layer(table):
-  assert table.PAPER_EXACT['tcr_select'] == 'all' and table.PAPER_EXACT['keep_best'] is False
