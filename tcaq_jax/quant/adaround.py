@@ -41,10 +41,15 @@ def reinit_from_hard(alpha, margin: float = 0.25):
   return alpha_for(jnp.where(hard_rounding(alpha) > 0.5, 0.5 + margin, 0.5 - margin)).astype(alpha.dtype)
 
 
-def saturated(alpha):
-  """1 where soft_rounding(alpha) is clipped at 0 or 1 (zero gradient), else 0."""
-  h = soft_rounding(alpha)
-  return ((h <= 0.) | (h >= 1.)).astype(jnp.float32)
+def saturated(alpha, xp=jnp):
+  """1 where soft_rounding(alpha) is clipped at 0 or 1 (zero gradient), else 0. xp=numpy computes it on the host
+  (no XLA compile per shape; the sigmoid in NumPy)."""
+  if xp is jnp:
+    h = soft_rounding(alpha)
+  else:
+    sig = 0.5 * (1. + xp.tanh(0.5 * xp.asarray(alpha, xp.float32)))      # sigmoid without overflow
+    h = xp.clip(sig * (ZETA - GAMMA) + GAMMA, 0., 1.)
+  return ((h <= 0.) | (h >= 1.)).astype(xp.float32)
 
 
 def soft_rounding(alpha):

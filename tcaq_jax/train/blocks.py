@@ -24,8 +24,8 @@ from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.state import QState, merge_layers
 
 __all__ = ['Unit', 'BlockError', 'find_units', 'CapturedIO', 'make_group_capture', 'make_io_capture',
-           'capture_unit_io', 'capture_groups', 'UnitProgram', 'unit_program', 'io_signature', 'to_relative',
-           'to_absolute', 'unit_aux', 'unit_apply_fn']
+           'capture_unit_io', 'capture_outputs', 'output_bytes', 'capture_groups', 'UnitProgram', 'unit_program',
+           'io_signature', 'to_relative', 'to_absolute', 'unit_aux', 'unit_apply_fn']
 
 
 class BlockError(ValueError):
@@ -149,14 +149,32 @@ def make_io_capture(path: str, in_forward: Callable | None = None, out_forward: 
   return make_group_capture((path,), in_forward, out_forward)
 
 
+def _run_batched(fn, data: Sequence[np.ndarray], batch: int, in_consts: Any, out_consts: Any):
+  """Yields (dynamic inputs, outputs, trim) of a recorder over a data set in batches of exactly `batch` (a short
+  batch is padded to the compiled shape; trim cuts an array back to the real samples)."""
+  n = int(data[0].shape[0])
+  for i in range(0, n, batch):
+    d = [np.asarray(a[i:i + batch]) for a in data]
+    m = d[0].shape[0]
+    if m < batch:          # a short (last or only) batch is padded to the compiled shape, then trimmed
+      d = [np.concatenate([a, np.repeat(a[-1:], batch - m, axis=0)]) for a in d]
+    dyn, out = fn(in_consts, out_consts, *[jnp.asarray(a) for a in d])
+    yield dyn, out, ((lambda a, m=m: a[:m]) if m < batch else (lambda a: a))
+
+
+def _concat(parts: list) -> Any:
+  return jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *parts)
+
+
 def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_consts: Any = None,
-                    out_consts: Any = None, path: str | None = None) -> CapturedIO:
+                    out_consts: Any = None, path: str | None = None, output: Any = None) -> CapturedIO:
   """Runs a `make_group_capture` / `make_io_capture` recorder over a data set (arrays [N, ...] sliced along
   axis 0) in batches of exactly `batch` (a short batch is padded, so every call shares one compiled shape) and
   keeps unit `path`'s call (default: the recorder's only unit).
 
-  Returns CapturedIO with device arrays (inputs when the recorder has an in_forward, output when it has an
-  out_forward).
+  Returns CapturedIO with device arrays (inputs when the recorder has an in_forward; output when it has an
+  out_forward, else `output` as given: e.g. from `capture_outputs`). Blocks until the arrays are computed, so a
+  caller's timer bills the capture's compute to the capture.
   """
   fn, meta = capture
   if path is None:
@@ -165,22 +183,36 @@ def capture_unit_io(capture, data: Sequence[np.ndarray], batch: int = 64, in_con
     path = meta['paths'][0]
   elif path not in meta['paths']:
     raise BlockError(f'unit {path!r} is not captured by this recorder ({list(meta["paths"])})')
-  n = int(data[0].shape[0])
   ins, outs = [], []
-  for i in range(0, n, batch):
-    d = [np.asarray(a[i:i + batch]) for a in data]
-    m = d[0].shape[0]
-    if m < batch:          # a short (last or only) batch is padded to the compiled shape, then trimmed
-      d = [np.concatenate([a, np.repeat(a[-1:], batch - m, axis=0)]) for a in d]
-    dyn, out = fn(in_consts, out_consts, *[jnp.asarray(a) for a in d])
-    trim = (lambda a: a[:m]) if m < batch else (lambda a: a)
+  for dyn, out, trim in _run_batched(fn, data, batch, in_consts, out_consts):
     ins.append([trim(a) for a in dyn.get(path, [])])
     outs.append(None if out.get(path) is None else jax.tree.map(trim, out[path]))
     del dyn, out                                # the group's other units are dropped batch by batch
   leaves = [jnp.concatenate([b[j] for b in ins], axis=0) for j in range(len(ins[0]))] if ins[0] else []
-  output = (jax.tree.map(lambda *o: jnp.concatenate(o, axis=0), *outs) if outs[0] is not None else None)
+  if outs[0] is not None:
+    output = _concat(outs)
+  jax.block_until_ready((leaves, output))
   m = meta.get(path, {})
   return CapturedIO(leaves, m.get('statics', []), m.get('treedef'), output)
+
+
+def capture_outputs(capture, data: Sequence[np.ndarray], batch: int = 64, out_consts: Any = None) -> dict:
+  """{path: output [N, ...]} of every unit of a recorder made with an out_forward only (one pass over the set
+  serves all its units: the FP targets of a whole round)."""
+  fn, meta = capture
+  outs = [{p: jax.tree.map(trim, o) for p, o in out.items()}
+          for _, out, trim in _run_batched(fn, data, batch, None, out_consts)]
+  res = {p: _concat([o[p] for o in outs]) for p in meta['paths']}
+  return jax.block_until_ready(res)
+
+
+def output_bytes(capture, data: Sequence[np.ndarray], batch: int, out_consts: Any = None) -> int:
+  """Bytes `capture_outputs` would hold for this set (from shapes only; nothing runs)."""
+  fn, _ = capture
+  d = [jax.ShapeDtypeStruct((batch,) + tuple(a.shape[1:]), jnp.asarray(a[:1]).dtype) for a in data]
+  _, out = jax.eval_shape(fn, None, out_consts, *d)
+  per_batch = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(out))
+  return int(per_batch * data[0].shape[0] / batch)
 
 
 def _relative(path: str, prefix: str) -> str:

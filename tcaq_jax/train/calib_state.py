@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 
 import flax.struct
 import jax
@@ -19,7 +20,7 @@ from tcaq_jax.quant.state import QState, from_tree, to_tree
 from tcaq_jax.quantized import FP_MODEL_DIR
 from tcaq_jax.train.config import RESUMABLE, CalibrationError
 
-__all__ = ['FP_MODEL_DIR', 'Progress', 'CalibState', 'save_state', 'restore_state', 'new_report', 'jsonable']
+__all__ = ['FP_MODEL_DIR', 'Progress', 'CalibState', 'Saver', 'save_state', 'restore_state', 'new_report', 'jsonable']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,12 @@ def save_state(setup, state: CalibState) -> None:
   step). The FP params are written once per run, to out_dir/fp_model (a model dir, `checkpoint.save_model_dir`),
   instead of into every step: the intermediate steps hold only what changes (for ddim_cifar10 that is 137 MB
   less per unit). The final step (progress.done) holds the params too, so a finished run dir is self-contained."""
+  _write(*_prepare(setup, state))
+
+
+def _prepare(setup, state: CalibState) -> tuple:
+  """What one save writes, as host values (so that a background writer shares nothing with the caller); writes
+  out_dir/fp_model first when it is missing."""
   out_dir = setup.cfg.out_dir
   fp_dir = os.path.join(out_dir, FP_MODEL_DIR)
   if not state.progress.done and checkpoint.latest_step(fp_dir) is None:
@@ -58,8 +65,48 @@ def save_state(setup, state: CalibState) -> None:
           'units': [u.to_dict() for u in setup.units], 'progress': state.progress.to_dict(),
           'report': jsonable(state.report), 'ckpt_step': state.ckpt_step, 'model_fingerprint': setup.fingerprint,
           'params_in': 'step' if state.progress.done else FP_MODEL_DIR}
-  checkpoint.save(out_dir, state.ckpt_step, setup.params if state.progress.done else None,
-                  qstate=to_tree(jax.device_get(state.qstate)), meta=meta)
+  params = jax.device_get(setup.params) if state.progress.done else None
+  return out_dir, state.ckpt_step, params, to_tree(jax.device_get(state.qstate)), jsonable(meta)
+
+
+def _write(out_dir: str, step: int, params, qtree, meta: dict) -> None:
+  checkpoint.save(out_dir, step, params, qstate=qtree, meta=meta)
+
+
+class Saver:
+  """Saves calibration states; with background=True on one writer thread, so the next stage runs while a step is
+  written (at most one write in flight: the next `save` or `wait` joins it first and re-raises its error).
+  A kill during a write leaves the previous steps intact (orbax writes a step to a temporary dir and renames)."""
+
+  def __init__(self, setup, background: bool = True):
+    self.setup, self.background = setup, background
+    self._thread: threading.Thread | None = None
+    self._error: BaseException | None = None
+
+  def save(self, state: CalibState) -> None:
+    self.wait()
+    job = _prepare(self.setup, state)
+    if not self.background:
+      _write(*job)
+      return
+
+    def work():
+      try:
+        _write(*job)
+      except BaseException as e:  # noqa: BLE001  (re-raised on the caller's thread by wait())
+        self._error = e
+
+    self._thread = threading.Thread(target=work, name=f'save-step-{state.ckpt_step}', daemon=False)
+    self._thread.start()
+
+  def wait(self) -> None:
+    """Joins the write in flight; raises its error (with the run dir named) if it failed."""
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self._error is not None:
+      err, self._error = self._error, None
+      raise CalibrationError(f'saving a checkpoint of {self.setup.cfg.out_dir} failed: {err}') from err
 
 
 def jsonable(d):

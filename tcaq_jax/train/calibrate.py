@@ -17,7 +17,6 @@ method's defaults (ablations).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -27,30 +26,23 @@ from absl import flags, logging
 from tcaq_jax import checkpoint, cli
 from tcaq_jax.train import config as config_lib
 from tcaq_jax.train.config import Config, config_from_flags, define_flags
-from tcaq_jax.train.calib_state import jsonable
-from tcaq_jax.train.pipeline import run
+from tcaq_jax.train.pipeline import Hooks, run
 
 __all__ = ['demo_quality_check', 'summary_lines']
 
 
-def demo_quality_check(cfg: Config, n: int) -> dict:
+def demo_quality_check(setup, qstate, n: int) -> dict:
   """Digit-classifier FID / confident share of n FP and n quantized samples of the shipped demo model (same
-  seeds, the calibrated sampler settings). The demo's classifier is a plug-in: imported only here."""
+  seeds, the calibrated sampler settings), sampled with the run's own compiled samplers and batch size (no new
+  compiles). The demo's classifier is a plug-in: imported only here."""
   from tcaq_jax.demo.classifier import demo_quality
   from tcaq_jax.diffusion.batched import sample_all
-  from tcaq_jax.diffusion.ddim import sampler_coefficients
-  from tcaq_jax.diffusion.host_sampler import make_sampler
   from tcaq_jax.images import to_uint8
-  from tcaq_jax.models import family
-  from tcaq_jax.quantized import load_quantized
 
-  q = load_quantized(cfg.out_dir)
-  coeffs = sampler_coefficients(q.config, cfg.num_steps, cfg.skip_type, cfg.eta)
   out = {}
-  for name, eps in (('fp', family.eps_fn(q.model, q.params, q.config)), ('quantized', q.eps_fn)):
+  for name, eps in (('fp', setup.fp_eps), ('quantized', setup.q_eps(qstate))):
     t0 = time.time()
-    sampler = make_sampler(eps, coeffs, family.sample_shape(q.config), loop=cfg.sampler_loop)
-    images = sample_all(sampler, n, min(n, 256), seed=1234, convert=to_uint8)
+    images = sample_all(setup.sampler(eps), n, min(n, setup.cfg.capture_batch), seed=1234, convert=to_uint8)
     res = demo_quality(images)
     out[name] = {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
   return out
@@ -80,12 +72,11 @@ def main(argv):
   del argv
   checkpoint.quiet_orbax_logs()
   cfg = config_from_flags().resolve()
-  report = run(cfg)
   n = flags.FLAGS.demo_eval_samples
+  after = None
   if n > 0 and not cfg.model_dir and not cfg.model_config:
-    report['demo_quality'] = demo_quality_check(cfg, n)
-    with open(os.path.join(cfg.out_dir, 'report.json'), 'w') as f:
-      json.dump(jsonable(report), f, indent=1)
+    after = lambda setup, qstate: {'demo_quality': demo_quality_check(setup, qstate, n)}  # noqa: E731
+  report = run(cfg, Hooks(after_run=after))
   print('\n'.join(summary_lines(report)), file=sys.stderr)
   logging.info('report in %s', os.path.join(cfg.out_dir, 'report.json'))
 

@@ -53,7 +53,7 @@ TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_ini
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
 RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
-             'eval_units')
+             'eval_units', 'target_cache_mb', 'background_save')
 
 
 # --tcr_select=auto: the per-layer TCR choice when weights and activations both have at least this many bits, TCR
@@ -197,6 +197,11 @@ class Config:
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
+  background_save: bool = _f(True, 'write each checkpoint on a background thread while the next unit runs (a kill '
+                                   'mid-write keeps the previous step)')
+  target_cache_mb: int = _f(1024, "FP outputs (reconstruction targets) of every unit computed in one FP pass per "
+                                  "round and kept when they fit in this many MB (else each unit's capture runs the "
+                                  "FP forward again); 0: off")
   # outputs
   png_samples: int = _f(16, 'images in out_dir/samples.png (0: no grid)')
   progress: bool = _f(True, 'show a progress bar over the unit reconstructions with the estimated time left')

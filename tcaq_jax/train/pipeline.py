@@ -42,7 +42,8 @@ from tcaq_jax.quant.policy import build_policy
 from tcaq_jax.quant.state import LayerQState, QState, merge_layers
 from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
 from tcaq_jax.train import act_search, blocks, init as qinit, par, recon, tcr_select, unit_order
-from tcaq_jax.train.calib_state import CalibState, Progress, jsonable, new_report, restore_state, save_state
+from tcaq_jax.train.calib_state import (CalibState, Progress, Saver, jsonable, new_report, restore_state,
+                                         save_state)
 from tcaq_jax.train.config import CalibrationError, Config
 
 __all__ = ['CalibrationError', 'Hooks', 'Progress', 'CalibState', 'Setup', 'capture', 'initialise', 'search_acts',
@@ -52,9 +53,12 @@ __all__ = ['CalibrationError', 'Hooks', 'Progress', 'CalibState', 'Setup', 'capt
 @dataclasses.dataclass(frozen=True)
 class Hooks:
   """Test and tooling hooks (None: off). after_save(state): called after every checkpoint (raise to simulate a
-  kill); loss_hook(rnd, unit_index) -> None or fn(loss, iteration) -> loss applied inside that unit's loss."""
+  kill); loss_hook(rnd, unit_index) -> None or fn(loss, iteration) -> loss applied inside that unit's loss;
+  after_run(setup, qstate) -> dict merged into the report (end-of-run evaluations that reuse the run's compiled
+  samplers: `Setup.sampler(setup.fp_eps)`, `Setup.sampler(setup.q_eps(qstate))`)."""
   after_save: Callable[['CalibState'], None] | None = None
   loss_hook: Callable[[int, int], Callable | None] | None = None
+  after_run: Callable[['Setup', QState], dict] | None = None
 
 
 class Setup:
@@ -269,7 +273,7 @@ def _alpha_stats(theta: dict) -> float:
   alphas = [th.alpha for th in theta.values() if th.alpha is not None]
   if not alphas:
     return float('nan')
-  return float(sum(jnp.sum(adaround.saturated(a)) for a in alphas) / sum(a.size for a in alphas))
+  return float(sum(adaround.saturated(np.asarray(a), xp=np).sum() for a in alphas) / sum(a.size for a in alphas))
 
 
 def _reinit_alpha(theta: dict) -> dict:
@@ -278,23 +282,63 @@ def _reinit_alpha(theta: dict) -> dict:
           for path, th in theta.items()}
 
 
+class RoundTargets:
+  """The FP outputs of every unit (the reconstruction targets) for one round's reconstruction set and held-out
+  set, each computed in one FP pass on first use, when they fit in --target_cache_mb; else `of` gives None and
+  each unit's capture computes its own (running the FP forward to its capture group's last unit again)."""
+
+  def __init__(self, setup: Setup, data: dict, holdout: dict | None):
+    self.setup, self.sets, self.cache = setup, (data, holdout), None
+
+  def of(self, path: str) -> tuple | None:
+    """(targets on the reconstruction set, on the held-out set or None), or None when not cached."""
+    if self.cache is None:
+      self.cache = self._compute()
+    return None if not self.cache else tuple(None if c is None else c[path] for c in self.cache)
+
+  def _compute(self) -> tuple | bool:
+    setup, cfg = self.setup, self.setup.cfg
+    fn = setup.compiled(('targets',), lambda: blocks.make_group_capture([u.path for u in setup.units], None,
+                                                                        setup.fp_fwd))
+    sets = [None if d is None else _arrays(d) for d in self.sets]
+    need = sum(blocks.output_bytes(fn, a, cfg.forward_batch, setup.params) for a in sets if a is not None)
+    if need > cfg.target_cache_mb * 2 ** 20:
+      if cfg.target_cache_mb:
+        logging.info('FP targets need %.0f MB > --target_cache_mb=%d: each unit computes its own',
+                     need / 2 ** 20, cfg.target_cache_mb)
+      return False
+    return tuple(None if a is None else blocks.capture_outputs(fn, a, cfg.forward_batch, setup.params)
+                 for a in sets)
+
+
 def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
-                     loss_hook: Callable | None = None, holdout: dict | None = None) -> tuple[QState, dict]:
+                     loss_hook: Callable | None = None, holdout: dict | None = None,
+                     targets: RoundTargets | None = None) -> tuple[QState, dict]:
   """BRECQ/AdaRound on unit k in round rnd. Returns (qstate with the unit's trained fields, stats).
 
   holdout: held-out calibration samples (--keep_best): the unit's result is kept only if its output error on them
-  (hard rounding) is lower than the starting point's; else the start is kept. stats records both errors."""
+  (hard rounding) is lower than the starting point's; else the start is kept. stats records both errors.
+  targets: the round's FP unit outputs (`RoundTargets`; None: captured with the unit's inputs)."""
   cfg = setup.cfg
   unit = setup.units[k]
   t0 = time.time()
   w_pass, act_pass = cfg.schedule == 'two_pass' and rnd == 0, cfg.act_pass(rnd)
   in_fwd = setup.qw_fwd if w_pass else setup.fp_in_fwd if act_pass else setup.q_fwd
   group = _capture_group(setup, k)
-  io_fn = setup.compiled(('io', group, w_pass, act_pass),
-                         lambda: blocks.make_group_capture(group, in_fwd, setup.fp_fwd))
+  tg = targets.of(unit.path) if targets is not None else None
+  if tg is None:                     # inputs and FP targets in one program
+    io_fn = setup.compiled(('io', group, w_pass, act_pass),
+                           lambda: blocks.make_group_capture(group, in_fwd, setup.fp_fwd))
+    tg = (None, None)
+  else:                              # inputs only; the targets come from the round's one FP pass
+    io_fn = setup.compiled(('in', group, w_pass, act_pass), lambda: blocks.make_group_capture(group, in_fwd))
   io = blocks.capture_unit_io(io_fn, _arrays(data), cfg.forward_batch, in_consts=(setup.params, qstate),
-                              out_consts=setup.params, path=unit.path)
+                              out_consts=setup.params, path=unit.path, output=tg[0])
   steps = jnp.asarray(data['step'])
+  hio = None
+  if holdout is not None:
+    hio = blocks.capture_unit_io(io_fn, _arrays(holdout), cfg.forward_batch, in_consts=(setup.params, qstate),
+                                 out_consts=setup.params, path=unit.path, output=tg[1])
   t_cap = time.time() - t0
   learn = cfg.learn_act_scale and not w_pass
   program = setup.compiled(('program', unit.path, w_pass), lambda: blocks.unit_program(
@@ -334,9 +378,7 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   stats['alpha_saturated'] = _alpha_stats(theta)
   if cfg.eval_units and theta:
     stats['mse_after'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
-  if holdout is not None and theta:
-    hio = blocks.capture_unit_io(io_fn, _arrays(holdout), cfg.forward_batch, in_consts=(setup.params, qstate),
-                                 out_consts=setup.params, path=unit.path)
+  if hio is not None and theta:
     hsteps = jnp.asarray(holdout['step'])
     n_hold = int(hsteps.shape[0])
     e0, e1 = (recon.eval_loss(eval_fn, th, aux, hio.leaves, hio.output, hsteps, max_samples=n_hold)
@@ -375,9 +417,12 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   phases = dict.fromkeys(PHASES, 0.0)
   phases['setup_s'] = time.time() - t_start
 
+  # Checkpoints are written in the background while the next stage runs (synchronously when a hook watches them).
+  saver = Saver(setup, background=cfg.background_save and hooks.after_save is None)
+
   def save(state: CalibState) -> None:
     t0 = time.time()
-    save_state(setup, state)
+    saver.save(state)
     phases['checkpoint_s'] += time.time() - t0
     if hooks.after_save is not None:
       hooks.after_save(state)
@@ -387,73 +432,82 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     save(state)
     return state
 
-  state = restore_state(setup)
-  data = None                      # round 0's calibration set, when this process captured it already
-  if state is not None:
-    if state.progress.done:
-      logging.info('%s holds a finished calibration: nothing to resume', cfg.out_dir)
+  try:
+    state = restore_state(setup)
+    data = None                      # round 0's calibration set, when this process captured it already
+    if state is not None:
+      if state.progress.done:
+        logging.info('%s holds a finished calibration: nothing to resume', cfg.out_dir)
+      else:
+        logging.info('resuming %s at round %d, unit %d', cfg.out_dir, state.progress.round, state.progress.next_unit)
+        report = dict(state.report)
+        report['resumed'] = report.get('resumed', []) + [{'round': state.progress.round,
+                                                           'unit': state.progress.next_unit}]
+        state = state.replace(report=report)
     else:
-      logging.info('resuming %s at round %d, unit %d', cfg.out_dir, state.progress.round, state.progress.next_unit)
-      report = dict(state.report)
-      report['resumed'] = report.get('resumed', []) + [{'round': state.progress.round,
-                                                         'unit': state.progress.next_unit}]
-      state = state.replace(report=report)
-  else:
-    data, timings['capture_round0_s'] = capture(setup, 0)
-    phases['capture_s'] += timings['capture_round0_s']
-    qstate, init_t, init_info = initialise(setup, data)
-    timings.update(init_t)
-    for name, key in (('statistics_s', 'tcr_s'), ('weight_init_s', 'weight_init_s'),
-                      ('act_search_s', 'act_search_s'), ('tcr_select_s', 'tcr_select_s')):
-      phases[name] += init_t.get(key, 0.0)
-    state = CalibState(qstate, Progress(), dict(new_report(setup, timings), **init_info), ckpt_step=0)
-    save(state)
-  if not state.progress.done:
-    bar = _progress_bar(cfg, setup, state.progress)
-    for rnd in range(state.progress.round, cfg.rounds):
-      if rnd > 0 or data is None:
-        data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
-        phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
-      if rnd > 0 and not state.progress.act_done:
-        if cfg.par_research_act or cfg.act_pass(rnd):
-          qstate, secs = search_acts(setup, state.qstate, data)
-          timings['act_search_s'] = timings.get('act_search_s', 0.) + secs
-          phases['act_search_s'] += secs
-          state = state.replace(qstate=qstate)
-        state = commit(state, round=rnd, next_unit=0, act_done=True, done=False)
-      data, holdout = par.split_holdout(data, cfg.recon_samples, cfg.holdout_samples if cfg.keep_best else 0,
-                                        cfg.seed)
-      first = state.progress.next_unit if state.progress.round == rnd else 0
-      for k in range(first, len(setup.units)):
-        if not _selected(cfg, setup.units[k]):
-          continue
-        hook = hooks.loss_hook(rnd, k) if hooks.loss_hook is not None else None
-        qstate, stats = reconstruct_unit(setup, rnd, k, state.qstate, data, hook, holdout)
-        for name, key in (('unit_capture_s', 'capture_s'), ('reconstruction_s', 'seconds'),
-                          ('unit_eval_s', 'eval_s')):
-          phases[name] += stats.get(key, 0.0)
-        report = dict(state.report, units=state.report['units'] + [stats])
-        logging.info('round %d unit %d/%d %s: %s', rnd, k + 1, len(setup.units), setup.units[k].path,
-                     {a: stats.get(a) for a in ('mse_before', 'mse_after', 'it_per_s')})
-        state = commit(state.replace(qstate=qstate, report=report), round=rnd, next_unit=k + 1, act_done=True,
-                       done=False)
-        if bar is not None:
-          bar.set_postfix_str(f'round {rnd} {setup.units[k].path}', refresh=False)
-          bar.update(1)
-      state = state.replace(progress=Progress(rnd + 1, 0, False, False))
-    if bar is not None:
-      bar.close()
-    report = dict(state.report, timings={**state.report.get('timings', {}), **timings},
-                  wall_s_this_process=time.time() - t_start)
-    state = commit(state.replace(report=report), round=cfg.rounds, next_unit=0, act_done=True, done=True)
+      data, timings['capture_round0_s'] = capture(setup, 0)
+      phases['capture_s'] += timings['capture_round0_s']
+      qstate, init_t, init_info = initialise(setup, data)
+      timings.update(init_t)
+      for name, key in (('statistics_s', 'tcr_s'), ('weight_init_s', 'weight_init_s'),
+                        ('act_search_s', 'act_search_s'), ('tcr_select_s', 'tcr_select_s')):
+        phases[name] += init_t.get(key, 0.0)
+      state = CalibState(qstate, Progress(), dict(new_report(setup, timings), **init_info), ckpt_step=0)
+      save(state)
+    if not state.progress.done:
+      bar = _progress_bar(cfg, setup, state.progress)
+      for rnd in range(state.progress.round, cfg.rounds):
+        if rnd > 0 or data is None:
+          data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
+          phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
+        if rnd > 0 and not state.progress.act_done:
+          if cfg.par_research_act or cfg.act_pass(rnd):
+            qstate, secs = search_acts(setup, state.qstate, data)
+            timings['act_search_s'] = timings.get('act_search_s', 0.) + secs
+            phases['act_search_s'] += secs
+            state = state.replace(qstate=qstate)
+          state = commit(state, round=rnd, next_unit=0, act_done=True, done=False)
+        data, holdout = par.split_holdout(data, cfg.recon_samples, cfg.holdout_samples if cfg.keep_best else 0,
+                                          cfg.seed)
+        first = state.progress.next_unit if state.progress.round == rnd else 0
+        targets = RoundTargets(setup, data, holdout)
+        for k in range(first, len(setup.units)):
+          if not _selected(cfg, setup.units[k]):
+            continue
+          hook = hooks.loss_hook(rnd, k) if hooks.loss_hook is not None else None
+          qstate, stats = reconstruct_unit(setup, rnd, k, state.qstate, data, hook, holdout, targets)
+          for name, key in (('unit_capture_s', 'capture_s'), ('reconstruction_s', 'seconds'),
+                            ('unit_eval_s', 'eval_s')):
+            phases[name] += stats.get(key, 0.0)
+          report = dict(state.report, units=state.report['units'] + [stats])
+          logging.info('round %d unit %d/%d %s: %s', rnd, k + 1, len(setup.units), setup.units[k].path,
+                       {a: stats.get(a) for a in ('mse_before', 'mse_after', 'it_per_s')})
+          state = commit(state.replace(qstate=qstate, report=report), round=rnd, next_unit=k + 1, act_done=True,
+                         done=False)
+          if bar is not None:
+            bar.set_postfix_str(f'round {rnd} {setup.units[k].path}', refresh=False)
+            bar.update(1)
+        state = state.replace(progress=Progress(rnd + 1, 0, False, False))
+      if bar is not None:
+        bar.close()
+      report = dict(state.report, timings={**state.report.get('timings', {}), **timings},
+                    wall_s_this_process=time.time() - t_start)
+      state = commit(state.replace(report=report), round=cfg.rounds, next_unit=0, act_done=True, done=True)
+  finally:
+    t0 = time.time()
+    saver.wait()                     # the last write in flight (also when a stage failed)
+    phases['checkpoint_s'] += time.time() - t0
   png = os.path.join(cfg.out_dir, 'samples.png')
   if not os.path.exists(png):
     t0 = time.time()
     sample_grid(setup, state.qstate, png)
     phases['sample_grid_s'] = time.time() - t0
     logging.info('sample grid %s (%.1f s)', png, phases['sample_grid_s'])
+  t0 = time.time()
+  extra = hooks.after_run(setup, state.qstate) if hooks.after_run is not None else {}
+  phases['after_run_s'] = time.time() - t0
   phases['total_s'] = time.time() - t_start
-  report = dict(state.report, policy=setup.policy.to_dict(),
+  report = dict(state.report, **extra, policy=setup.policy.to_dict(),
                 daq_choices=act_search.daq_choices(state.qstate.layers, setup.policy),
                 phases_this_process={k: round(v, 3) for k, v in phases.items()},
                 compile_this_process=compile_stats.delta())
@@ -465,7 +519,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
 # What report.json's `phases_this_process` breaks the wall time into (compile time is inside these phases; the
 # process-wide XLA compile count and seconds are in `compile_this_process`).
 PHASES = ('setup_s', 'capture_s', 'statistics_s', 'tcr_select_s', 'weight_init_s', 'act_search_s', 'par_capture_s',
-          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'checkpoint_s', 'sample_grid_s')
+          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'checkpoint_s', 'sample_grid_s', 'after_run_s')
 
 
 def _check_writable(out_dir: str) -> None:

@@ -37,6 +37,20 @@ def test_soft_rounding_formula():
   np.testing.assert_allclose(np.asarray(Q.soft_rounding(a)), ref, atol=1e-6)
 
 
+def test_saturated_host_and_device_agree_with_float64():
+  from tcaq_jax.quant.adaround import saturated
+  a = np.concatenate([np.linspace(-200, 200, 4001), [-1e30, 1e30]]).astype(np.float32)
+  h64 = np.clip(1 / (1 + np.exp(-np.clip(a.astype(np.float64), -700, 700))) * 1.2 - 0.1, 0, 1)
+  ref = ((h64 <= 0) | (h64 >= 1)).astype(np.float32)
+  # away from the two clip points (sigmoid = 1/12 and 11/12) float32 and float64 agree exactly
+  edge = np.abs(np.abs(a) - np.log(11.)) < 1e-3
+  with np.errstate(all='raise'):                  # the host form must not overflow on huge alphas
+    host = saturated(a, xp=np)
+  np.testing.assert_array_equal(host[~edge], ref[~edge])
+  np.testing.assert_array_equal(np.asarray(saturated(jnp.asarray(a)))[~edge], ref[~edge])
+  assert 0 < ref.mean() < 1
+
+
 def test_regularizer_zero_at_binary_and_max_at_half():
   for b in [2., 20.]:
     assert float(Q.rounding_regularizer(jnp.array([-10., 10., -30.]), b)) == 0.   # h exactly 0 or 1

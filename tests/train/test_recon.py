@@ -180,6 +180,24 @@ def test_group_capture_records_each_unit_as_its_own_capture(block_setup):
     blocks.capture_unit_io(group, data, 16, (params, qs), params, path='up_0/block_1')
   with pytest.raises(blocks.BlockError, match='name one with path='):
     blocks.capture_unit_io(group, data, 16, (params, qs), params)
+  # the targets of several units from one FP-only recorder (pipeline.RoundTargets), over a set that is not a
+  # multiple of the batch (30 samples, batch 16), equal flax's own intermediates; the in-only recorder plus those
+  # targets gives what the in+out recorder gives; output_bytes predicts what capture_outputs holds
+  part = tuple(a[:30] for a in data)
+  outs_fn = blocks.make_group_capture([others[0], UNIT, others[1]], None, fp)
+  outs = blocks.capture_outputs(outs_fn, part, 16, params)
+  assert set(outs) == {others[0], UNIT, others[1]}
+  assert blocks.output_bytes(outs_fn, part, 16, params) == sum(o.nbytes for o in outs.values())
+  for path in (UNIT, others[1]):
+    node = inter['intermediates']
+    for seg in path.split('/'):
+      node = node[seg]
+    np.testing.assert_allclose(np.asarray(outs[path]), np.asarray(node['__call__'][0])[:30], rtol=1e-5, atol=1e-5)
+  in_only = blocks.make_group_capture([others[0], UNIT, others[1]], qf)
+  both = blocks.capture_unit_io(group, part, 16, (params, qs), params, path=UNIT)
+  split = blocks.capture_unit_io(in_only, part, 16, (params, qs), None, path=UNIT, output=outs[UNIT])
+  for a, b in zip(both.leaves + [both.output], split.leaves + [split.output]):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
   units = [blocks.Unit(p, 'X', ()) for p in 'abcde']
   assert blocks.capture_groups(units, 2) == [('a', 'b'), ('c', 'd'), ('e',)]
   assert blocks.capture_groups(units, 0) == [(p,) for p in 'abcde']

@@ -1,0 +1,39 @@
+"""The calibrate CLI's end-of-run demo quality check runs inside the pipeline (Hooks.after_run) with the run's own
+samplers; its samples and scores equal an independent sampling of the saved run dir (load_quantized + a fresh
+sampler), and report.json carries them with the phase time."""
+import json
+import os
+
+import numpy as np
+
+from tcaq_jax.demo.classifier import demo_quality
+from tcaq_jax.diffusion.batched import sample_all
+from tcaq_jax.diffusion.ddim import sampler_coefficients
+from tcaq_jax.diffusion.host_sampler import make_sampler
+from tcaq_jax.images import to_uint8
+from tcaq_jax.models import family
+from tcaq_jax.quantized import load_quantized
+from tcaq_jax.train.calibrate import demo_quality_check, summary_lines
+from tcaq_jax.train.pipeline import Hooks, run
+
+
+def test_demo_quality_after_run_matches_an_independent_sampling(tmp_path):
+  n = 12
+  out = str(tmp_path / 'demo_minmax')
+  cfg = dict(method='minmax', w_bits=8, a_bits=8, num_steps=4, calib_steps=2, calib_samples=4, capture_batch=8,
+             forward_batch=8, act_batch=4, png_samples=0, progress=False, out_dir=out)
+  report = run(cfg, Hooks(after_run=lambda setup, q: {'demo_quality': demo_quality_check(setup, q, n)}))
+  dq = report['demo_quality']
+  with open(os.path.join(out, 'report.json')) as f:
+    assert json.load(f)['demo_quality']['quantized']['fid'] == dq['quantized']['fid']
+  assert report['phases_this_process']['after_run_s'] > 0
+  q = load_quantized(out)
+  coeffs = sampler_coefficients(q.config, 4, 'quad', 0.0)
+  for name, eps in (('fp', family.eps_fn(q.model, q.params, q.config)), ('quantized', q.eps_fn)):
+    images = sample_all(make_sampler(eps, coeffs, family.sample_shape(q.config)), n, 8, seed=1234,
+                        convert=to_uint8)
+    ref = demo_quality(images)
+    assert dq[name]['n'] == n
+    np.testing.assert_allclose(dq[name]['fid'], ref['fid'], rtol=1e-6)
+    assert dq[name]['confident_fraction'] == ref['confident_fraction']
+  assert any('demo quality, 12 samples' in ln for ln in summary_lines(report))
