@@ -108,6 +108,11 @@ DIAG_ROWS = [
     ('tcaq_w6a6_act_output', 'tcaq', 6, 6, {'act_criterion': 'output'}),
     ('tcaq_w4a4_tcr_all_act_output', 'tcaq', 4, 4, {'tcr_select': 'all', 'act_criterion': 'output'}),
     ('minmax_w4a4_act_output', 'qdiff_plus', 4, 4, {'reconstruct': False, 'act_criterion': 'output'}),
+    # W6A6: which operand holds tcaq back (weights at 6 bits with 8-bit activations, or the reverse), and PAR
+    # with alphas re-initialised each round instead of carried (issue 14 part 4)
+    ('tcaq_w6a8', 'tcaq', 6, 8, {}),
+    ('tcaq_w8a6', 'tcaq', 8, 6, {}),
+    ('tcaq_w6a6_par_reinit', 'tcaq', 6, 6, {'par_alpha': 'reinit'}),
 ]
 
 
