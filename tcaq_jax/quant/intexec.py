@@ -19,6 +19,14 @@ QuantPoints whose outputs are its operands; tcaq_jax/models/qpoint.py) is interc
 `int_matmul` on its raw operands; the two operand QuantPoints then pass their inputs through unchanged (their
 outputs must feed only that matmul, as in the models). A post-Softmax operand keeps the fake-quant einsum at the
 slots whose DAQ choice is log2 / log-sqrt2 (its codes are exponents).
+
+int32 range: a layer or matmul whose worst case `intops.accumulator_bound(K, a_bits, b_bits)`,
+K (2^a - 1)(2^b - 1), exceeds 2^31 - 1 keeps fake quant (route 'int32 accumulator could overflow: ...'), with K
+the reduction size: kernel window x input channels for a conv (all input channels, also when split at a
+concatenation: an upper bound of each segment's), in_features for a dense layer, the product of the contracted
+axes' sizes for a matmul (at the shapes of `int_plan`'s example inputs). At 8/8 bits that is K > 33,025.
+`int_apply` refuses (ApplyError) an integer layer whose K at the actual input shapes exceeds it instead of
+returning wrapped int32 values.
 Imports nothing from the rest of tcaq_jax except its sibling quantizers.
 """
 from __future__ import annotations
@@ -36,8 +44,8 @@ from tcaq_jax.quant.apply import ApplyError, _at_slot, act_fake_quant, act_inter
 from tcaq_jax.quant.intercept import collect_calls
 from tcaq_jax.quant.tcr import scale_activation
 
-__all__ = ['MAX_INT_BITS', 'IntWeights', 'IntMatmul', 'int_support', 'int_plan', 'int_routes', 'int_interceptor',
-           'int_apply', 'int_matmul']
+__all__ = ['MAX_INT_BITS', 'IntWeights', 'IntMatmul', 'int_support', 'overflow_reason', 'int_plan', 'int_routes',
+           'int_interceptor', 'int_apply', 'int_matmul']
 
 MAX_INT_BITS = 8
 
@@ -109,10 +117,20 @@ def _conv_geometry(module: nn.Conv, x_ndim: int):
   return ks, bc(module.strides), bc(module.kernel_dilation), padding
 
 
+def overflow_reason(k: int, a_bits: int, b_bits: int) -> str | None:
+  """None when an int32 accumulation of reduction size k over a_bits x b_bits codes is exact, else the route
+  string saying why not (`intops.accumulator_bound`)."""
+  bound = intops.accumulator_bound(k, a_bits, b_bits)
+  if bound <= intops.INT32_MAX:
+    return None
+  return (f'int32 accumulator could overflow: K={int(k)}, bits {int(a_bits)}x{int(b_bits)}: '
+          f'K (2^{int(a_bits)} - 1)(2^{int(b_bits)} - 1) = {bound} > 2^31 - 1')
+
+
 def int_support(module: nn.Module, spec, x_ndim: int) -> str:
   """'int' when the layer can run on the integer path, else the reason it keeps fake quant. For an attention
   operand point ('matmul' / 'softmax'), 'int' means it can be one operand of an integer matmul (`int_plan`
-  decides with its partner)."""
+  decides with its partner and the contraction size). Convs / dense layers: K = window x spec.in_features."""
   if spec.kind in ('matmul', 'softmax'):
     if not spec.acts:
       return 'not quantized'
@@ -124,22 +142,25 @@ def int_support(module: nn.Module, spec, x_ndim: int) -> str:
   if spec.w_bits > MAX_INT_BITS or spec.a_bits > MAX_INT_BITS:
     return f'w{spec.w_bits}a{spec.a_bits}: more than {MAX_INT_BITS} bits'
   if type(module) is nn.Dense:
-    return 'int'
+    return overflow_reason(spec.in_features, spec.a_bits, spec.w_bits) or 'int'
   if type(module) is not nn.Conv:
     return f'{type(module).__name__} is not nn.Conv / nn.Dense'
   geo = _conv_geometry(module, x_ndim)
-  return geo if isinstance(geo, str) else 'int'
+  if isinstance(geo, str):
+    return geo
+  return overflow_reason(int(np.prod(geo[0])) * spec.in_features, spec.a_bits, spec.w_bits) or 'int'
 
 
 def int_plan(model: nn.Module, variables: Any, policy, *args, method=None, **kwargs) -> tuple[dict, dict]:
   """(routes, matmuls), found by tracing one forward (no FLOPs): routes {path: 'int' | reason} for every
   quantized policy layer; matmuls {QuantMatmul path: IntMatmul} for the attention matmuls whose two operand
-  points can both run on integers (those points' route is then 'int'). variables must be complete for a float
-  forward (e.g. the dequantized export)."""
+  points can both run on integers and whose int32 accumulation cannot overflow (those points' route is then
+  'int'; module docstring). variables must be complete for a float forward (e.g. the dequantized export)."""
   def record(call):
     if _is_quant_matmul(call.module):
       parent = call.path.rpartition('/')[0]
       a, b = (f'{parent}/{name}' if parent else name for name in call.module.operands)
+      sizes[call.path] = intops.contracted_size(call.module.equation, call.args[0].shape, call.args[1].shape)
       return IntMatmul(call.module.equation, a, b)
     return int_support(call.module, policy.layers[call.path], call.args[0].ndim)
 
@@ -155,6 +176,7 @@ def int_plan(model: nn.Module, variables: Any, policy, *args, method=None, **kwa
     return out
 
   found: dict = {}
+  sizes: dict = {}          # QuantMatmul path -> contracted size K
   jax.eval_shape(fwd, variables, *args)
   routes = {s.path: found.get(s.path, 'not called') for s in policy.quantized()}
   operand_ok = {p: r for p, r in routes.items() if policy.layers[p].kind in ('matmul', 'softmax') and r == 'int'}
@@ -169,7 +191,11 @@ def int_plan(model: nn.Module, variables: Any, policy, *args, method=None, **kwa
         routes[this] = (f'its matmul\'s other operand {other!r} keeps fake quant ({routes.get(other, "FP")})'
                         if other not in operand_ok else 'int')
     if mm.a in operand_ok and mm.b in operand_ok:
-      matmuls[path] = mm
+      why = overflow_reason(sizes[path], policy.layers[mm.a].a_bits, policy.layers[mm.b].a_bits)
+      if why:
+        routes[mm.a] = routes[mm.b] = f'{why} (matmul {path!r}, {mm.equation})'
+      else:
+        matmuls[path] = mm
   return routes, matmuls
 
 
@@ -192,6 +218,9 @@ def _int_layer(module, x, st, spec, iw: IntWeights, slot):
     xq = intops.act_codes(x[..., lo:hi], scale[i], zero[i], spec.a_bits)
     za = jnp.nan_to_num(zero[i]).astype(jnp.int32) - off      # NaN (uncalibrated step) reaches y via scale
     wi = w[..., lo:hi, :]
+    why = overflow_reason(int(np.prod(wi.shape[:-1])), spec.a_bits, iw.bits)
+    if why:
+      raise ApplyError(f'layer {spec.path!r}: {why}')
     if type(module) is nn.Dense:
       acc = intops.int_dense(xq, za, wi, iw.w_zero[i])
     else:
@@ -225,6 +254,9 @@ def int_matmul(equation: str, a, st_a, spec_a, b, st_b, spec_b, slot) -> jax.Arr
     za = jnp.nan_to_num(zero).astype(jnp.int32) - intops.int8_offset(spec.a_bits)   # NaN slot: via scale
     operands.append((xq, za, scale))
   (aq, za, sa), (bq, zb, sb) = operands
+  why = overflow_reason(intops.contracted_size(equation, aq.shape, bq.shape), spec_a.a_bits, spec_b.a_bits)
+  if why:
+    raise ApplyError(f'matmul of {spec_a.path!r} and {spec_b.path!r}: {why}')
   y = intops.int_einsum(equation, aq, za, bq, zb).astype(jnp.float32) * (sa * sb)
   logs = [(x, st, spec) for x, st, spec in ((a, st_a, spec_a), (b, st_b, spec_b))
           if spec.kind == 'softmax' and st.use_log2 is not None]

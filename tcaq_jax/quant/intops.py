@@ -10,7 +10,23 @@ reduction size (kernel window x input channels):
 The first term is the int8 conv / dot_general (preferred_element_type int32), the second a window sum of the
 activation codes (reduce_window), the third a per-output constant. Zero padding of a float input is padding
 with the code z'a (its float value is exactly 0), so the conv pads explicitly with z'a and runs VALID: every
-window then holds K codes. Magnitudes stay far below 2^31 for K < 30,000.
+window then holds K codes.
+
+int32 range (`accumulator_bound`, checked by `intexec.int_plan`): with D_x = 2^b_x - 1 (b_x the bits of operand
+x) and every code and zero point in the unsigned code range [0, D_x] (ranges.py clips zero points into it;
+symmetric ones are 2^(b-1)), every int32 value the kernels form is a sum over the K reduced elements, or K times
+a constant, of one per-element term:
+  q'a q'w (the int8 product; any partial sum of the accumulation), q'a, q'w (window / row / kernel sums),
+  q'a z'w, z'a q'w, z'a, z'a z'w (the corrections, K z'a z'w evaluated as (K z'a) z'w),
+  q'a (q'w - z'w) and q'a q'w - q'a z'w - z'a q'w (the partial results of the correction sequence),
+  (q'a - z'a)(q'w - z'w) (the result).
+|q'| and |z'| are at most max(offset, D - offset) <= D (128 <= 255 at 8 bits), |q - z| <= D, and the
+next-to-last term is at most D_a D_w in magnitude too (its largest value over the code box is 48,896 < 255^2 at
+8/8 bits; tests/quant/test_int_overflow.py maximizes every term exhaustively). So every value is at most
+  K D_a D_w = K (2^b_a - 1)(2^b_w - 1),
+the result's own worst case (attained when every code of both operands is D against zero points 0). So the
+kernels are exact for every input, without relying on int32 wraparound, when that is <= 2^31 - 1 (K <= 33,025
+at 8/8 bits, 561,433 at 8/4, 9,544,371 at 4/4), and some input overflows the result when it is not.
 
 Attention matmuls (`int_einsum`): the same expansion for a two-operand einsum with per-tensor zero points on both
 operands (q k^T: both activations; probs @ v: the uniform post-Softmax codes and v); the two zero-point terms are
@@ -29,8 +45,17 @@ import numpy as np
 
 from tcaq_jax.quant.uniform import qrange
 
-__all__ = ['int8_offset', 'pack_int4', 'unpack_int4', 'act_codes', 'conv_pads', 'int_conv', 'int_dense',
-           'contracted_size', 'int_einsum']
+__all__ = ['INT32_MAX', 'accumulator_bound', 'int8_offset', 'pack_int4', 'unpack_int4', 'act_codes', 'conv_pads',
+           'int_conv', 'int_dense', 'contracted_size', 'int_einsum']
+
+INT32_MAX = 2 ** 31 - 1
+
+
+def accumulator_bound(k: int, a_bits: int, b_bits: int) -> int:
+  """Largest |int32 value| that int_conv / int_dense / int_einsum can form for reduction size k and b-bit
+  unsigned operand codes with zero points in the code range: k (2^a_bits - 1)(2^b_bits - 1) (module docstring).
+  Exact Python int; the kernels are exact iff it is <= INT32_MAX."""
+  return int(k) * (2 ** int(a_bits) - 1) * (2 ** int(b_bits) - 1)
 
 
 def int8_offset(bits: int) -> int:
@@ -146,7 +171,7 @@ def int_einsum(equation: str, aq, za, bq, zb) -> jax.Array:
   not in the output) is summed; labels of one input only must appear in the output. With K the product of the
   contracted sizes:
     sum (aq - za)(bq - zb) = einsum(aq, bq) - zb sum_K aq - za sum_K bq + K za zb
-  exact while |values| stay below 2^31 (K < 30,000 at 8 bits).
+  exact while accumulator_bound(K, bits of a, bits of b) <= INT32_MAX (K <= 33,025 at 8/8 bits).
   """
   la, lb, out = _parse_einsum(equation)
   contracted = (set(la) & set(lb)) - set(out)
