@@ -1,6 +1,6 @@
 """The first run a newcomer makes: `python -m tcaq_jax.train.calibrate` with default flags (the shipped demo),
-from a cold start (empty compilation cache, new out_dir), timed end to end in a subprocess; then the same again
-with the cache warm. Prints one table and merges records into docs/results/perf.json.
+from a cold start (empty compilation cache and FP quality cache, new out_dir), timed end to end in a subprocess;
+then the same again with both caches warm. Prints one table and merges records into docs/results/perf.json.
 
   PYTHONPATH=. python bench/demo_first_run.py                  # ~2 x 5 min on 2 cores
   PYTHONPATH=. python bench/demo_first_run.py --extra=--method=qdiff
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(out_dir: str, cache: str) -> tuple[float, dict, str]:
   cmd = [sys.executable, '-m', 'tcaq_jax.train.calibrate', f'--out_dir={out_dir}', f'--compile_cache={cache}',
-         '--noprogress', *FLAGS.extra]
+         f'--demo_fp_cache={cache}_demo_fp', '--noprogress', *FLAGS.extra]
   t0 = time.time()
   proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
   wall = time.time() - t0

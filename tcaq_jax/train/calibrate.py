@@ -17,11 +17,14 @@ method's defaults (ablations).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
 
 from absl import flags, logging
+import jax
 
 from tcaq_jax import checkpoint, cli
 from tcaq_jax.train import config as config_lib
@@ -31,20 +34,56 @@ from tcaq_jax.train.pipeline import Hooks, run
 __all__ = ['demo_quality_check', 'summary_lines']
 
 
-def demo_quality_check(setup, qstate, n: int) -> dict:
+QUALITY_SEED = 1234
+DEFAULT_FP_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'tcaq_jax', 'demo_fp')
+
+
+def _fp_cache_file(setup, n: int, cache_dir: str) -> str:
+  """The cache file of the FP half of the quality check: keyed by everything its numbers depend on (model and
+  classifier weights, sampler settings, n, seed, batch, JAX version and backend)."""
+  from tcaq_jax.demo.classifier import load_classifier
+  from tcaq_jax.quantized import params_fingerprint
+
+  cfg = setup.cfg
+  key = {'model': setup.fingerprint, 'classifier': params_fingerprint(load_classifier()[1]), 'n': n,
+         'seed': QUALITY_SEED, 'batch': min(n, cfg.capture_batch), 'num_steps': cfg.num_steps,
+         'skip_type': cfg.skip_type, 'eta': cfg.eta, 'jax': jax.__version__, 'backend': jax.default_backend()}
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+  return os.path.join(os.path.expanduser(cache_dir), f'{digest}.json')
+
+
+
+def demo_quality_check(setup, qstate, n: int, fp_cache: str = '') -> dict:
   """Digit-classifier FID / confident share of n FP and n quantized samples of the shipped demo model (same
   seeds, the calibrated sampler settings), sampled with the run's own compiled samplers and batch size (no new
-  compiles). The demo's classifier is a plug-in: imported only here."""
+  compiles). The FP half is the same for every run with the same settings: with fp_cache (a dir) it is read from
+  there when present (marked 'cached') and stored after it is computed. The demo's classifier is a plug-in:
+  imported only here."""
   from tcaq_jax.demo.classifier import demo_quality
   from tcaq_jax.diffusion.batched import sample_all
   from tcaq_jax.images import to_uint8
 
   out = {}
+  cache_file = _fp_cache_file(setup, n, fp_cache) if fp_cache else None
+  if cache_file and os.path.isfile(cache_file):
+    try:
+      with open(cache_file) as f:
+        out['fp'] = dict(json.load(f), cached=True)
+    except (OSError, ValueError) as e:
+      logging.warning('ignoring the unreadable FP quality cache %s: %s', cache_file, e)
   for name, eps in (('fp', setup.fp_eps), ('quantized', setup.q_eps(qstate))):
+    if name in out:
+      continue
     t0 = time.time()
-    images = sample_all(setup.sampler(eps), n, min(n, setup.cfg.capture_batch), seed=1234, convert=to_uint8)
+    images = sample_all(setup.sampler(eps), n, min(n, setup.cfg.capture_batch), seed=QUALITY_SEED, convert=to_uint8)
     res = demo_quality(images)
     out[name] = {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
+    if name == 'fp' and cache_file:
+      os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+      tmp = f'{cache_file}.{os.getpid()}.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(out['fp'], f)
+      os.replace(tmp, cache_file)
   return out
 
 
@@ -64,7 +103,9 @@ def summary_lines(report: dict) -> list[str]:
     lines.append(f"demo quality, {dq['fp']['n']} samples (digit-classifier FID, lower is better; share of samples "
                  'classified with confidence >= 0.9):')
     for name in ('fp', 'quantized'):
-      lines.append(f"  {name:9s} FID {dq[name]['fid']:7.2f}   confident {100 * dq[name]['confident_fraction']:5.1f}%")
+      cached = '   (cached from an earlier run: --demo_fp_cache)' if dq[name].get('cached') else ''
+      lines.append(f"  {name:9s} FID {dq[name]['fid']:7.2f}   confident {100 * dq[name]['confident_fraction']:5.1f}%"
+                   + cached)
   return lines
 
 
@@ -75,7 +116,8 @@ def main(argv):
   n = flags.FLAGS.demo_eval_samples
   after = None
   if n > 0 and not cfg.model_dir and not cfg.model_config:
-    after = lambda setup, qstate: {'demo_quality': demo_quality_check(setup, qstate, n)}  # noqa: E731
+    after = lambda setup, qstate: {'demo_quality': demo_quality_check(  # noqa: E731
+        setup, qstate, n, flags.FLAGS.demo_fp_cache)}
   report = run(cfg, Hooks(after_run=after))
   print('\n'.join(summary_lines(report)), file=sys.stderr)
   logging.info('report in %s', os.path.join(cfg.out_dir, 'report.json'))
@@ -85,5 +127,8 @@ if __name__ == '__main__':
   define_flags()
   flags.DEFINE_integer('demo_eval_samples', 256, 'shipped demo only: FP and quantized samples scored by the demo '
                        "digit classifier at the end (0: skip)")
+  flags.DEFINE_string('demo_fp_cache', DEFAULT_FP_CACHE, 'shipped demo only: where the FP half of the quality check '
+                      "is kept between runs (keyed by model, classifier, sampler settings, samples, JAX version and "
+                      "backend); '' = always sample it")
   flags.adopt_module_key_flags(config_lib)        # --help lists (and explains) every calibration flag
   cli.run(main)

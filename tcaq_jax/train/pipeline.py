@@ -283,9 +283,9 @@ def _reinit_alpha(theta: dict) -> dict:
 
 
 class RoundTargets:
-  """The FP outputs of every unit (the reconstruction targets) for one round's reconstruction set and held-out
-  set, each computed in one FP pass on first use, when they fit in --target_cache_mb; else `of` gives None and
-  each unit's capture computes its own (running the FP forward to its capture group's last unit again)."""
+  """The FP outputs of every selected unit (the reconstruction targets) for one round's reconstruction set and
+  held-out set, each computed in one FP pass on first use, when they fit in --target_cache_mb; else `of` gives
+  None and each unit's capture computes its own (running the FP forward to its capture group's last unit)."""
 
   def __init__(self, setup: Setup, data: dict, holdout: dict | None):
     self.setup, self.sets, self.cache = setup, (data, holdout), None
@@ -298,8 +298,8 @@ class RoundTargets:
 
   def _compute(self) -> tuple | bool:
     setup, cfg = self.setup, self.setup.cfg
-    fn = setup.compiled(('targets',), lambda: blocks.make_group_capture([u.path for u in setup.units], None,
-                                                                        setup.fp_fwd))
+    paths = tuple(u.path for u in setup.units if _selected(cfg, u))   # XLA drops the forward after the last
+    fn = setup.compiled(('targets', paths), lambda: blocks.make_group_capture(paths, None, setup.fp_fwd))
     sets = [None if d is None else _arrays(d) for d in self.sets]
     need = sum(blocks.output_bytes(fn, a, cfg.forward_batch, setup.params) for a in sets if a is not None)
     if need > cfg.target_cache_mb * 2 ** 20:

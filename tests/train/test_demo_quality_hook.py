@@ -1,6 +1,7 @@
 """The calibrate CLI's end-of-run demo quality check runs inside the pipeline (Hooks.after_run) with the run's own
 samplers; its samples and scores equal an independent sampling of the saved run dir (load_quantized + a fresh
-sampler), and report.json carries them with the phase time."""
+sampler), report.json carries them with the phase time, and a second check takes the FP half from the cache the
+first one wrote (--demo_fp_cache)."""
 import json
 import os
 
@@ -22,8 +23,17 @@ def test_demo_quality_after_run_matches_an_independent_sampling(tmp_path):
   out = str(tmp_path / 'demo_minmax')
   cfg = dict(method='minmax', w_bits=8, a_bits=8, num_steps=4, calib_steps=2, calib_samples=4, capture_batch=8,
              forward_batch=8, act_batch=4, png_samples=0, progress=False, out_dir=out)
-  report = run(cfg, Hooks(after_run=lambda setup, q: {'demo_quality': demo_quality_check(setup, q, n)}))
-  dq = report['demo_quality']
+  cache = str(tmp_path / 'fp_cache')
+
+  def twice(setup, q):        # the second check reads the FP half from the cache the first one wrote
+    first = demo_quality_check(setup, q, n, cache)
+    return {'demo_quality': first, 'again': demo_quality_check(setup, q, n, cache)}
+
+  report = run(cfg, Hooks(after_run=twice))
+  dq, again = report['demo_quality'], report['again']
+  assert 'cached' not in dq['fp'] and again['fp']['cached'] is True and len(os.listdir(cache)) == 1
+  assert again['fp']['fid'] == dq['fp']['fid'] and again['quantized'] == dq['quantized'] | {
+      'seconds': again['quantized']['seconds']}
   with open(os.path.join(out, 'report.json')) as f:
     assert json.load(f)['demo_quality']['quantized']['fid'] == dq['quantized']['fid']
   assert report['phases_this_process']['after_run_s'] > 0
