@@ -113,6 +113,8 @@ DIAG_ROWS = [
     ('tcaq_w6a8', 'tcaq', 6, 8, {}),
     ('tcaq_w8a6', 'tcaq', 8, 6, {}),
     ('tcaq_w6a6_par_reinit', 'tcaq', 6, 6, {'par_alpha': 'reinit'}),
+    # a finer activation clipping grid (today's four candidates stop at the 99.9th percentile)
+    ('tcaq_w6a6_pcts_fine', 'tcaq', 6, 6, {'act_pcts': (100.0, 99.999, 99.99, 99.95, 99.9, 99.8, 99.5, 99.0)}),
 ]
 
 
