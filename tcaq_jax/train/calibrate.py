@@ -28,7 +28,7 @@ import jax
 
 from tcaq_jax import checkpoint, cli
 from tcaq_jax.train import config as config_lib
-from tcaq_jax.train.config import Config, config_from_flags, define_flags
+from tcaq_jax.train.config import config_from_flags, define_flags
 from tcaq_jax.train.pipeline import Hooks, run
 
 __all__ = ['demo_quality_check', 'summary_lines']
@@ -38,19 +38,17 @@ QUALITY_SEED = 1234
 DEFAULT_FP_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'tcaq_jax', 'demo_fp')
 
 
-def _fp_cache_file(setup, n: int, cache_dir: str) -> str:
+def _fp_cache_file(setup, classifier_params, n: int, cache_dir: str) -> str:
   """The cache file of the FP half of the quality check: keyed by everything its numbers depend on (model and
   classifier weights, sampler settings, n, seed, batch, JAX version and backend)."""
-  from tcaq_jax.demo.classifier import load_classifier
   from tcaq_jax.quantized import params_fingerprint
 
   cfg = setup.cfg
-  key = {'model': setup.fingerprint, 'classifier': params_fingerprint(load_classifier()[1]), 'n': n,
+  key = {'model': setup.fingerprint, 'classifier': params_fingerprint(classifier_params), 'n': n,
          'seed': QUALITY_SEED, 'batch': min(n, cfg.capture_batch), 'num_steps': cfg.num_steps,
          'skip_type': cfg.skip_type, 'eta': cfg.eta, 'jax': jax.__version__, 'backend': jax.default_backend()}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
   return os.path.join(os.path.expanduser(cache_dir), f'{digest}.json')
-
 
 
 def demo_quality_check(setup, qstate, n: int, fp_cache: str = '') -> dict:
@@ -59,12 +57,13 @@ def demo_quality_check(setup, qstate, n: int, fp_cache: str = '') -> dict:
   compiles). The FP half is the same for every run with the same settings: with fp_cache (a dir) it is read from
   there when present (marked 'cached') and stored after it is computed. The demo's classifier is a plug-in:
   imported only here."""
-  from tcaq_jax.demo.classifier import demo_quality
+  from tcaq_jax.demo.classifier import demo_quality, load_classifier
   from tcaq_jax.diffusion.batched import sample_all
   from tcaq_jax.images import to_uint8
 
+  classifier, params = load_classifier()          # once: it scores both halves and keys the cache
   out = {}
-  cache_file = _fp_cache_file(setup, n, fp_cache) if fp_cache else None
+  cache_file = _fp_cache_file(setup, params, n, fp_cache) if fp_cache else None
   if cache_file and os.path.isfile(cache_file):
     try:
       with open(cache_file) as f:
@@ -76,7 +75,7 @@ def demo_quality_check(setup, qstate, n: int, fp_cache: str = '') -> dict:
       continue
     t0 = time.time()
     images = sample_all(setup.sampler(eps), n, min(n, setup.cfg.capture_batch), seed=QUALITY_SEED, convert=to_uint8)
-    res = demo_quality(images)
+    res = demo_quality(images, classifier, params)
     out[name] = {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
     if name == 'fp' and cache_file:
       os.makedirs(os.path.dirname(cache_file), exist_ok=True)
@@ -114,11 +113,11 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   cfg = config_from_flags().resolve()
   n = flags.FLAGS.demo_eval_samples
-  after = None
-  if n > 0 and not cfg.model_dir and not cfg.model_config:
-    after = lambda setup, qstate: {'demo_quality': demo_quality_check(  # noqa: E731
-        setup, qstate, n, flags.FLAGS.demo_fp_cache)}
-  report = run(cfg, Hooks(after_run=after))
+  def quality(setup, qstate):            # runs inside the pipeline, with its compiled samplers
+    return {'demo_quality': demo_quality_check(setup, qstate, n, flags.FLAGS.demo_fp_cache)}
+
+  demo = n > 0 and not cfg.model_dir and not cfg.model_config
+  report = run(cfg, Hooks(after_run=quality if demo else None))
   print('\n'.join(summary_lines(report)), file=sys.stderr)
   logging.info('report in %s', os.path.join(cfg.out_dir, 'report.json'))
 

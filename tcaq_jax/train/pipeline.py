@@ -296,7 +296,8 @@ class RoundTargets:
       self.cache = self._compute()
     return None if not self.cache else tuple(None if c is None else c[path] for c in self.cache)
 
-  def _compute(self) -> tuple | bool:
+  def _compute(self) -> tuple:
+    """(targets of the reconstruction set, of the held-out set or None); () when they do not fit."""
     setup, cfg = self.setup, self.setup.cfg
     paths = tuple(u.path for u in setup.units if _selected(cfg, u))   # XLA drops the forward after the last
     fn = setup.compiled(('targets', paths), lambda: blocks.make_group_capture(paths, None, setup.fp_fwd))
@@ -306,7 +307,7 @@ class RoundTargets:
       if cfg.target_cache_mb:
         logging.info('FP targets need %.0f MB > --target_cache_mb=%d: each unit computes its own',
                      need / 2 ** 20, cfg.target_cache_mb)
-      return False
+      return ()
     return tuple(None if a is None else blocks.capture_outputs(fn, a, cfg.forward_batch, setup.params)
                  for a in sets)
 
