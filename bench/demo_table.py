@@ -115,6 +115,11 @@ DIAG_ROWS = [
     ('tcaq_w6a6_par_reinit', 'tcaq', 6, 6, {'par_alpha': 'reinit'}),
     # a finer activation clipping grid (today's four candidates stop at the 99.9th percentile)
     ('tcaq_w6a6_pcts_fine', 'tcaq', 6, 6, {'act_pcts': (100.0, 99.999, 99.99, 99.95, 99.9, 99.8, 99.5, 99.0)}),
+    # activation step sizes learned (LSQ, per calibration slot) jointly with AdaRound, at the qdiff_plus and
+    # Q-Diffusion learning rates (the 6-bit activations hold W6A6 back; session 7's bench/act_sensitivity.py
+    # finds their error spread over many layers, not one)
+    ('tcaq_w6a6_lsq', 'tcaq', 6, 6, {'learn_act_scale': True}),
+    ('tcaq_w6a6_lsq_lr4e4', 'tcaq', 6, 6, {'learn_act_scale': True, 'act_lr': 4e-4}),
 ]
 
 
@@ -282,11 +287,13 @@ def main(argv):
     mu, sig = feature_stats(feats)
     fid = frechet_distance(mu_r, sig_r, mu, sig)
     spk = speckle_ratio(images, fp_images())
+    paired = sample_seed == FLAGS.sample_seed      # FP's samples start from the same noise: a paired difference
     label = 'tcaq_paper' if name.startswith('tcaq_paper') else (method or 'fp')
     results[name] = {'name': name, 'method': method or 'fp', 'label': label, 'options': extra,
                      'w_bits': None if method is None else w, 'a_bits': None if method is None else a,
                      'fid': float(fid), 'conf': float(probs.max(1).mean()), 'speckle': spk,
                      'speckle_share': speckle_share(images, SPECKLE_THRESHOLD), 'samples': FLAGS.num_samples,
+                     'mse_fp': float(np.mean((images - fp_images()) ** 2)) if paired else None,
                      'sample_seed': sample_seed, 'iters_scale': None if method is None else iters_scale,
                      'calib_s': calib_s, 'recon_units': n_units, 'total_s': time.time() - t0, 'config': config}
     logging.info('%s: FID %.3f, speckle %.2f x FP (%.0f s)', name, fid, spk, time.time() - t0)
@@ -335,14 +342,17 @@ def table_lines(results: dict, st: dict) -> list:
            f"{st['calib_samples']} samples x 20 steps (qdiff: x {len(range(0, st['num_steps'], max(st['num_steps'] // 20, 1)))}, "
            "its interval rule))", '',
            "speckle: mean squared (image - 3x3 median) over FP's (1.00 = FP); spk px: % of pixels whose "
-           f"|image - 3x3 median| > {SPECKLE_THRESHOLD}", '',
-           '| row | method | W/A | FID | conf | speckle | spk px % | calib s |', '|---|---|---|---|---|---|---|---|']
+           f"|image - 3x3 median| > {SPECKLE_THRESHOLD}; MSE vs FP x1e3: mean squared difference from FP's samples "
+           "drawn from the same noise (images in [-1, 1]; low sampling noise, unlike the FID)", '',
+           '| row | method | W/A | FID | conf | speckle | spk px % | MSE vs FP x1e3 | calib s |',
+           '|---|---|---|---|---|---|---|---|---|']
   for name, r in results.items():
     wa = 'FP' if r['method'] == 'fp' else f"W{r['w_bits']}A{r['a_bits']}"
     opts = ' ' + json.dumps(r['options']) if r['options'] else ''
-    share = r.get('speckle_share')
+    share, mse = r.get('speckle_share'), r.get('mse_fp')
     lines.append(f"| {name} | {r['method']}{opts} | {wa} | {r['fid']:.3f} | {r['conf']:.3f} | "
-                 f"{_num(r.get('speckle'))} | {_num(None if share is None else 100 * share)} | {r['calib_s']:.0f} |")
+                 f"{_num(r.get('speckle'))} | {_num(None if share is None else 100 * share)} | "
+                 f"{_num(None if mse is None else 1e3 * mse)} | {r['calib_s']:.0f} |")
   return lines + ['', *pivot_lines(results, 'fid', 'FID'), '', *pivot_lines(results, 'speckle', 'speckle')]
 
 

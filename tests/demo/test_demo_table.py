@@ -44,6 +44,7 @@ def test_outputs_and_resume(table, tmp_path):
     results[name] = {'name': name, 'method': method, 'options': {}, 'w_bits': w, 'a_bits': a, 'fid': 1.5 + i,
                      'conf': 0.9, 'samples': 10, 'sample_seed': 123, 'iters_scale': 0.001, 'calib_s': 3.0}
     Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(tmp_path / 'grids' / f'{name}.png')
+  results['qdiff_w4a4']['mse_fp'] = 0.00412            # paired MSE vs FP's samples, shown x1e3
   table.write_outputs(str(tmp_path), results, settings)
   doc = json.load(open(tmp_path / 'table.json'))
   assert doc['settings'] == settings and [r['name'] for r in doc['rows']] == list(results)
@@ -51,6 +52,8 @@ def test_outputs_and_resume(table, tmp_path):
               'iters_scale', 'calib_s'):
     assert key in doc['rows'][1], key
   md = open(tmp_path / 'table.md').read()
+  assert '| qdiff_w4a4 | qdiff | W4A4 | 3.500 | 0.900 | - | - | 4.12 | 3 |' in md
+  assert '| minmax_w8a8 | minmax | W8A8 | 2.500 | 0.900 | - | - | - | 3 |' in md
   assert '| qdiff | - | - | - | 3.50 |' in md and '| no_per_step | 4.50 | - |' in md
   for png in ('fid_chart.png', 'sample_grids.png'):
     assert Image.open(tmp_path / png).size[0] > 300
