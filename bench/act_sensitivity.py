@@ -6,7 +6,7 @@ calibration set: FP trajectories at the calibrated steps) with
   w_only  weights quantized, every activation FP
   -L      all but layer L's input quantized (how much L costs with the rest quantized)
   +L      only L's input quantized (L alone, on top of w_only)
-One compile: which inputs are quantized is a traced 0/1 mask per layer, x + m (fq(x) - x).
+One compile: which inputs are quantized is a traced 0/1 mask per layer (a select, so exact either way).
 
   PYTHONPATH=. python bench/act_sensitivity.py --run_dir runs/demo_table_2k/tcaq_w6a6 --out runs/act_sens.json
 Prints one table (layers by -L gain, largest first) and writes JSON.
@@ -46,7 +46,7 @@ FLAGS = flags.FLAGS
 
 
 def masked_apply(model, params_q, qstate, policy, mask: dict, x, t, step_index):
-  """model.apply with (already quantized) weights and activations x + mask[path] (fq(x) - x)."""
+  """model.apply with (already quantized) weights; layer `path`'s input is quantized where mask[path] is 1."""
   slot = qapply.slot_of(qstate, step_index)
 
   def icpt(next_fun, args, kwargs, ctx):
@@ -59,7 +59,7 @@ def masked_apply(model, params_q, qstate, policy, mask: dict, x, t, step_index):
       return next_fun(*args, **kwargs)
     xr = qapply.act_fake_quant(args[0], st, spec, slot, quantize=False)
     xq = qapply.act_fake_quant(args[0], st, spec, slot)
-    return next_fun(xr + mask[path] * (xq - xr), *args[1:], **kwargs)
+    return next_fun(jnp.where(mask[path] > 0.5, xq, xr), *args[1:], **kwargs)
 
   with nn.intercept_methods(icpt):
     return model.apply({'params': params_q}, x, t)

@@ -120,6 +120,10 @@ DIAG_ROWS = [
     # finds their error spread over many layers, not one)
     ('tcaq_w6a6_lsq', 'tcaq', 6, 6, {'learn_act_scale': True}),
     ('tcaq_w6a6_lsq_lr4e4', 'tcaq', 6, 6, {'learn_act_scale': True, 'act_lr': 4e-4}),
+    # the finer clipping grid scored by the layer's output error instead of its input's (the input criterion
+    # clipped harder with it: tcaq_w6a6_pcts_fine)
+    ('tcaq_w6a6_out_fine', 'tcaq', 6, 6, {'act_criterion': 'output',
+                                          'act_pcts': (100.0, 99.999, 99.99, 99.95, 99.9, 99.8, 99.5, 99.0)}),
 ]
 
 
