@@ -55,7 +55,7 @@ from tcaq_jax.diffusion.host_sampler import make_sampler  # noqa: E402
 from tcaq_jax.models import family  # noqa: E402
 from tcaq_jax.quantized import load_quantized  # noqa: E402
 from tcaq_jax.train import pipeline  # noqa: E402
-from tcaq_jax.train.config import RESUMABLE, Config  # noqa: E402
+from tcaq_jax.train.config import ADDED_LATER, RESUMABLE, Config  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json/png)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k / 5k reconstruction iterations')
@@ -124,6 +124,8 @@ DIAG_ROWS = [
     # clipped harder with it: tcaq_w6a6_pcts_fine)
     ('tcaq_w6a6_out_fine', 'tcaq', 6, 6, {'act_criterion': 'output',
                                           'act_pcts': (100.0, 99.999, 99.99, 99.95, 99.9, 99.8, 99.5, 99.0)}),
+    # each tail of an input clipped at its own percentile (16 candidates instead of 4)
+    ('tcaq_w6a6_ends', 'tcaq', 6, 6, {'act_ends': 'independent'}),
 ]
 
 
@@ -158,8 +160,9 @@ def sample(eps_fn, config, n, steps, seed=123, batch=250):
 
 
 def comparable(flat: dict) -> dict:
-  """A flat calibration config less the fields that do not change results (config.RESUMABLE)."""
-  return {k: v for k, v in flat.items() if k not in RESUMABLE}
+  """A flat calibration config less the fields that do not change results (config.RESUMABLE); fields added
+  since it was stored read as the value that reproduces it (config.ADDED_LATER)."""
+  return {k: v for k, v in {**ADDED_LATER, **flat}.items() if k not in RESUMABLE}
 
 
 def row_config(kw: dict) -> dict:
@@ -179,8 +182,9 @@ def reusable(record: dict, config: dict | None, sample_seed: int) -> bool:
   if 'config' not in record:
     logging.warning('%s: its record has no calibration config (an older table.json): running it again', name)
     return False
-  if record['config'] != config:
-    changed = sorted(k for k in set(config) | set(record['config']) if config.get(k) != record['config'].get(k))
+  stored = comparable(record['config'])
+  if stored != config:
+    changed = sorted(k for k in set(config) | set(stored) if config.get(k) != stored.get(k))
     logging.warning('%s: its calibration config changed (%s): running it again', name, ', '.join(changed))
     return False
   return True

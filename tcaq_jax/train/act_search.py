@@ -29,10 +29,11 @@ from tcaq_jax.quant.state import LayerQState
 from tcaq_jax.quant.tcr import scale_activation, scale_kernel_inputs
 from tcaq_jax.quant.uniform import fake_quant
 
-__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'make_search', 'search_act_scales', 'make_minmax_sym',
+__all__ = ['ActSearchError', 'DEFAULT_PCTS', 'ENDS', 'make_search', 'search_act_scales', 'make_minmax_sym',
            'init_minmax_sym', 'daq_choices']
 
 DEFAULT_PCTS = (100.0, 99.999, 99.99, 99.9)
+ENDS = ('paired', 'independent')      # how clipping candidates pair the two tails (`search_uniform`)
 _MAX_SUB = 1 << 20
 
 
@@ -96,9 +97,13 @@ def output_score(call, kernel, x, seg=None):
   return score
 
 
-def search_uniform(x, bits, pcts, key, symmetric, score=None):
+def search_uniform(x, bits, pcts, key, symmetric, score=None, ends: str = 'paired'):
   """Best (scale, zero) scalars over percentile candidates (one sort) by the MSE of fake_quant(x), or by
-  score(fake_quant(x)) when given (e.g. `output_score`: the layer's output error)."""
+  score(fake_quant(x)) when given (e.g. `output_score`: the layer's output error). ends 'paired': candidate i
+  clips both tails at percentile i (hi = p_i, lo = 100 - p_i); 'independent': every (lo_i, hi_j) pair, so one
+  tail can stay at its extreme while the other is clipped (len(pcts)^2 candidates; asymmetric ranges only)."""
+  if ends not in ENDS:
+    raise ActSearchError(f'ends must be one of {ENDS}, got {ends!r}')
   sub = _subsample(x, key)
   q = np.asarray([p for p in pcts if p < 100.0] + [100.0 - p for p in pcts if p < 100.0], np.float32)
   nc = len([p for p in pcts if p < 100.0])
@@ -109,6 +114,8 @@ def search_uniform(x, bits, pcts, key, symmetric, score=None):
     his, los = [v[i] for i in range(nc)], [v[nc + i] for i in range(nc)]
   if any(p >= 100.0 for p in pcts):
     his, los = [hi_all] + his, [lo_all] + los
+  if ends == 'independent' and not symmetric:
+    los, his = [lo for lo in los for _ in his], [hi for _ in los for hi in his]
   s, z = params_from_range(jnp.stack(los), jnp.stack(his), bits, symmetric=symmetric)     # [n_cand]
   # candidates unrolled (a handful): XLA:CPU runs while-loop (lax.map) bodies much slower than top-level ops
   score = score or (lambda xq: jnp.mean((xq - x) ** 2))
@@ -127,14 +134,15 @@ def _v_path(softmax_path: str) -> str:
 
 def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts: Sequence[float] = DEFAULT_PCTS,
                 daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, daq_rule: str = 'llr',
-                criterion: str = 'input') -> Callable:
+                criterion: str = 'input', ends: str = 'paired') -> Callable:
   """The compiled per-slot search: fn(consts, ratios {path: r}, key, *data_batch) -> {path: per-slot record}.
 
   ratio_paths: the layers whose inputs are divided by a TCR ratio (part of the compiled signature). Reuse the
   returned function across calls with the same forward, policy and options (PAR rounds). daq_rule 'llr': the
   power-law likelihood-ratio test on sampled values (log kind `log_kind`); 'error': the errors of probs @ V
   (V: the FP input of the sibling 'av_v' point, called before the softmax) with each of uniform / log2 /
-  log-sqrt2 (`tcaq_jax.quant.daq.output_errors`). criterion 'input': a conv / dense input's clipping range by the
+  log-sqrt2 (`tcaq_jax.quant.daq.output_errors`). ends: how a conv / dense input's candidates pair the two tails
+  (`search_uniform`; post-Softmax ranges stay paired). criterion 'input': a conv / dense input's clipping range by the
   MSE of the quantized input; 'output': by the MSE of the layer's output (weights W diag(r) FP) against its FP
   output (`output_score`; a split input's segments one at a time, the other segment FP).
   """
@@ -181,13 +189,13 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
     elif spec.split:
       bounds = [(0, spec.split), (spec.split, x.shape[-1])]
       sz = [search_uniform(x[..., lo:hi], spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False,
-                           score=None if kernel is None else output_score(call, kernel, x, (lo, hi)))
+                           score=None if kernel is None else output_score(call, kernel, x, (lo, hi)), ends=ends)
             for i, (lo, hi) in enumerate(bounds)]
       rec['a_scale'] = jnp.stack([s for s, _ in sz])
       rec['a_zero'] = jnp.stack([z for _, z in sz])
     else:
       s, z = search_uniform(x, spec.a_bits, pcts, k, symmetric=False,
-                            score=None if kernel is None else output_score(call, kernel, x))
+                            score=None if kernel is None else output_score(call, kernel, x), ends=ends)
       rec['a_scale'], rec['a_zero'] = s[None], z[None]
     return rec
 
@@ -217,7 +225,7 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
                       slot_ids: np.ndarray, num_slots: int, batch: int = 64, pcts: Sequence[float] = DEFAULT_PCTS,
                       daq: bool = True, log_kind: str = 'log2', n_daq_values: int = 4096, seed: int = 0,
                       consts: Any = None, search_fn: Callable | None = None, daq_rule: str = 'llr',
-                      criterion: str = 'input') -> dict:
+                      criterion: str = 'input', ends: str = 'paired') -> dict:
   """Returns {path: LayerQState(a_scale [K, S], a_zero [K, S], [<log_kind>_delta [K], use_log2 [K]])}.
 
   daq_rule 'error': per slot the quantizer with the lowest attention-output error; use_log2 then holds 0
@@ -232,7 +240,7 @@ def search_act_scales(forward: Callable, policy, qlayers: dict, data: Sequence[n
   ratios = {p: st.r for p, st in qlayers.items() if st.r is not None and p in specs}
   if search_fn is None:
     search_fn = make_search(forward, policy, tuple(sorted(ratios)), pcts, daq, log_kind, n_daq_values, daq_rule,
-                            criterion)
+                            criterion, ends)
   per_slot = []
   for k, idx in slot_batches(slot_ids, num_slots, batch, seed, 'activation search'):
     res = search_fn(consts, ratios, jax.random.PRNGKey(seed * 7919 + k),

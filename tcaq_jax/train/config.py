@@ -21,7 +21,7 @@ from tcaq_jax.train.act_search import DEFAULT_PCTS
 from tcaq_jax.train.recon import ReconConfig
 
 __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE',
-           'RECON_TRI_STATE', 'RESUMABLE', 'flat_fields', 'define_flags',
+           'RECON_TRI_STATE', 'RESUMABLE', 'ADDED_LATER', 'flat_fields', 'define_flags',
            'config_from_flags']
 
 # Method defaults (flat flag names). 'qdiff' is Q-Diffusion's released CIFAR-10 recipe point by point
@@ -52,6 +52,10 @@ TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_ini
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
+# Fields added after runs were stored, with the value that reproduces what those runs did: a stored config
+# without one of them reads as this value (bench/demo_table.py reuses its rows; resuming skips absent fields).
+ADDED_LATER = {'act_ends': 'paired'}
+
 RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
              'eval_units', 'target_cache_mb', 'background_save')
 
@@ -177,6 +181,9 @@ class Config:
                                        "search: 'input' (MSE of the quantized input) or 'output' (MSE of the "
                                        "layer's output, FP weights W diag(r), against its FP output) (default: the "
                                        "method's)", enum=('input', 'output'))
+  act_ends: str = _f('paired', "how the activation search pairs a conv / linear input's two tails: 'paired' "
+                              "(candidate p clips both at percentile p) or 'independent' (every low x high "
+                              "candidate, len(--act_pcts)^2 of them)", enum=('paired', 'independent'))
   act_batch: int = _f(64, 'calibration samples per step for the activation range search')
   act_pcts: tuple = _f(DEFAULT_PCTS, 'percentile candidates of the activation range search (100 = min-max)',
                        item=float)
@@ -270,11 +277,16 @@ class Config:
     return not self.model_dir and not self.model_config
 
   def _check_ranges(self) -> None:
-    """Every numeric flag in its meaningful range, the regex compiles (ConfigError names the flag)."""
+    """Every numeric flag in its meaningful range, every enum flag one of its values, the regex compiles
+    (ConfigError names the flag)."""
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
+    for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
+      allowed = f.metadata.get('enum')
+      if allowed and flat[name] is not None and flat[name] not in allowed:
+        raise ConfigError(f'--{name}={flat[name]!r}: expected one of {list(allowed)}')
     for name, low in at_least.items():
       if flat[name] < low:
         raise ConfigError(f'--{name}={flat[name]}: must be >= {low}')

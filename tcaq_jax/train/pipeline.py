@@ -206,7 +206,8 @@ def _select_tcr(setup: Setup, data: dict, ratios: dict, base: dict, init_w: Call
   cands = [{p: c.get(p, LayerQState()) for p in paths} for c in cands]
   _, k, sid = _slots(setup, data, cfg.act_per_step)
   fn = setup.compiled(('tcr_select', paths), lambda: tcr_select.make_select(setup.fp_fwd, setup.policy, paths,
-                                                                            cfg.act_pcts, cfg.act_criterion))
+                                                                            cfg.act_pcts, cfg.act_criterion,
+                                                                            cfg.act_ends))
   # 'act_error': weights FP in the measure (reconstruction learns the weight rounding, not the activation ranges)
   measured = [{p: LayerQState() for p in paths}] * len(cands) if cfg.tcr_select == 'act_error' else cands
   errors = tcr_select.layer_errors(fn, ratios, measured, cfg.tcr_exponents, _arrays(data), sid, k,
@@ -237,12 +238,12 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
                              if st.r is not None and p in setup.policy.layers and setup.policy.layers[p].acts))
   search_fn = setup.compiled(('act_search', ratio_paths), lambda: act_search.make_search(
       setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, daq_rule=cfg.daq_rule,
-      criterion=cfg.act_criterion))
+      criterion=cfg.act_criterion, ends=cfg.act_ends))
   t0 = time.time()
   acts = act_search.search_act_scales(setup.fp_fwd, setup.policy, qstate.layers, _arrays(data), sid, k,
                                       cfg.act_batch, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, seed=cfg.seed,
                                       consts=setup.params, search_fn=search_fn, daq_rule=cfg.daq_rule,
-                                      criterion=cfg.act_criterion)
+                                      criterion=cfg.act_criterion, ends=cfg.act_ends)
   return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
 
 

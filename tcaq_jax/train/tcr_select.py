@@ -42,13 +42,13 @@ def tempered(ratios: dict, exponent: float) -> dict:
 
 
 def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[float] = DEFAULT_PCTS,
-                criterion: str = 'input') -> Callable:
+                criterion: str = 'input', ends: str = 'paired') -> Callable:
   """The compiled per-slot error: fn(consts, ratios {path: [A, C]}, wq {path: (scale [A, ..], zero [A, ..]) or
   None}, key, *data_batch) -> {path: {'err': [A] mean squared output error of the layer per candidate,
   'power': mean squared FP output}}.
 
   forward(consts, *data) runs the FP model; `paths` are the conv / dense layers that may take TCR. wq[path] None:
-  the layer's weights stay FP in the measure. criterion: the activation search's ('input' | 'output', see
+  the layer's weights stay FP in the measure. criterion, ends: the activation search's (see
   `act_search.make_search`), so that each candidate's activation quantizer is the one the search would pick."""
   specs = {p: policy.layers[p] for p in paths}
   pcts = tuple(float(p) for p in pcts)
@@ -69,7 +69,7 @@ def make_select(forward: Callable, policy, paths: Sequence[str], pcts: Sequence[
       for i, (lo, hi) in enumerate(bounds):
         score = None if criterion == 'input' else output_score(call, wa, xa, (lo, hi) if spec.split else None)
         s, z = search_uniform(xa[..., lo:hi], spec.a_bits, pcts, jax.random.fold_in(k, i), symmetric=False,
-                              score=score)
+                              score=score, ends=ends)
         qs.append(fake_quant(xa[..., lo:hi], s, z, spec.a_bits))
       xq = jnp.concatenate(qs, axis=-1) if len(qs) > 1 else qs[0]
       if wq[call.path] is not None:

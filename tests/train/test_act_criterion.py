@@ -11,15 +11,7 @@ import pytest
 from tcaq_jax.quant.policy import LayerSpec
 from tcaq_jax.train import act_search
 
-
-def _fq(x, s, z, bits):
-  return (np.clip(np.round(x / s) + z, 0, 2 ** bits - 1) - z) * s
-
-
-def _params(lo, hi, bits):
-  lo, hi = min(lo, 0.), max(hi, 0.)
-  s = (hi - lo) / (2 ** bits - 1)
-  return s, np.clip(-np.round(lo / s), 0, 2 ** bits - 1)
+from np_quant import fq, params as qparams  # noqa: E402  (tests/train/np_quant.py)
 
 
 @pytest.mark.parametrize('criterion', ['input', 'output'])
@@ -45,13 +37,13 @@ def test_clipping_follows_the_criterion(criterion):
   errs = []
   cands = [(x64.min(), x64.max()), (np.percentile(x64, 1.0), np.percentile(x64, 99.0))]
   for lo, hi in cands:
-    s, z = _params(lo, hi, bits)
-    xq = _fq(x64, s, z, bits)
+    s, z = qparams(lo, hi, bits)
+    xq = fq(x64, s, z, bits)
     errs.append(np.mean((xq - x64) ** 2) if criterion == 'input' else
                 np.mean(((xq @ w64 + b64) - (x64 @ w64 + b64)) ** 2))
   best = int(np.argmin(errs))
   assert best == (0 if criterion == 'input' else 1)
-  s_want, _ = _params(*cands[best], bits)
+  s_want, _ = qparams(*cands[best], bits)
   np.testing.assert_allclose(float(np.asarray(got['a_scale']).reshape(())), s_want, rtol=1e-4)
 
 
