@@ -42,6 +42,8 @@ flags.DEFINE_list('sample', [], "also sample --num_samples images (DDIM, the run
                   "leave-one-out scan")
 flags.DEFINE_integer('num_samples', 500, 'images per --sample mask')
 flags.DEFINE_integer('seed', 123, 'sample seed (bench/demo_table.py uses 123)')
+flags.DEFINE_string('fp_samples', None, "the FP model's samples for --seed as .npy (float in [-1, 1], e.g. a demo "
+                    "table's fp_samples.npy; its first --num_samples are used) instead of sampling them again")
 FLAGS = flags.FLAGS
 
 
@@ -145,15 +147,22 @@ def sample_masks(q, paths):
   loaded = (q.model, q.params, q.config)
   kw = dict(num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, steps=steps, skip_type=skip, eta=eta,
             seed=FLAGS.seed, loaded=loaded, progress=False)
-  fp = generate(None, **kw)
+  to_float = lambda u8: u8.astype(np.float32) / 127.5 - 1.0
+  if FLAGS.fp_samples:
+    fp = np.load(FLAGS.fp_samples)[:FLAGS.num_samples]
+    if fp.shape[0] != FLAGS.num_samples:
+      raise app.UsageError(f'--fp_samples={FLAGS.fp_samples!r} holds {fp.shape[0]} samples, fewer than '
+                           f'--num_samples={FLAGS.num_samples}')
+  else:
+    fp = to_float(generate(None, **kw))
   out = {'fp': demo_quality(fp)}
   print(f"fp: digits-FID {out['fp']['fid']:.3f}")
   for name in FLAGS.sample:
     mask = {p: jnp.float32(v) for p, v in mask_of(name, paths).items()}
     eps = Partial(fn, params_q, q.qstate, mask)
-    imgs = generate(None, eps_fn_builder=lambda m, p, c, e=eps: e, **kw)
+    imgs = to_float(generate(None, eps_fn_builder=lambda m, p, c, e=eps: e, **kw))
     r = demo_quality(imgs)
-    r["mse_vs_fp"] = float((((imgs.astype(np.float32) - fp) / 127.5) ** 2).mean())
+    r['mse_vs_fp'] = float(((imgs - fp) ** 2).mean())
     out[name] = r
     print(f"{name}: digits-FID {r['fid']:.3f}, confident {r['confident_fraction']:.3f}, "
           f"image MSE vs FP {r['mse_vs_fp']:.5f}")

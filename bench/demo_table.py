@@ -126,6 +126,8 @@ DIAG_ROWS = [
                                           'act_pcts': (100.0, 99.999, 99.99, 99.95, 99.9, 99.8, 99.5, 99.0)}),
     # each tail of an input clipped at its own percentile (16 candidates instead of 4)
     ('tcaq_w6a6_ends', 'tcaq', 6, 6, {'act_ends': 'independent'}),
+    # LSQ at 4-bit activations
+    ('tcaq_w4a4_lsq_lr4e4', 'tcaq', 4, 4, {'learn_act_scale': True, 'act_lr': 4e-4}),
 ]
 
 
