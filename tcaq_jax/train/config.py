@@ -40,11 +40,12 @@ METHOD_DEFAULTS = {
     'qdiff_plus': dict(_COMMON, learn_act_scale=True, weight_init='lp', reconstruct=True),
     'minmax': dict(_COMMON, learn_act_scale=False, weight_init='minmax', reconstruct=False),
 }
-# tcaq learns its activation step sizes (LSQ, per calibration slot, jointly with AdaRound, --act_lr 4e-4) when
-# activations have at most this many bits (--learn_act_scale unset). Demo W6A6 at iters_scale 0.005, 2,000
-# samples: digits-FID 3.85 -> 3.48 (FP 2.45), paired MSE vs FP's samples 3.76e-3 -> 3.48e-3
-# (docs/results/fidelity.md); at 8-bit activations it costs reconstruction time for little to gain.
-TCAQ_LSQ_MAX_A_BITS = 6
+# tcaq learns its activation step sizes (LSQ, per calibration slot, jointly with AdaRound, --act_lr 4e-4) at these
+# activation bit widths (--learn_act_scale unset). Measured on the demo (docs/results/fidelity.md): W6A6 at
+# iters_scale 0.005, 2,000 samples: digits-FID 3.85 -> 3.48 (FP 2.45), MSE vs FP's samples 3.76e-3 -> 3.48e-3;
+# W4A4, 500 samples: FID 35.6 -> 45.6, MSE 53.8e-3 -> 69.9e-3, speckle 2.1x -> 4.5x FP (worse: off at 4 bits);
+# 8-bit activations have little error to gain from it and it costs reconstruction time; other widths unmeasured.
+TCAQ_LSQ_A_BITS = (6,)
 
 # Fields whose None means "the model's default": the paper's sizes for real models, CPU-sized ones for the
 # shipped demo (no --model_dir and no --model_config), so `python -m tcaq_jax.train.calibrate` is a quick first run.
@@ -145,7 +146,7 @@ class Config:
   act_per_step: bool | None = _f(None, "one activation scale per calibration step instead of one for all steps "
                                        "(default: the method's)")
   learn_act_scale: bool | None = _f(None, "learn activation scales (LSQ) during reconstruction (default: the "
-                                          f"method's; tcaq: on at --a_bits <= {TCAQ_LSQ_MAX_A_BITS})")
+                                          f"method's; tcaq: on at --a_bits in {list(TCAQ_LSQ_A_BITS)})")
   weight_init: str | None = _f(None, "weight scale init: 'lp' (BRECQ Lp search, p=2.4) or 'minmax' (default: "
                                      "the method's)", enum=('lp', 'minmax'))
   reconstruct: bool | None = _f(None, "run BRECQ/AdaRound block reconstruction (default: the method's)")
@@ -243,7 +244,7 @@ class Config:
     if self.r_tru < 0:
       new['r_tru'] = 3.0 if (self.w_bits, self.a_bits) == (4, 8) else 0.0
     if self.method == 'tcaq' and self.learn_act_scale is None and (self.reconstruct is not False):
-      new['learn_act_scale'] = self.a_bits <= TCAQ_LSQ_MAX_A_BITS
+      new['learn_act_scale'] = self.a_bits in TCAQ_LSQ_A_BITS
     if self.method == 'minmax':
       if tuple(float(p) for p in self.act_pcts) not in ((100.0,), tuple(DEFAULT_PCTS)):
         raise ConfigError(f'--act_pcts={",".join(map(str, self.act_pcts))} has no effect with --method=minmax '

@@ -132,10 +132,11 @@ def test_bad_values_and_ignored_combinations_are_refused(flat, match):
 
 def test_tcr_select_auto_resolves_by_bit_widths():
   assert Config(w_bits=6, a_bits=6).resolve().tcr_select == 'error'
-  # tcaq learns activation step sizes at <= 6-bit activations (config.TCAQ_LSQ_MAX_A_BITS), at act_lr 4e-4
+  # tcaq learns activation step sizes at 6-bit activations (config.TCAQ_LSQ_A_BITS), at act_lr 4e-4
   w6a6 = Config(w_bits=6, a_bits=6).resolve()
   assert w6a6.learn_act_scale is True and w6a6.recon.act_lr == 4e-4
   assert Config(w_bits=4, a_bits=8).resolve().learn_act_scale is False
+  assert Config(w_bits=4, a_bits=4).resolve().learn_act_scale is False                      # measured worse
   assert Config(w_bits=6, a_bits=6, learn_act_scale=False).resolve().learn_act_scale is False   # explicit kept
   assert Config(w_bits=6, a_bits=6, reconstruct=False).resolve().learn_act_scale is False
   assert Config(method='qdiff_plus', w_bits=6, a_bits=6).resolve().recon.act_lr == 4e-5
