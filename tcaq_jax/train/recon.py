@@ -57,7 +57,7 @@ class ReconConfig:
   warmup: float = _f(0.2, 'share of the iterations without the rounding regulariser')
   lr: float = _f(1e-3, 'Adam learning rate of the AdaRound alphas')
   act_lr: float | None = _f(None, "Adam learning rate of learned activation scales (--learn_act_scale) (default: "
-                                  "the method's: 4e-5, qdiff 4e-4)", kind=float)
+                                  "the method's: qdiff and tcaq 4e-4, qdiff_plus 4e-5)", kind=float)
   act_iters: int = _f(5000, 'iterations per unit of the activation-scale pass of --schedule=two_pass (scaled by '
                             '--iters_scale)')
   act_p: float = _f(2.4, 'loss exponent p of the activation-scale pass (sum over channels of |a - y|^p)')
