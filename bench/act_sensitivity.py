@@ -6,7 +6,8 @@ calibration set: FP trajectories at the calibrated steps) with
   w_only  weights quantized, every activation FP
   -L      all but layer L's input quantized (how much L costs with the rest quantized)
   +L      only L's input quantized (L alone, on top of w_only)
-One compile: which inputs are quantized is a traced 0/1 mask per layer (a select, so exact either way).
+One compile: which inputs are quantized is a traced 0/1 mask per layer (`act_interceptor`'s act_mask, a select,
+so exact either way).
 
   PYTHONPATH=. python bench/act_sensitivity.py --run_dir runs/demo_table_2k/tcaq_w6a6 --out runs/act_sens.json
 Prints one table (layers by -L gain, largest first) and writes JSON.
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.diffusion.capture import CalibData
+from tcaq_jax.diffusion.schedules import schedule_from_config
 from tcaq_jax.quant import apply as qapply
 from tcaq_jax.quantized import load_quantized
 
@@ -48,22 +50,9 @@ FLAGS = flags.FLAGS
 
 
 def masked_apply(model, params_q, qstate, policy, mask: dict, x, t, step_index):
-  """model.apply with (already quantized) weights; layer `path`'s input is quantized where mask[path] is 1."""
-  slot = qapply.slot_of(qstate, step_index)
-
-  def icpt(next_fun, args, kwargs, ctx):
-    if ctx.method_name != '__call__' or not args:
-      return next_fun(*args, **kwargs)
-    path = '/'.join(ctx.module.path)
-    spec = policy.layers.get(path)
-    st = qstate.layers.get(path)
-    if spec is None or not spec.acts or st is None or st.a_scale is None:
-      return next_fun(*args, **kwargs)
-    xr = qapply.act_fake_quant(args[0], st, spec, slot, quantize=False)
-    xq = qapply.act_fake_quant(args[0], st, spec, slot)
-    return next_fun(jnp.where(mask[path] > 0.5, xq, xr), *args[1:], **kwargs)
-
-  with nn.intercept_methods(icpt):
+  """model.apply with (already quantized) weights; layer `path`'s input is quantized where mask[path] is 1
+  (`act_interceptor`'s act_mask)."""
+  with nn.intercept_methods(qapply.act_interceptor(qstate, policy, step_index, act_mask=mask)):
     return model.apply({'params': params_q}, x, t)
 
 
@@ -76,20 +65,21 @@ def main(_):
   si = np.repeat(data.step_index, n).astype(np.int32)
   paths = [p for p, s in q.policy.layers.items() if s.acts and p in q.qstate.layers]
   params_q = qapply.quantize_weights(q.params, q.qstate, q.policy, 'hard')
-  fp = jax.jit(lambda x, t: q.model.apply({'params': q.params}, x, t))
-  run = jax.jit(lambda m, x, t, s: masked_apply(q.model, params_q, q.qstate, q.policy, m, x, t, s))
   if FLAGS.sample:
-    return sample_masks(q, paths)
+    return sample_masks(q, paths, params_q)
+  # params and quantizer state are jit arguments (closed over, they would be baked into the program as constants)
+  fp = jax.jit(lambda p, x, t: q.model.apply({'params': p}, x, t))
+  run = jax.jit(lambda p, qs, m, x, t, s: masked_apply(q.model, p, qs, q.policy, m, x, t, s))
   b = FLAGS.batch
-  ref = np.concatenate([np.asarray(fp(xs[i:i + b], ts[i:i + b])) for i in range(0, len(xs), b)])
+  ref = np.concatenate([np.asarray(fp(q.params, xs[i:i + b], ts[i:i + b])) for i in range(0, len(xs), b)])
   k = len(data.t)
-  from tcaq_jax.diffusion.schedules import schedule_from_config
   abar = schedule_from_config(q.config)[data.t]
   weight = np.ones(k) if FLAGS.space == 'eps' else (1 - abar) / abar
 
   def err(mask):
     m = {p: jnp.float32(v) for p, v in mask.items()}
-    out = np.concatenate([np.asarray(run(m, xs[i:i + b], ts[i:i + b], si[i:i + b])) for i in range(0, len(xs), b)])
+    out = np.concatenate([np.asarray(run(params_q, q.qstate, m, xs[i:i + b], ts[i:i + b], si[i:i + b]))
+                          for i in range(0, len(xs), b)])
     d = ((out - ref) ** 2).reshape(k, n, -1).mean(axis=(1, 2)) * weight
     return float(d.mean()), d
 
@@ -135,14 +125,13 @@ def mask_of(name: str, paths: list) -> dict:
   return {p: float((p in chosen) == (name[0] == '+')) for p in paths}
 
 
-def sample_masks(q, paths):
+def sample_masks(q, paths, params_q):
   import functools
   from jax.tree_util import Partial
   from tcaq_jax.demo.classifier import demo_quality
   from tcaq_jax.eval.sample import generate
   from tcaq_jax.quantized import check_sampler_settings
   steps, skip, eta = check_sampler_settings(q.meta, None, None, None, FLAGS.run_dir)
-  params_q = qapply.quantize_weights(q.params, q.qstate, q.policy, 'hard')
   fn = functools.partial(_masked_eps, q.model, q.policy)
   loaded = (q.model, q.params, q.config)
   kw = dict(num_samples=FLAGS.num_samples, batch_size=FLAGS.batch, steps=steps, skip_type=skip, eta=eta,

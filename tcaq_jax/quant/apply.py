@@ -155,9 +155,13 @@ def act_fake_quant(x, st: LayerQState, spec, slot, learn_scale: bool = False, qu
 
 
 def act_interceptor(qstate: QState, policy, step_index, paths: Sequence[str] | None = None,
-                    learn_scale: bool = False, quantize: bool = True):
+                    learn_scale: bool = False, quantize: bool = True, act_mask: dict | None = None):
   """An interceptor (for `nn.intercept_methods`) that fake-quantizes policy-selected layer inputs
-  (quantize=False: only divides them by the TCR ratio, keeping the model exact in FP)."""
+  (quantize=False: only divides them by the TCR ratio, keeping the model exact in FP).
+
+  act_mask: {layer path: scalar, may be traced}: where it is 1 the layer's input is quantized, where 0 only
+  divided by its TCR ratio (weights untouched), so one compiled program can switch single layers' activation
+  quantizers on and off (sensitivity scans); paths missing from it are quantized."""
   slot = slot_of(qstate, step_index)
   layers = qstate.layers
 
@@ -175,6 +179,8 @@ def act_interceptor(qstate: QState, policy, step_index, paths: Sequence[str] | N
     elif st is None or st.a_scale is None:
       raise ApplyError(f'layer {path!r}: policy quantizes its input but qstate has no a_scale')
     x = act_fake_quant(args[0], st, spec, slot, learn_scale, quantize)
+    if quantize and act_mask is not None and path in act_mask:
+      x = jnp.where(act_mask[path] > 0.5, x, act_fake_quant(args[0], st, spec, slot, quantize=False))
     return next_fun(x, *args[1:], **kwargs)
 
   return interceptor

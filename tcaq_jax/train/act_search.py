@@ -150,6 +150,8 @@ def make_search(forward: Callable, policy, ratio_paths: Sequence[str] = (), pcts
     raise ActSearchError(f"daq_rule must be 'llr' or 'error', got {daq_rule!r}")
   if criterion not in ('input', 'output'):
     raise ActSearchError(f"criterion must be 'input' or 'output', got {criterion!r}")
+  if ends not in ENDS:
+    raise ActSearchError(f'ends must be one of {ENDS}, got {ends!r}')
   specs = {s.path: s for s in policy.layers.values() if s.acts}
   ratio_paths = frozenset(ratio_paths)
   pcts = tuple(float(p) for p in pcts)

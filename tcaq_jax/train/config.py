@@ -17,7 +17,7 @@ import os
 import re
 from typing import Any, Iterator
 
-from tcaq_jax.train.act_search import DEFAULT_PCTS
+from tcaq_jax.train.act_search import DEFAULT_PCTS, ENDS
 from tcaq_jax.train.recon import ReconConfig
 
 __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE',
@@ -32,6 +32,7 @@ _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='jo
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
                calib_step_rule='linspace', keep_best=False, act_criterion='input')
 METHOD_DEFAULTS = {
+    # tcaq's learn_act_scale: by bit width in resolve() (TCAQ_LSQ_A_BITS); False is what other widths get
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True, keep_best=True, act_lr=4e-4),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
@@ -190,7 +191,7 @@ class Config:
                                        "method's)", enum=('input', 'output'))
   act_ends: str = _f('paired', "how the activation search pairs a conv / linear input's two tails: 'paired' "
                               "(candidate p clips both at percentile p) or 'independent' (every low x high "
-                              "candidate, len(--act_pcts)^2 of them)", enum=('paired', 'independent'))
+                              "candidate, len(--act_pcts)^2 of them)", enum=ENDS)
   act_batch: int = _f(64, 'calibration samples per step for the activation range search')
   act_pcts: tuple = _f(DEFAULT_PCTS, 'percentile candidates of the activation range search (100 = min-max)',
                        item=float)
@@ -243,7 +244,7 @@ class Config:
         raise ConfigError(f'--{name}={getattr(self, name)}: expected 2..16')
     if self.r_tru < 0:
       new['r_tru'] = 3.0 if (self.w_bits, self.a_bits) == (4, 8) else 0.0
-    if self.method == 'tcaq' and self.learn_act_scale is None and (self.reconstruct is not False):
+    if self.method == 'tcaq' and self.learn_act_scale is None:        # off again below without reconstruction
       new['learn_act_scale'] = self.a_bits in TCAQ_LSQ_A_BITS
     if self.method == 'minmax':
       if tuple(float(p) for p in self.act_pcts) not in ((100.0,), tuple(DEFAULT_PCTS)):
