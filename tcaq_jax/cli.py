@@ -10,7 +10,8 @@ ConfigError, FidError) or a file-system error (missing file, permission denied, 
 Extra positional arguments are refused (a misspelt flag such as `-out_dir x` would otherwise be ignored).
 `--help` / `--helpfull` exit with status 0. `--compile_cache=DIR` (default ~/.cache/tcaq_jax/xla, or the
 environment variable TCAQ_JAX_COMPILE_CACHE; '' turns it off) enables JAX's persistent compilation cache, so a
-second run of the same programs loads them instead of compiling.
+second run of the same programs loads them instead of compiling. `--xla_cpu_opt_level` (default 1) sets XLA:CPU's
+LLVM optimisation level before JAX starts (CPU-only processes): faster compiles, same run time (jit_stats).
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import os
 import sys
 from typing import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from tcaq_jax.jit_stats import DEFAULT_CACHE_DIR, enable_compile_cache
+from tcaq_jax.jit_stats import DEFAULT_CACHE_DIR, DEFAULT_CPU_OPT_LEVEL, enable_compile_cache, set_cpu_opt_level
 
 __all__ = ['EXIT_ERROR', 'is_project_error', 'one_line', 'run']
 
@@ -51,6 +52,11 @@ def _define_common():
   if 'compile_cache' not in flags.FLAGS:
     flags.DEFINE_string('compile_cache', os.environ.get('TCAQ_JAX_COMPILE_CACHE', DEFAULT_CACHE_DIR),
                         "JAX persistent compilation cache dir ('' = off)")
+  if 'xla_cpu_opt_level' not in flags.FLAGS:
+    flags.DEFINE_integer('xla_cpu_opt_level', DEFAULT_CPU_OPT_LEVEL,
+                         'XLA:CPU LLVM optimisation level (--xla_backend_optimization_level) when running on the CPU '
+                         'only: 1 compiles 20-40%% faster than XLA\'s default 3 and runs as fast on the UNets; -1 '
+                         'keeps XLA\'s default (XLA_FLAGS, when it sets one, wins)')
 
 
 def run(main: Callable[[list], None]) -> None:
@@ -61,6 +67,7 @@ def run(main: Callable[[list], None]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected positional arguments {argv[1:]} (flags are --name=value)')
     try:
+      logging.info('XLA:CPU optimisation level: %s', set_cpu_opt_level(flags.FLAGS.xla_cpu_opt_level))
       enable_compile_cache(flags.FLAGS.compile_cache)
       return main(argv)
     except Exception as e:  # noqa: BLE001  (filtered right below)

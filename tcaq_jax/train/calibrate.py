@@ -17,10 +17,12 @@ method's defaults (ablations).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import os
 import sys
+import threading
 import time
 
 from absl import flags, logging
@@ -31,7 +33,7 @@ from tcaq_jax.train import config as config_lib
 from tcaq_jax.train.config import config_from_flags, define_flags
 from tcaq_jax.train.pipeline import Hooks, run
 
-__all__ = ['demo_quality_check', 'summary_lines']
+__all__ = ['DemoQuality', 'demo_quality_check', 'fp_half', 'summary_lines']
 
 
 QUALITY_SEED = 1234
@@ -45,45 +47,82 @@ def _fp_cache_file(setup, classifier_params, n: int, cache_dir: str) -> str:
 
   cfg = setup.cfg
   key = {'model': setup.fingerprint, 'classifier': params_fingerprint(classifier_params), 'n': n,
-         'seed': QUALITY_SEED, 'batch': min(n, cfg.capture_batch), 'num_steps': cfg.num_steps,
+         'seed': QUALITY_SEED, 'batch': setup.sample_batch, 'num_steps': cfg.num_steps,
          'skip_type': cfg.skip_type, 'eta': cfg.eta, 'jax': jax.__version__, 'backend': jax.default_backend()}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
   return os.path.join(os.path.expanduser(cache_dir), f'{digest}.json')
 
 
-def demo_quality_check(setup, qstate, n: int, fp_cache: str = '') -> dict:
-  """Digit-classifier FID / confident share of n FP and n quantized samples of the shipped demo model (same
-  seeds, the calibrated sampler settings), sampled with the run's own compiled samplers and batch size (no new
-  compiles). The FP half is the same for every run with the same settings: with fp_cache (a dir) it is read from
-  there when present (marked 'cached') and stored after it is computed. The demo's classifier is a plug-in:
-  imported only here."""
-  from tcaq_jax.demo.classifier import demo_quality, load_classifier
+def _score(setup, eps, n: int, classifier, params) -> dict:
+  """n samples of eps_fn at the run's sampler batch (its compiled step), scored by the demo classifier."""
+  from tcaq_jax.demo.classifier import demo_quality
   from tcaq_jax.diffusion.batched import sample_all
   from tcaq_jax.images import to_uint8
 
+  t0 = time.time()
+  images = sample_all(setup.sampler(eps), n, setup.sample_batch, seed=QUALITY_SEED, convert=to_uint8, pad=True)
+  res = demo_quality(images, classifier, params)
+  return {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
+
+
+def fp_half(setup, n: int, fp_cache: str = '') -> tuple[dict, tuple]:
+  """The FP half of the quality check and the loaded classifier ((classifier, params)). With fp_cache (a dir) it
+  is read from there when present (marked 'cached') and stored after it is computed. The demo's classifier is a
+  plug-in: imported only here."""
+  from tcaq_jax.demo.classifier import load_classifier
+
   classifier, params = load_classifier()          # once: it scores both halves and keys the cache
-  out = {}
   cache_file = _fp_cache_file(setup, params, n, fp_cache) if fp_cache else None
   if cache_file and os.path.isfile(cache_file):
     try:
       with open(cache_file) as f:
-        out['fp'] = dict(json.load(f), cached=True)
+        return dict(json.load(f), cached=True), (classifier, params)
     except (OSError, ValueError) as e:
       logging.warning('ignoring the unreadable FP quality cache %s: %s', cache_file, e)
-  for name, eps in (('fp', setup.fp_eps), ('quantized', setup.q_eps(qstate))):
-    if name in out:
-      continue
-    t0 = time.time()
-    images = sample_all(setup.sampler(eps), n, min(n, setup.cfg.capture_batch), seed=QUALITY_SEED, convert=to_uint8)
-    res = demo_quality(images, classifier, params)
-    out[name] = {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
-    if name == 'fp' and cache_file:
-      os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-      tmp = f'{cache_file}.{os.getpid()}.tmp'
-      with open(tmp, 'w') as f:
-        json.dump(out['fp'], f)
-      os.replace(tmp, cache_file)
-  return out
+  fp = _score(setup, setup.fp_eps, n, classifier, params)
+  if cache_file:
+    os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+    tmp = f'{cache_file}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(fp, f)
+    os.replace(tmp, cache_file)
+  return fp, (classifier, params)
+
+
+def demo_quality_check(setup, qstate, n: int, fp_cache: str = '', fp: tuple | None = None) -> dict:
+  """Digit-classifier FID / confident share of n FP and n quantized samples of the shipped demo model (same
+  seeds, the calibrated sampler settings), sampled with the run's own compiled samplers and batch size (no new
+  compiles). fp: `fp_half`'s result when it was computed already (e.g. by `DemoQuality` while the run went on)."""
+  fp_res, (classifier, params) = fp if fp is not None else fp_half(setup, n, fp_cache)
+  return {'fp': fp_res, 'quantized': _score(setup, setup.q_eps(qstate), n, classifier, params)}
+
+
+class DemoQuality:
+  """The calibrate CLI's end-of-run quality check as pipeline hooks: the FP half does not depend on the
+  calibration, so `after_capture` starts it on a background thread once the run's FP sampler is compiled (the
+  round-0 capture); it runs on the cores the calibration leaves idle (compiles, host-side search) and
+  `after_run` waits for it, then samples the quantized half."""
+
+  def __init__(self, n: int, fp_cache: str = ''):
+    self.n, self.fp_cache = n, fp_cache
+    self._fp: concurrent.futures.Future | None = None
+
+  def after_capture(self, setup, rnd: int) -> None:
+    del rnd
+    if self._fp is not None:
+      return
+    self._fp = future = concurrent.futures.Future()
+
+    def work():                  # a daemon thread: a failed calibration exits without waiting for it
+      try:
+        future.set_result(fp_half(setup, self.n, self.fp_cache))
+      except BaseException as e:  # noqa: BLE001  (re-raised by after_run's result())
+        future.set_exception(e)
+    threading.Thread(target=work, name='demo_fp_quality', daemon=True).start()
+
+  def after_run(self, setup, qstate) -> dict:
+    self.after_capture(setup, -1)
+    return {'demo_quality': demo_quality_check(setup, qstate, self.n, fp=self._fp.result())}
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -113,11 +152,11 @@ def main(argv):
   checkpoint.quiet_orbax_logs()
   cfg = config_from_flags().resolve()
   n = flags.FLAGS.demo_eval_samples
-  def quality(setup, qstate):            # runs inside the pipeline, with its compiled samplers
-    return {'demo_quality': demo_quality_check(setup, qstate, n, flags.FLAGS.demo_fp_cache)}
-
-  demo = n > 0 and not cfg.model_dir and not cfg.model_config
-  report = run(cfg, Hooks(after_run=quality if demo else None))
+  hooks = Hooks()
+  if n > 0 and not cfg.model_dir and not cfg.model_config:     # the shipped demo
+    quality = DemoQuality(n, flags.FLAGS.demo_fp_cache)
+    hooks = Hooks(after_capture=quality.after_capture, after_run=quality.after_run)
+  report = run(cfg, hooks)
   print('\n'.join(summary_lines(report)), file=sys.stderr)
   logging.info('report in %s', os.path.join(cfg.out_dir, 'report.json'))
 

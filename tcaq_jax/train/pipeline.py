@@ -55,8 +55,10 @@ class Hooks:
   """Test and tooling hooks (None: off). after_save(state): called after every checkpoint (raise to simulate a
   kill); loss_hook(rnd, unit_index) -> None or fn(loss, iteration) -> loss applied inside that unit's loss;
   after_run(setup, qstate) -> dict merged into the report (end-of-run evaluations that reuse the run's compiled
-  samplers: `Setup.sampler(setup.fp_eps)`, `Setup.sampler(setup.q_eps(qstate))`)."""
+  samplers: `Setup.sampler(setup.fp_eps)`, `Setup.sampler(setup.q_eps(qstate))`); after_capture(setup, rnd):
+  called after every calibration capture this process makes or loads (round 0's compiles the FP sampler)."""
   after_save: Callable[['CalibState'], None] | None = None
+  after_capture: Callable[['Setup', int], None] | None = None
   loss_hook: Callable[[int, int], Callable | None] | None = None
   after_run: Callable[['Setup', QState], dict] | None = None
 
@@ -106,6 +108,13 @@ class Setup:
   def built(self):
     """The signatures built so far."""
     return self._compiled.keys()
+
+  @property
+  def sample_batch(self) -> int:
+    """The batch of every sampler this run uses (the round-0 capture's, compiled there for FP and by the PAR
+    recaptures for the quantized model): the grid and end-of-run checks sample at it (padded) and compile
+    nothing new."""
+    return min(self.cfg.capture_batch, self.cfg.calib_samples)
 
   def sampler(self, eps_fn, decode: bool = False):
     dec = family.decode_fn(self.model, self.params, self.mconfig) if decode else None
@@ -401,8 +410,8 @@ def sample_grid(setup: Setup, qstate: QState, path: str) -> None:
   if n <= 0:
     return
   cond, uncond = family.cond_arrays(setup.mconfig, n, cfg.seed)
-  images = sample_all(setup.sampler(setup.q_eps(qstate), decode=True), n, cfg.capture_batch, cfg.seed + 1,
-                      cond, uncond)
+  images = sample_all(setup.sampler(setup.q_eps(qstate), decode=True), n, setup.sample_batch, cfg.seed + 1,
+                      cond, uncond, pad=True)
   save_grid(path, to_uint8(images), scale=grid_scale(images.shape[2]))
 
 
@@ -449,6 +458,8 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     else:
       data, timings['capture_round0_s'] = capture(setup, 0)
       phases['capture_s'] += timings['capture_round0_s']
+      if hooks.after_capture is not None:
+        hooks.after_capture(setup, 0)
       qstate, init_t, init_info = initialise(setup, data)
       timings.update(init_t)
       for name, key in (('statistics_s', 'tcr_s'), ('weight_init_s', 'weight_init_s'),
@@ -462,6 +473,8 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
         if rnd > 0 or data is None:
           data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
           phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
+          if hooks.after_capture is not None:
+            hooks.after_capture(setup, rnd)
         if rnd > 0 and not state.progress.act_done:
           if cfg.par_research_act or cfg.act_pass(rnd):
             qstate, secs = search_acts(setup, state.qstate, data)

@@ -60,3 +60,27 @@ def test_generate_same_images_either_loop():
   dev = generate(DEMO_UNET_DIR, sampler_loop='device', **kw)
   assert host.dtype == np.uint8 and host.shape == (4, 16, 16, 1)
   assert np.abs(host.astype(int) - dev.astype(int)).max() <= 1      # uint8 rounding of ~1e-6 float differences
+
+
+def test_padded_batches_keep_the_same_samples_and_one_batch_size():
+  """sample_batches(pad=True) samples a last partial batch at the full batch size (one compiled program) and
+  drops the extra samples: images, x_T and recorded x_t equal the unpadded run's, cond rows line up."""
+  from tcaq_jax.diffusion.batched import sample_all, sample_batches
+  coeffs = sampler_coefficients(CONFIG, 6, 'uniform', eta=1.0)
+  sampler = HostLoopSampler(cond_eps, coeffs, (4, 4, 1))
+  sizes = []
+  real = sampler.sample
+  sampler.sample = lambda *a, **k: sizes.append(a[2]) or real(*a, **k)
+  cond = np.arange(7, dtype=np.float32)
+  plain = list(sample_batches(sampler, 7, 4, seed=2, cond=cond, record=[1, 4]))
+  assert sizes == [4, 3]
+  padded = list(sample_batches(sampler, 7, 4, seed=2, cond=cond, record=[1, 4], pad=True))
+  assert sizes[2:] == [4, 4]
+  for (sa, a), (sb, b) in zip(plain, padded):
+    assert sa == sb
+    for key in ('images', 'x_T', 'x_final', 'recorded'):
+      assert b[key].shape == a[key].shape
+      np.testing.assert_allclose(np.asarray(b[key]), np.asarray(a[key]), atol=1e-6)
+  one = sample_all(sampler, 3, 8, seed=2, cond=cond[:3], pad=True)
+  assert sizes[-1] == 8 and one.shape[0] == 3
+  np.testing.assert_allclose(one, np.asarray(plain[0][1]['images'])[:3], atol=1e-6)

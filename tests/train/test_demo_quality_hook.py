@@ -1,7 +1,7 @@
-"""The calibrate CLI's end-of-run demo quality check runs inside the pipeline (Hooks.after_run) with the run's own
-samplers; its samples and scores equal an independent sampling of the saved run dir (load_quantized + a fresh
-sampler), report.json carries them with the phase time, and a second check takes the FP half from the cache the
-first one wrote (--demo_fp_cache)."""
+"""The calibrate CLI's end-of-run demo quality check runs inside the pipeline (its FP half on a thread started by
+Hooks.after_capture, the quantized half in Hooks.after_run) with the run's own samplers; its samples and scores
+equal an independent sampling of the saved run dir (load_quantized + a fresh sampler), report.json carries them
+with the phase time, and a second check takes the FP half from the cache the first one wrote (--demo_fp_cache)."""
 import json
 import os
 
@@ -14,7 +14,7 @@ from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import to_uint8
 from tcaq_jax.models import family
 from tcaq_jax.quantized import load_quantized
-from tcaq_jax.train.calibrate import demo_quality_check, summary_lines
+from tcaq_jax.train.calibrate import DemoQuality, demo_quality_check, summary_lines
 from tcaq_jax.train.pipeline import Hooks, run
 
 
@@ -25,11 +25,14 @@ def test_demo_quality_after_run_matches_an_independent_sampling(tmp_path):
              forward_batch=8, act_batch=4, png_samples=0, progress=False, out_dir=out)
   cache = str(tmp_path / 'fp_cache')
 
+  quality = DemoQuality(n, cache)           # the CLI's hooks: the FP half starts after the round-0 capture
+
   def twice(setup, q):        # the second check reads the FP half from the cache the first one wrote
-    first = demo_quality_check(setup, q, n, cache)
+    assert quality._fp is not None            # started by after_capture, on its own thread
+    first = quality.after_run(setup, q)['demo_quality']
     return {'demo_quality': first, 'again': demo_quality_check(setup, q, n, cache)}
 
-  report = run(cfg, Hooks(after_run=twice))
+  report = run(cfg, Hooks(after_capture=quality.after_capture, after_run=twice))
   dq, again = report['demo_quality'], report['again']
   assert 'cached' not in dq['fp'] and again['fp']['cached'] is True and len(os.listdir(cache)) == 1
   assert again['fp']['fid'] == dq['fp']['fid'] and again['quantized'] == dq['quantized'] | {
