@@ -99,17 +99,17 @@ def demo_quality_check(setup, qstate, n: int, fp_cache: str = '', fp: tuple | No
 
 class DemoQuality:
   """The calibrate CLI's end-of-run quality check as pipeline hooks: the FP half does not depend on the
-  calibration, so `after_capture` starts it on a background thread once the run's FP sampler is compiled (the
-  round-0 capture); it runs on the cores the calibration leaves idle (compiles, host-side search) and
-  `after_run` waits for it, then samples the quantized half."""
+  calibration, so `after_capture` starts it on a background thread at the capture of round `start_round` (the
+  first PAR round: round 0's unit compiles and weight initialisation are slowed most by a second compute thread);
+  it runs on what the calibration leaves idle, and `after_run` waits for it (starting it when no capture did),
+  then samples the quantized half."""
 
-  def __init__(self, n: int, fp_cache: str = ''):
-    self.n, self.fp_cache = n, fp_cache
+  def __init__(self, n: int, fp_cache: str = '', start_round: int = 1):
+    self.n, self.fp_cache, self.start_round = n, fp_cache, start_round
     self._fp: concurrent.futures.Future | None = None
 
   def after_capture(self, setup, rnd: int) -> None:
-    del rnd
-    if self._fp is not None:
+    if self._fp is not None or 0 <= rnd < self.start_round:
       return
     self._fp = future = concurrent.futures.Future()
 
@@ -121,7 +121,7 @@ class DemoQuality:
     threading.Thread(target=work, name='demo_fp_quality', daemon=True).start()
 
   def after_run(self, setup, qstate) -> dict:
-    self.after_capture(setup, -1)
+    self.after_capture(setup, -1)          # (-1: now, whatever start_round)
     return {'demo_quality': demo_quality_check(setup, qstate, self.n, fp=self._fp.result())}
 
 

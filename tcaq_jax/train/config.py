@@ -65,7 +65,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 ADDED_LATER = {'act_ends': 'paired'}
 
 RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
-             'eval_units', 'target_cache_mb', 'background_save')
+             'eval_units', 'target_cache_mb', 'background_save', 'precompile')
 
 
 # --tcr_select=auto: the per-layer TCR choice when weights and activations both have at least this many bits, TCR
@@ -212,6 +212,8 @@ class Config:
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
+  precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
+                              'step) on a background thread while a unit runs (same results)')
   background_save: bool = _f(True, 'write each checkpoint on a background thread while the next unit runs (a kill '
                                    'mid-write keeps the previous step)')
   target_cache_mb: int = _f(1024, "FP outputs (reconstruction targets) of every unit computed in one FP pass per "

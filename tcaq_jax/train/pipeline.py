@@ -19,9 +19,11 @@ input capture per unit path; the activation search per set of TCR layers. report
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
+import threading
 import time
 from typing import Any, Callable
 
@@ -45,6 +47,7 @@ from tcaq_jax.train import act_search, blocks, init as qinit, par, recon, tcr_se
 from tcaq_jax.train.calib_state import (CalibState, Progress, Saver, jsonable, new_report, restore_state,
                                          save_state)
 from tcaq_jax.train.config import CalibrationError, Config
+from tcaq_jax.train.precompile import Precompiler
 
 __all__ = ['CalibrationError', 'Hooks', 'Progress', 'CalibState', 'Setup', 'capture', 'initialise', 'search_acts',
            'reconstruct_unit', 'save_state', 'run']
@@ -96,13 +99,18 @@ class Setup:
     self.guidance = cfg.guidance_scale != 1.0
     self.fingerprint = params_fingerprint(self.params)
     self._compiled: dict = {}
+    self._compiled_lock = threading.Lock()
     self._q_eps = None
+    self.precompiler = Precompiler(cfg.precompile)
+    self.precompile_owner: dict = {}    # (weight pass, act pass) -> the round that precompiles their programs
+    self.trained: set = set()           # (signature, set size) of the units reconstructed in this process
 
   def compiled(self, signature: tuple, build: Callable[[], Any]) -> Any:
     """build() once per signature (a tuple naming what is compiled and its static inputs)."""
-    if signature not in self._compiled:
-      self._compiled[signature] = build()
-    return self._compiled[signature]
+    with self._compiled_lock:            # the precompile thread builds them too
+      if signature not in self._compiled:
+        self._compiled[signature] = build()
+      return self._compiled[signature]
 
   @property
   def built(self):
@@ -322,6 +330,103 @@ class RoundTargets:
                  for a in sets)
 
 
+@dataclasses.dataclass(frozen=True)
+class UnitFns:
+  """A unit's reconstruction functions for one round (shared by units with the same `sig`)."""
+  sig: tuple
+  soft: Callable
+  hard: Callable
+  eval_fn: Callable
+  chunk_fn: Callable
+  rcfg: Any
+
+
+def _passes(cfg: Config, rnd: int) -> tuple[bool, bool]:
+  """(weight-only AdaRound pass, activation pass) of round rnd."""
+  return cfg.schedule == 'two_pass' and rnd == 0, cfg.act_pass(rnd)
+
+
+def _io_fn(setup: Setup, k: int, rnd: int, with_targets: bool):
+  """Unit k's capture-group recorder in round rnd: inputs (from the model its pass uses) and, with_targets, the
+  FP outputs in the same program."""
+  w_pass, act_pass = _passes(setup.cfg, rnd)
+  in_fwd = setup.qw_fwd if w_pass else setup.fp_in_fwd if act_pass else setup.q_fwd
+  group = _capture_group(setup, k)
+  if with_targets:
+    return setup.compiled(('io', group, w_pass, act_pass), lambda: blocks.make_group_capture(group, in_fwd,
+                                                                                             setup.fp_fwd))
+  return setup.compiled(('in', group, w_pass, act_pass), lambda: blocks.make_group_capture(group, in_fwd))
+
+
+def _unit_fns(setup: Setup, rnd: int, k: int, io: blocks.CapturedIO, n: int) -> UnitFns:
+  """The compiled-function objects for unit k in round rnd (built once per signature: units alike share them)."""
+  cfg, unit = setup.cfg, setup.units[k]
+  w_pass, act_pass = _passes(cfg, rnd)
+  learn = cfg.learn_act_scale and not w_pass
+  program = setup.compiled(('program', unit.path, w_pass), lambda: blocks.unit_program(
+      setup.model, setup.params, setup.w_policy if w_pass else setup.policy, unit))
+  rcfg = cfg.recon_for_round(rnd)
+  sig = program.signature + blocks.io_signature(io) + (learn, act_pass)
+  mode = 'hard' if act_pass else 'soft'          # the activation pass keeps the learned rounding fixed
+  soft = setup.compiled(('apply', sig, mode), lambda: blocks.unit_apply_fn(program, io, mode, learn))
+  hard = setup.compiled(('apply', sig, 'hard'), lambda: blocks.unit_apply_fn(program, io, 'hard', learn))
+  eval_fn = setup.compiled(('eval', sig), lambda: recon.make_eval(hard))
+  chunk_fn = setup.compiled(('chunk', sig, n), lambda: recon.make_chunk(soft, n, rcfg))
+  return UnitFns(sig, soft, hard, eval_fn, chunk_fn, rcfg)
+
+
+def _unit_theta(setup: Setup, rnd: int, k: int, qstate: QState) -> tuple[dict, dict]:
+  """(theta: the unit's trained fields relative to it, aux: its frozen params and quantizer state)."""
+  cfg, unit = setup.cfg, setup.units[k]
+  w_pass, act_pass = _passes(cfg, rnd)
+  theta = blocks.to_relative(_trainable(qstate, unit, cfg.learn_act_scale and not w_pass, alpha=not act_pass), unit)
+  return theta, blocks.unit_aux(setup.params, qstate, unit)
+
+
+def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: dict, holdout: dict | None,
+                     targets: RoundTargets | None) -> list:
+  """Compile jobs for units first.. of round rnd (`precompile.Precompiler`): each capture recorder, and for each
+  new signature the evaluator and the reconstruction step, all for abstract arguments of the shapes the units
+  will see (a unit's inputs from `jax.eval_shape` of its recorder). Empty for a round whose passes an earlier
+  round already compiled (PAR rounds reuse round 0's programs)."""
+  cfg = setup.cfg
+  if setup.precompile_owner.setdefault(_passes(cfg, rnd), rnd) != rnd:
+    return []
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(tuple(shape), dtype)
+  grow = lambda tree, m: jax.tree.map(lambda a: sds((m,) + a.shape[1:], a.dtype), tree)
+  arrays = _arrays(data)
+  d = [sds((cfg.forward_batch,) + a.shape[1:], a.dtype) for a in arrays]
+  n = int(arrays[0].shape[0])
+  steps = jnp.asarray(data['step'])
+  n_hold = 0 if holdout is None else int(holdout['step'].shape[0])
+  consts = ((setup.params, qstate), setup.params)
+  pre = setup.precompiler
+
+  def unit_job(k):
+    unit = setup.units[k]
+    tg = targets.of(unit.path) if targets is not None else None      # computed already by the main thread
+    fn, meta = _io_fn(setup, k, rnd, tg is None)
+    if pre.once(('recorder', id(fn))):
+      fn.lower(*consts, *d).compile()
+    ins, outs = jax.eval_shape(fn, *consts, *d)
+    out = grow(outs[unit.path], n) if tg is None else tg[0]
+    io = blocks.CapturedIO(list(grow(ins[unit.path], n)), meta[unit.path]['statics'], meta[unit.path]['treedef'],
+                           out)
+    fns = _unit_fns(setup, rnd, k, io, n)
+    theta, aux = _unit_theta(setup, rnd, k, qstate)
+    if not theta:
+      return
+    if cfg.eval_units or holdout is not None:
+      for m in {recon.eval_batch(n), recon.eval_batch(n_hold, n_hold)} - {0}:
+        if pre.once(('eval', fns.sig, m)):
+          fns.eval_fn.lower(theta, aux, list(grow(io.leaves, m)), grow(io.output, m), sds((m,), steps.dtype)).compile()
+    if pre.once(('chunk', fns.sig, n)):
+      recon.precompile_chunk(fns.chunk_fn, theta, aux, io.leaves, io.output, steps, cfg.seed)
+
+  return [(('unit', rnd, k), functools.partial(unit_job, k))
+          for k in range(first, len(setup.units)) if _selected(cfg, setup.units[k])]
+
+
 def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
                      loss_hook: Callable | None = None, holdout: dict | None = None,
                      targets: RoundTargets | None = None) -> tuple[QState, dict]:
@@ -333,16 +438,14 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   cfg = setup.cfg
   unit = setup.units[k]
   t0 = time.time()
-  w_pass, act_pass = cfg.schedule == 'two_pass' and rnd == 0, cfg.act_pass(rnd)
-  in_fwd = setup.qw_fwd if w_pass else setup.fp_in_fwd if act_pass else setup.q_fwd
-  group = _capture_group(setup, k)
+  w_pass, act_pass = _passes(cfg, rnd)
   tg = targets.of(unit.path) if targets is not None else None
+  if setup.precompiler.enabled and loss_hook is None:    # the round's next units compile while this one runs
+    setup.precompiler.submit(_precompile_jobs(setup, rnd, k + 1, qstate, data, holdout, targets))
+    setup.precompiler.wait(('unit', rnd, k))
+  io_fn = _io_fn(setup, k, rnd, tg is None)
   if tg is None:                     # inputs and FP targets in one program
-    io_fn = setup.compiled(('io', group, w_pass, act_pass),
-                           lambda: blocks.make_group_capture(group, in_fwd, setup.fp_fwd))
     tg = (None, None)
-  else:                              # inputs only; the targets come from the round's one FP pass
-    io_fn = setup.compiled(('in', group, w_pass, act_pass), lambda: blocks.make_group_capture(group, in_fwd))
   io = blocks.capture_unit_io(io_fn, _arrays(data), cfg.forward_batch, in_consts=(setup.params, qstate),
                               out_consts=setup.params, path=unit.path, output=tg[0])
   steps = jnp.asarray(data['step'])
@@ -351,36 +454,27 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
     hio = blocks.capture_unit_io(io_fn, _arrays(holdout), cfg.forward_batch, in_consts=(setup.params, qstate),
                                  out_consts=setup.params, path=unit.path, output=tg[1])
   t_cap = time.time() - t0
-  learn = cfg.learn_act_scale and not w_pass
-  program = setup.compiled(('program', unit.path, w_pass), lambda: blocks.unit_program(
-      setup.model, setup.params, setup.w_policy if w_pass else setup.policy, unit))
-  theta = blocks.to_relative(_trainable(qstate, unit, learn, alpha=not act_pass), unit)
+  theta, aux = _unit_theta(setup, rnd, k, qstate)
   theta_start = theta
   if rnd > 0 and cfg.par_alpha == 'reinit' and not act_pass:
     theta = _reinit_alpha(theta)
-  aux = blocks.unit_aux(setup.params, qstate, unit)
-  rcfg = cfg.recon_for_round(rnd)
   n = int(steps.shape[0])
-  # Units with equal signatures share every compiled function below (and rounds reuse them).
-  sig = program.signature + blocks.io_signature(io) + (learn, act_pass)
-  mode = 'hard' if act_pass else 'soft'          # the activation pass keeps the learned rounding fixed
+  fns = _unit_fns(setup, rnd, k, io, n)        # units with equal signatures share them (and rounds reuse them)
+  rcfg = fns.rcfg
+  new = (fns.sig, n) not in setup.trained
+  setup.trained.add((fns.sig, n))
   stats = {'unit': unit.path, 'cls': unit.cls, 'round': rnd, 'index': k, 'layers': len(unit.layers),
-           'iters': rcfg.iters, 'capture_s': t_cap, 'new_signature': ('chunk', sig, n) not in setup.built}
-  soft = setup.compiled(('apply', sig, mode), lambda: blocks.unit_apply_fn(program, io, mode, learn))
-  hard = setup.compiled(('apply', sig, 'hard'), lambda: blocks.unit_apply_fn(program, io, 'hard', learn))
-  eval_fn = setup.compiled(('eval', sig), lambda: recon.make_eval(hard))
+           'iters': rcfg.iters, 'capture_s': t_cap, 'new_signature': new}
+  eval_fn = fns.eval_fn
   t_eval = time.time()
   if cfg.eval_units and theta:
     stats['mse_before'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
   t_eval = time.time() - t_eval
-  if loss_hook is None:
-    chunk_fn = setup.compiled(('chunk', sig, n), lambda: recon.make_chunk(soft, n, rcfg))
-  else:
-    chunk_fn = recon.make_chunk(soft, n, rcfg, loss_hook)
+  chunk_fn = fns.chunk_fn if loss_hook is None else recon.make_chunk(fns.soft, n, rcfg, loss_hook)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), rnd), k)
   try:
-    theta, rstats = recon.reconstruct(soft, theta, aux, io.leaves, io.output, steps, rcfg, key, block=unit.path,
-                                      chunk_fn=chunk_fn)
+    theta, rstats = recon.reconstruct(fns.soft, theta, aux, io.leaves, io.output, steps, rcfg, key,
+                                      block=unit.path, chunk_fn=chunk_fn)
   except recon.NonFiniteLossError as e:
     raise CalibrationError(f'{e} (round {rnd}, unit {k}); {cfg.out_dir} keeps the state saved before '
                            f'this unit: fix the cause and re-run to resume') from e

@@ -240,11 +240,15 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
   def init_carry(th, st):
     return (th, st, jnp.bool_(False), jnp.int32(-1), jnp.float32(0.), jnp.float32(0.), jnp.int32(0))
 
+  i32, f32 = jnp.int32(0), jnp.float32(1)         # the dtypes `reconstruct` passes (for precompile)
   if _device_loop(cfg.loop):
     def chunk_fn(th, st, key, start, length, total, aux, inputs, targets, steps):
       body = make_body(key, start, total, aux, inputs, targets, steps)
       return jax.lax.fori_loop(0, length, body, init_carry(th, st))
-    return jax.jit(chunk_fn)
+    device_chunk = jax.jit(chunk_fn)
+    device_chunk.precompile = lambda th, aux, inputs, targets, steps, key: device_chunk.lower(
+        th, jax.eval_shape(opt.init, th), key, i32, i32, f32, aux, inputs, targets, steps).compile()
+    return device_chunk
 
   step_jit = jax.jit(lambda i, carry, *a: make_body(*a)(i, carry))
 
@@ -254,6 +258,9 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
       carry = step_jit(jnp.int32(i), carry, key, start, total, aux, inputs, targets, steps)
     return carry
 
+  host_chunk.precompile = lambda th, aux, inputs, targets, steps, key: step_jit.lower(
+      i32, jax.eval_shape(init_carry, th, jax.eval_shape(opt.init, th)), key, i32, f32, aux, inputs, targets,
+      steps).compile()
   return host_chunk
 
 
@@ -262,13 +269,28 @@ def make_eval(apply_fn: Callable) -> Callable:
   return jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
 
 
+def _eval_count(total: int, batch: int, max_samples: int) -> int:
+  n = min(total, max_samples)
+  return n - n % batch if n > batch else n          # equal batches: one compiled shape
+
+
+def eval_batch(total: int, max_samples: int = 256, batch: int = 64) -> int:
+  """The batch size `eval_loss` calls eval_fn with for a set of `total` samples (0 for an empty set)."""
+  return min(_eval_count(total, batch, max_samples), batch)
+
+
+def precompile_chunk(chunk_fn: Callable, theta: dict, aux: Any, inputs: Sequence, targets: Any, steps: Any,
+                     seed: int = 0) -> None:
+  """Compiles a `make_chunk` chunk for these arguments (arrays or jax.ShapeDtypeStruct) without running it: the
+  later `reconstruct` call with arrays of the same shapes finds it compiled."""
+  chunk_fn.precompile(theta, aux, list(inputs), targets, steps, jax.random.PRNGKey(seed))
+
+
 def eval_loss(eval_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
               steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
   """Mean rec_loss over max_samples evenly spaced samples of the set; eval_fn from `make_eval(apply_fn)`."""
   total = int(steps.shape[0])
-  n = min(total, max_samples)
-  if n > batch:
-    n -= n % batch                      # equal batches: one compiled shape
+  n = _eval_count(total, batch, max_samples)
   sel = jnp.asarray(np.linspace(0, total - 1, n).round().astype(np.int32))
   tot = 0.0
   for i in range(0, n, batch):

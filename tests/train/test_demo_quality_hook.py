@@ -25,7 +25,7 @@ def test_demo_quality_after_run_matches_an_independent_sampling(tmp_path):
              forward_batch=8, act_batch=4, png_samples=0, progress=False, out_dir=out)
   cache = str(tmp_path / 'fp_cache')
 
-  quality = DemoQuality(n, cache)           # the CLI's hooks: the FP half starts after the round-0 capture
+  quality = DemoQuality(n, cache, start_round=0)    # the CLI's hooks (its FP half from the round-0 capture on)
 
   def twice(setup, q):        # the second check reads the FP half from the cache the first one wrote
     assert quality._fp is not None            # started by after_capture, on its own thread
