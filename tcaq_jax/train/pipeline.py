@@ -416,10 +416,10 @@ def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: d
     theta, aux = _unit_theta(setup, rnd, k, qstate)
     if not theta:
       return
-    if cfg.eval_units or holdout is not None:
-      for m in {recon.eval_batch(n), recon.eval_batch(n_hold, n_hold)} - {0}:
-        if pre.once(('eval', fns.sig, m)):
-          fns.eval_fn.lower(theta, aux, list(grow(io.leaves, m)), grow(io.output, m), sds((m,), steps.dtype)).compile()
+    # the evaluator's batch sizes: on the reconstruction set (--eval_units) and on the held-out set (--keep_best)
+    for m in {recon.eval_batch(n) if cfg.eval_units else 0, recon.eval_batch(n_hold, n_hold)} - {0}:
+      if pre.once(('eval', fns.sig, m)):
+        fns.eval_fn.lower(theta, aux, list(grow(io.leaves, m)), grow(io.output, m), sds((m,), steps.dtype)).compile()
     if pre.once(('chunk', fns.sig, n)):
       recon.precompile_chunk(fns.chunk_fn, theta, aux, io.leaves, io.output, steps, cfg.seed)
 
