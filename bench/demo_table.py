@@ -128,6 +128,9 @@ DIAG_ROWS = [
     ('tcaq_w6a6_ends', 'tcaq', 6, 6, {'act_ends': 'independent'}),
     # LSQ at 4-bit activations
     ('tcaq_w4a4_lsq_lr4e4', 'tcaq', 4, 4, {'learn_act_scale': True, 'act_lr': 4e-4}),
+    # LSQ only on conv / dense inputs: at act_lr 4e-4 the attention units' reconstruction diverges (held-out error
+    # 0.96 -> 20.3 at up_1/attn_0, 0.46 -> 2.25 at down_1/attn_0, reverted by keep_best; session 8)
+    ('tcaq_w6a6_lsq_convdense', 'tcaq', 6, 6, {'lsq_kinds': ('conv', 'dense')}),
 ]
 
 

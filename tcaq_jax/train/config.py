@@ -62,7 +62,9 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
 # Fields added after runs were stored, with the value that reproduces what those runs did: a stored config
 # without one of them reads as this value (bench/demo_table.py reuses its rows; resuming skips absent fields).
-ADDED_LATER = {'act_ends': 'paired'}
+ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax')}
+# Quantization-point kinds (tcaq_jax.quant.policy) whose step sizes --learn_act_scale learns by default.
+LSQ_KINDS = ('conv', 'dense', 'matmul', 'softmax')
 
 RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
              'eval_units', 'target_cache_mb', 'background_save', 'precompile')
@@ -148,6 +150,9 @@ class Config:
                                        "(default: the method's)")
   learn_act_scale: bool | None = _f(None, "learn activation scales (LSQ) during reconstruction (default: the "
                                           f"method's; tcaq: on at --a_bits in {list(TCAQ_LSQ_A_BITS)})")
+  lsq_kinds: tuple = _f(LSQ_KINDS, 'kinds of quantization points whose activation step sizes LSQ learns (with '
+                                   '--learn_act_scale; the others keep their searched steps): conv / dense (layer '
+                                   'inputs), matmul (attention operands), softmax (post-Softmax)')
   weight_init: str | None = _f(None, "weight scale init: 'lp' (BRECQ Lp search, p=2.4) or 'minmax' (default: "
                                      "the method's)", enum=('lp', 'minmax'))
   reconstruct: bool | None = _f(None, "run BRECQ/AdaRound block reconstruction (default: the method's)")
@@ -314,6 +319,9 @@ class Config:
     bad = [p for p in self.act_pcts if not 0.0 < float(p) <= 100.0]
     if bad or not self.act_pcts:
       raise ConfigError(f'--act_pcts: percentiles must be in (0, 100], got {list(self.act_pcts)}')
+    bad = [k for k in self.lsq_kinds if k not in LSQ_KINDS]
+    if bad:
+      raise ConfigError(f'--lsq_kinds: expected kinds among {list(LSQ_KINDS)}, got {list(self.lsq_kinds)}')
     exps = [float(e) for e in self.tcr_exponents]
     if not exps or any(not 0.0 <= e <= 4.0 for e in exps) or len(set(exps)) != len(exps):
       raise ConfigError(f'--tcr_exponents: distinct exponents in [0, 4] expected, got {list(self.tcr_exponents)}')

@@ -264,13 +264,15 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
   return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
 
 
-def _trainable(qstate: QState, unit: blocks.Unit, learn: bool, alpha: bool = True) -> dict:
+def _trainable(qstate: QState, unit: blocks.Unit, learn: bool, alpha: bool = True, policy=None,
+               lsq_kinds: tuple | None = None) -> dict:
   """{layer path: LayerQState with the fields reconstruction trains (alpha unless alpha=False; a_scale when
-  learned)}."""
+  learned, and with a policy only for layers whose kind is in lsq_kinds)}."""
   theta = {}
   for p in unit.layers:
     st = qstate.layers.get(p, LayerQState())
-    th = LayerQState(alpha=st.alpha if alpha else None, a_scale=st.a_scale if learn else None)
+    kind_ok = policy is None or lsq_kinds is None or policy.layers[p].kind in lsq_kinds
+    th = LayerQState(alpha=st.alpha if alpha else None, a_scale=st.a_scale if learn and kind_ok else None)
     if th.set_fields():
       theta[p] = th
   return theta
@@ -379,7 +381,8 @@ def _unit_theta(setup: Setup, rnd: int, k: int, qstate: QState) -> tuple[dict, d
   """(theta: the unit's trained fields relative to it, aux: its frozen params and quantizer state)."""
   cfg, unit = setup.cfg, setup.units[k]
   w_pass, act_pass = _passes(cfg, rnd)
-  theta = blocks.to_relative(_trainable(qstate, unit, cfg.learn_act_scale and not w_pass, alpha=not act_pass), unit)
+  theta = blocks.to_relative(_trainable(qstate, unit, cfg.learn_act_scale and not w_pass, alpha=not act_pass,
+                                        policy=setup.policy, lsq_kinds=tuple(cfg.lsq_kinds)), unit)
   return theta, blocks.unit_aux(setup.params, qstate, unit)
 
 
