@@ -9,5 +9,28 @@ if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+
+@pytest.fixture(scope='module')
+def load_bench():
+  """load_bench(name) -> bench/<name>.py as a module. The absl flags it defines are removed when the test module
+  ends: two bench scripts define flags of the same name (--out), and pytest-xdist may run both test files in one
+  process."""
+  import importlib.util
+  from absl import flags
+  before = set(flags.FLAGS)
+
+  def load(name):
+    spec = importlib.util.spec_from_file_location(f'{name}_under_test', os.path.join(ROOT, 'bench', f'{name}.py'))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+  yield load
+  for name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, name)

@@ -1,6 +1,5 @@
 """bench/demo_table.py's rows and outputs (table.json, table.md, the FID chart and the sample-grid image, resume
 under the same settings), on synthetic rows: no calibration runs here."""
-import importlib.util
 import json
 import os
 
@@ -11,12 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope='module')
-def table():
+def table(load_bench):
   pytest.importorskip('matplotlib')
-  spec = importlib.util.spec_from_file_location('demo_table_under_test', os.path.join(ROOT, 'bench', 'demo_table.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+  return load_bench('demo_table')
 
 
 def test_rows_cover_the_baselines_the_paper_rules_and_the_ablations(table):

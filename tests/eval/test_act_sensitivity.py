@@ -1,7 +1,6 @@
 """bench/act_sensitivity.py's masked forward: a traced 0/1 mask per layer must reproduce quantized_apply with
 the matching policy (all on, all off, one layer alone), and its mask names must be checked."""
 import dataclasses
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -17,12 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope='module')
-def sens():
-  spec = importlib.util.spec_from_file_location('act_sensitivity_under_test',
-                                                os.path.join(ROOT, 'bench', 'act_sensitivity.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+def sens(load_bench):
+  return load_bench('act_sensitivity')
 
 
 @pytest.fixture(scope='module')
