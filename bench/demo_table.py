@@ -41,7 +41,7 @@ from absl import app, flags, logging  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tcaq_jax import checkpoint  # noqa: E402
+from tcaq_jax import atomic_io, checkpoint  # noqa: E402
 from tcaq_jax.checkpoint import quiet_orbax_logs  # noqa: E402
 from tcaq_jax.diffusion.batched import sample_all  # noqa: E402
 from tcaq_jax.diffusion.ddim import sampler_coefficients  # noqa: E402
@@ -337,10 +337,8 @@ def fill_speckle(record: dict, fp_images: np.ndarray | None) -> None:
 
 def write_outputs(out: str, results: dict, current: dict) -> None:
   """table.json, table.md, fid_chart.png and sample_grids.png from the rows so far (atomic json)."""
-  tmp = os.path.join(out, 'table.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump({'settings': current, 'rows': list(results.values())}, f, indent=1)
-  os.replace(tmp, os.path.join(out, 'table.json'))
+  atomic_io.write_json(os.path.join(out, 'table.json'), {'settings': current, 'rows': list(results.values())},
+                       indent=1)
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write('\n'.join(table_lines(results, current)) + '\n')
   plot_chart(results, os.path.join(out, 'fid_chart.png'))

@@ -17,6 +17,8 @@ import sys
 
 import jax
 
+from tcaq_jax import atomic_io
+
 __all__ = ['record', 'merge', 'DEFAULT_PATH']
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'docs', 'results',
@@ -51,8 +53,5 @@ def merge(records: list, path: str = DEFAULT_PATH) -> str:
       old = json.load(f)
   new_keys = {_key(r) for r in records}
   merged = [r for r in old if _key(r) not in new_keys] + list(records)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(merged, f, indent=1)
-  os.replace(tmp, path)
+  atomic_io.write_json(path, merged, indent=1)
   return path

@@ -45,6 +45,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tcaq_jax import atomic_io
+
 __all__ = ['CheckpointError', 'MANIFEST', 'save', 'restore', 'latest_step', 'all_steps', 'save_model_dir',
            'load_model_dir', 'quiet_orbax_logs']
 
@@ -141,12 +143,7 @@ def _write_manifest(step_dir: str) -> None:
     path = os.path.join(step_dir, *rel.split('/'))
     files[rel] = {'size': os.path.getsize(path), 'sha256': _sha256(path)}
   doc = {'format': _MANIFEST_FORMAT, 'version': _MANIFEST_VERSION, 'algorithm': 'sha256', 'files': files}
-  tmp = os.path.join(step_dir, MANIFEST + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(doc, f, indent=1, sort_keys=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  atomic_io.write_json(os.path.join(step_dir, MANIFEST), doc, fsync=True, indent=1, sort_keys=True)
 
 
 def _read_manifest(directory: str, step: int, step_dir: str) -> dict | None:
@@ -357,10 +354,7 @@ def save_model_dir(directory: str, params: Any, config: dict, extra: dict | None
     shutil.rmtree(os.path.join(directory, '0'), ignore_errors=True)
   meta = {'config': config, **(extra or {})}
   save(directory, 0, params, meta=meta, keep=1)
-  tmp = os.path.join(directory, 'config.json.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, 'config.json'))
+  atomic_io.write_json(os.path.join(directory, 'config.json'), config, indent=2, sort_keys=True)
 
 
 def load_model_dir(directory: str) -> tuple[Any, dict]:

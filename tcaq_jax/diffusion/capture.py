@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from tcaq_jax import atomic_io
 from tcaq_jax.diffusion.batched import sample_batches
 
 __all__ = ['CaptureError', 'select_steps', 'capture', 'CalibData']
@@ -88,10 +89,7 @@ def capture(sampler, out_dir: str, num_samples: int = 256, num_select: int = 20,
            'timesteps': timesteps.tolist(), 'shape': list(sampler.shape), 'seed': int(seed),
            'guidance_scale': sampler.guidance_scale, 'files': files, 'meta': meta or {},
            'seconds': time.time() - t0}
-  tmp = index_path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(index, f, indent=2)
-  os.replace(tmp, index_path)
+  atomic_io.write_json(index_path, index, indent=2)
   logging.info('captured %d samples x %d steps to %s (%.1f s)', num_samples, len(steps), out_dir,
                index['seconds'])
   return out_dir

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from tcaq_jax import atomic_io
 from tcaq_jax.diffusion import sharding
 from tcaq_jax.eval import metrics
 from tcaq_jax.eval.image_files import (IMAGE_KEYS, FidError, ImageSource, npz_arrays, npz_files,  # noqa: F401
@@ -302,11 +303,8 @@ def _emit(report: dict, json_path: str | None) -> None:
   print(text, flush=True)
   if not json_path:
     return
-  tmp = json_path + '.tmp'
   try:
-    with open(tmp, 'w') as fh:
-      fh.write(text + '\n')
-    os.replace(tmp, json_path)
+    atomic_io.write_text(json_path, text + '\n')
   except OSError as e:
     raise FidError(f'--json={json_path}: cannot write the report ({e.strerror or e}); it is printed above') from e
 

@@ -28,7 +28,7 @@ import time
 from absl import flags, logging
 import jax
 
-from tcaq_jax import checkpoint, cli
+from tcaq_jax import atomic_io, checkpoint, cli
 from tcaq_jax.train import config as config_lib
 from tcaq_jax.train.config import config_from_flags, define_flags
 from tcaq_jax.train.pipeline import Hooks, run
@@ -82,10 +82,7 @@ def fp_half(setup, n: int, fp_cache: str = '') -> tuple[dict, tuple]:
   fp = _score(setup, setup.fp_eps, n, classifier, params)
   if cache_file:
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-    tmp = f'{cache_file}.{os.getpid()}.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(fp, f)
-    os.replace(tmp, cache_file)
+    atomic_io.write_json(cache_file, fp)
   return fp, (classifier, params)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 import threading
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tcaq_jax import atomic_io
 from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.diffusion.batched import sample_all
 from tcaq_jax.diffusion.ddim import sampler_coefficients
@@ -623,8 +623,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
                 daq_choices=act_search.daq_choices(state.qstate.layers, setup.policy),
                 phases_this_process={k: round(v, 3) for k, v in phases.items()},
                 compile_this_process=compile_stats.delta())
-  with open(os.path.join(cfg.out_dir, 'report.json'), 'w') as f:
-    json.dump(jsonable(report), f, indent=1)
+  atomic_io.write_json(os.path.join(cfg.out_dir, 'report.json'), jsonable(report), indent=1)
   return report
 
 
