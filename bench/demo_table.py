@@ -336,7 +336,10 @@ def fill_speckle(record: dict, fp_images: np.ndarray | None) -> None:
 
 
 def write_outputs(out: str, results: dict, current: dict) -> None:
-  """table.json, table.md, fid_chart.png and sample_grids.png from the rows so far (atomic json)."""
+  """table.json, table.md, fid_chart.png and sample_grids.png from the rows so far (atomic json). Rows that
+  another process running this table wrote to table.json meanwhile are kept (added to `results`)."""
+  for name, record in load_table(os.path.join(out, 'table.json'), current).items():
+    results.setdefault(name, record)
   atomic_io.write_json(os.path.join(out, 'table.json'), {'settings': current, 'rows': list(results.values())},
                        indent=1)
   with open(os.path.join(out, 'table.md'), 'w') as f:

@@ -55,6 +55,11 @@ def test_outputs_and_resume(table, tmp_path):
     assert Image.open(tmp_path / png).size[0] > 300
   assert table.load_table(str(tmp_path / 'table.json'), settings) == results           # resumes these rows
   assert table.load_table(str(tmp_path / 'table.json'), dict(settings, num_samples=11)) == {}
+  # a second process running other rows of the same table: its write keeps the first one's rows
+  other = {'qdiff_w6a6': dict(results['qdiff_w4a4'], name='qdiff_w6a6', w_bits=6, a_bits=6, fid=2.7)}
+  table.write_outputs(str(tmp_path), other, settings)
+  assert set(other) == set(results) | {'qdiff_w6a6'}
+  assert table.load_table(str(tmp_path / 'table.json'), settings) == other
 
 
 def test_chart_of_diagnostic_rows_only_is_written(table, tmp_path):
