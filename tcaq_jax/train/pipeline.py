@@ -196,10 +196,13 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict, dict]:
                                 consts=setup.params)
     ratios = qinit.tcr_ratios(peaks, cfg.r_tru, cfg.tcr_target)
   timings['tcr_s'] = time.time() - t0
+  select = cfg.tcr_select != 'all' and ratios and len(cfg.tcr_exponents) > 1
+  if not select and cfg.schedule != 'two_pass' and cfg.act_init == 'search':
+    # the ratios are final: the activation search compiles on the precompile thread while the weights initialise
+    setup.precompiler.submit([_act_search_job(setup, data, ratios)])
   t0 = time.time()
   init_w = lambda policy, r: qinit.init_weights(setup.params, policy, r, cfg.weight_init,  # noqa: E731
                                                 adaround=cfg.reconstruct, split=cfg.w_split)
-  select = cfg.tcr_select != 'all' and ratios and len(cfg.tcr_exponents) > 1
   layers = init_w(setup.policy, {} if select else ratios)
   timings['weight_init_s'] = time.time() - t0
   if select:
@@ -251,17 +254,47 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
     acts = act_search.init_minmax_sym(fn, setup.policy, setup.params, qstate, _arrays(data), sid, k,
                                       cfg.act_init_samples, cfg.seed)
     return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
-  ratio_paths = tuple(sorted(p for p, st in qstate.layers.items()
-                             if st.r is not None and p in setup.policy.layers and setup.policy.layers[p].acts))
-  search_fn = setup.compiled(('act_search', ratio_paths), lambda: act_search.make_search(
-      setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, daq_rule=cfg.daq_rule,
-      criterion=cfg.act_criterion, ends=cfg.act_ends))
+  ratio_paths = _ratio_paths(setup, {p: st.r for p, st in qstate.layers.items() if st.r is not None})
+  search_fn = _search_fn(setup, ratio_paths)
   t0 = time.time()
+  setup.precompiler.wait(('act_search', ratio_paths))
   acts = act_search.search_act_scales(setup.fp_fwd, setup.policy, qstate.layers, _arrays(data), sid, k,
                                       cfg.act_batch, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, seed=cfg.seed,
                                       consts=setup.params, search_fn=search_fn, daq_rule=cfg.daq_rule,
                                       criterion=cfg.act_criterion, ends=cfg.act_ends)
   return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
+
+
+def _ratio_paths(setup: Setup, ratios: dict) -> tuple:
+  """The layers whose activations the search scales by TCR ratios (sorted; part of its program's signature)."""
+  return tuple(sorted(p for p in ratios if p in setup.policy.layers and setup.policy.layers[p].acts))
+
+
+def _search_fn(setup: Setup, ratio_paths: tuple) -> Callable:
+  cfg = setup.cfg
+  return setup.compiled(('act_search', ratio_paths), lambda: act_search.make_search(
+      setup.fp_fwd, setup.policy, ratio_paths, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, daq_rule=cfg.daq_rule,
+      criterion=cfg.act_criterion, ends=cfg.act_ends))
+
+
+def _act_search_job(setup: Setup, data: dict, ratios: dict) -> tuple:
+  """(key, job) for `Precompiler`: compiles the activation search for abstract arguments of the shapes
+  `search_acts` will call it with (one program per distinct slot batch size)."""
+  cfg = setup.cfg
+  paths = _ratio_paths(setup, ratios)
+
+  def job():
+    fn = _search_fn(setup, paths)
+    _, k, sid = _slots(setup, data, cfg.act_per_step)
+    sizes = {idx.size for _, idx in act_search.slot_batches(sid, k, cfg.act_batch, cfg.seed, 'activation search')}
+    sds = lambda a, m=None: jax.ShapeDtypeStruct(a.shape if m is None else (m,) + a.shape[1:],  # noqa: E731
+                                                 jax.dtypes.canonicalize_dtype(a.dtype))
+    r = {p: sds(jnp.asarray(ratios[p])) for p in paths}
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    for m in sorted(sizes):
+      fn.lower(setup.params, r, key, *[sds(a, m) for a in _arrays(data)]).compile()
+
+  return ('act_search', paths), job
 
 
 def _trainable(qstate: QState, unit: blocks.Unit, learn: bool, alpha: bool = True, policy=None,
@@ -419,10 +452,12 @@ def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: d
     theta, aux = _unit_theta(setup, rnd, k, qstate)
     if not theta:
       return
-    # the evaluator's batch sizes: on the reconstruction set (--eval_units) and on the held-out set (--keep_best)
-    for m in {recon.eval_batch(n) if cfg.eval_units else 0, recon.eval_batch(n_hold, n_hold)} - {0}:
-      if pre.once(('eval', fns.sig, m)):
-        fns.eval_fn.lower(theta, aux, list(grow(io.leaves, m)), grow(io.output, m), sds((m,), steps.dtype)).compile()
+    # the evaluator on the reconstruction set (--eval_units) and on the held-out set (--keep_best)
+    for m, sel in ((n, recon.eval_selection(n) if cfg.eval_units else None),
+                   (n_hold, recon.eval_selection(n_hold, n_hold))):
+      if sel is not None and sel.size and pre.once(('eval', fns.sig, m, sel.shape)):
+        fns.eval_fn.lower(theta, aux, list(grow(io.leaves, m)), grow(io.output, m), sds((m,), steps.dtype),
+                          sds(sel.shape, sel.dtype)).compile()
     if pre.once(('chunk', fns.sig, n)):
       recon.precompile_chunk(fns.chunk_fn, theta, aux, io.leaves, io.output, steps, cfg.seed)
 

@@ -24,7 +24,7 @@ import optax
 from tcaq_jax.quant.adaround import b_schedule, rounding_regularizer
 
 __all__ = ['ReconConfig', 'NonFiniteLossError', 'rec_loss', 'make_optimizer', 'make_chunk', 'reconstruct',
-           'make_eval', 'eval_loss']
+           'make_eval', 'eval_selection', 'eval_loss']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -265,18 +265,27 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
 
 
 def make_eval(apply_fn: Callable) -> Callable:
-  """Compiled fn(theta, aux, inputs_batch, targets_batch, steps_batch) -> summed rec_loss (for `eval_loss`)."""
-  return jax.jit(lambda th, ax, xb, yb, sb: rec_loss(apply_fn(th, ax, xb, sb), yb) * sb.shape[0])
+  """Compiled fn(theta, aux, inputs, targets, steps, sel) -> rec_loss summed over the samples sel selects (sel:
+  [batches, batch] indices into the whole set, from `eval_selection`). The batches' gathers run inside the
+  program (a scan over sel's rows), so an evaluation is one call with no eager indexing ops."""
+  def run(th, ax, xs, ys, ss, sel):
+    def body(tot, ix):
+      pred = apply_fn(th, ax, [a[ix] for a in xs], ss[ix])
+      return tot + rec_loss(pred, jax.tree.map(lambda a: a[ix], ys)) * ix.shape[0], None
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), sel)[0]
+  return jax.jit(run)
 
 
-def _eval_count(total: int, batch: int, max_samples: int) -> int:
+def eval_selection(total: int, max_samples: int = 256, batch: int = 64) -> np.ndarray:
+  """[batches, b] int32 indices of min(total, max_samples) evenly spaced samples in equal batches (b = batch,
+  or all of them when they are fewer; the count is rounded down to whole batches); shape (0, 0) for an empty
+  set. Its shape is the evaluator's compiled shape."""
   n = min(total, max_samples)
-  return n - n % batch if n > batch else n          # equal batches: one compiled shape
-
-
-def eval_batch(total: int, max_samples: int = 256, batch: int = 64) -> int:
-  """The batch size `eval_loss` calls eval_fn with for a set of `total` samples (0 for an empty set)."""
-  return min(_eval_count(total, batch, max_samples), batch)
+  n = n - n % batch if n > batch else n
+  if n == 0:
+    return np.zeros((0, 0), np.int32)
+  b = min(n, batch)
+  return np.linspace(0, total - 1, n).round().astype(np.int32).reshape(n // b, b)
 
 
 def precompile_chunk(chunk_fn: Callable, theta: dict, aux: Any, inputs: Sequence, targets: Any, steps: Any,
@@ -288,12 +297,9 @@ def precompile_chunk(chunk_fn: Callable, theta: dict, aux: Any, inputs: Sequence
 
 def eval_loss(eval_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
               steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
-  """Mean rec_loss over max_samples evenly spaced samples of the set; eval_fn from `make_eval(apply_fn)`."""
-  total = int(steps.shape[0])
-  n = _eval_count(total, batch, max_samples)
-  sel = jnp.asarray(np.linspace(0, total - 1, n).round().astype(np.int32))
-  tot = 0.0
-  for i in range(0, n, batch):
-    ix = sel[i:i + batch]
-    tot += float(eval_fn(theta, aux, [a[ix] for a in inputs], jax.tree.map(lambda a: a[ix], targets), steps[ix]))
-  return tot / max(n, 1)
+  """Mean rec_loss over max_samples evenly spaced samples of the set (`eval_selection`); eval_fn from
+  `make_eval(apply_fn)`."""
+  sel = eval_selection(int(steps.shape[0]), max_samples, batch)
+  if sel.size == 0:
+    return 0.0
+  return float(eval_fn(theta, aux, list(inputs), targets, steps, jnp.asarray(sel))) / sel.size

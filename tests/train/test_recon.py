@@ -201,3 +201,29 @@ def test_group_capture_records_each_unit_as_its_own_capture(block_setup):
   units = [blocks.Unit(p, 'X', ()) for p in 'abcde']
   assert blocks.capture_groups(units, 2) == [('a', 'b'), ('c', 'd'), ('e',)]
   assert blocks.capture_groups(units, 0) == [(p,) for p in 'abcde']
+
+
+@pytest.mark.parametrize('total,max_samples', [(200, 256), (40, 256), (130, 130)])
+def test_eval_loss_is_the_mean_per_sample_loss_of_evenly_spaced_samples(total, max_samples):
+  """eval_loss (gathers inside one compiled scan) against a float64 NumPy loop over its documented selection:
+  min(total, max_samples) evenly spaced samples, rounded down to whole batches of 64."""
+  rng = np.random.default_rng(0)
+  x0, x1 = rng.normal(size=(total, 3, 5)), rng.normal(size=(total, 7))
+  y = {'a': rng.normal(size=(total, 3, 4)), 'b': rng.normal(size=(total, 2))}
+  steps = np.arange(total) % 5
+  w = rng.normal(size=(5, 4))
+
+  def apply(th, aux, xs, s):
+    return {'a': xs[0] @ th['w'] + s[:, None, None], 'b': xs[1][:, :2] * aux}
+
+  ev = recon.make_eval(apply)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  got = recon.eval_loss(ev, {'w': f32(w)}, f32(0.5), [f32(x0), f32(x1)], jax.tree.map(f32, y),
+                        jnp.asarray(steps, jnp.int32), max_samples=max_samples)
+  n = min(total, max_samples)
+  n = n - n % 64 if n > 64 else n
+  idx = np.linspace(0, total - 1, n).round().astype(int)
+  per = [np.sum((x0[i] @ w + steps[i] - y['a'][i]) ** 2, -1).mean() + np.sum((x1[i, :2] * 0.5 - y['b'][i]) ** 2)
+         for i in idx]
+  assert recon.eval_selection(total, max_samples).size == n
+  np.testing.assert_allclose(got, np.mean(per), rtol=1e-5)
