@@ -8,5 +8,8 @@ import os
 ASSETS_DIR = os.path.dirname(os.path.abspath(__file__))
 DEMO_UNET_DIR = os.path.join(ASSETS_DIR, 'demo_unet')
 CLASSIFIER_DIR = os.path.join(ASSETS_DIR, 'digit_classifier')
+# The FP half of the demo's end-of-run quality check at its default settings (a constant of the shipped model,
+# like FID reference statistics): written by bench/demo_fp_reference.py, read by tcaq_jax.train.calibrate.
+DEMO_FP_REFERENCE = os.path.join(ASSETS_DIR, 'demo_fp_quality.json')
 
-__all__ = ['ASSETS_DIR', 'DEMO_UNET_DIR', 'CLASSIFIER_DIR']
+__all__ = ['ASSETS_DIR', 'DEMO_UNET_DIR', 'CLASSIFIER_DIR', 'DEMO_FP_REFERENCE']

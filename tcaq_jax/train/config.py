@@ -67,7 +67,7 @@ ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 's
 LSQ_KINDS = ('conv', 'dense', 'matmul', 'softmax')
 
 RESUMABLE = ('out_dir', 'png_samples', 'progress', 'chunk', 'forward_batch', 'capture_batch', 'sampler_loop', 'recon_loop',
-             'eval_units', 'target_cache_mb', 'background_save', 'precompile')
+             'eval_units', 'target_cache_mb', 'background_save', 'precompile', 'precompile_workers')
 
 
 # --tcr_select=auto: the per-layer TCR choice when weights and activations both have at least this many bits, TCR
@@ -218,7 +218,10 @@ class Config:
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
-                              'step) on a background thread while a unit runs (same results)')
+                              'step) on background threads while a unit runs (same results)')
+  precompile_workers: int = _f(0, 'threads that compile ahead with --precompile; 0: 1 on a machine with up to 4 '
+                                  'CPU cores (a 2-core run measured no faster with 2: the compiles only slowed '
+                                  'each other), else 2', kind=int)
   background_save: bool = _f(True, 'write each checkpoint on a background thread while the next unit runs (a kill '
                                    'mid-write keeps the previous step)')
   target_cache_mb: int = _f(1024, "FP outputs (reconstruction targets) of every unit computed in one FP pass per "
@@ -298,7 +301,8 @@ class Config:
     (ConfigError names the flag)."""
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
-                'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1}
+                'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
+                'precompile_workers': 0}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

@@ -14,7 +14,8 @@ Compiled functions are built once per signature by `Setup.compiled`: a unit's re
 hard apply, the chunk, the block-MSE evaluator) per *unit signature* (block class, hyper-parameters, quantizers,
 input shapes; `blocks.unit_program`), so units alike share one executable and PAR rounds reuse them; the unit
 input capture per unit path; the activation search per set of TCR layers. report.json's `phases_this_process` and
-`compile_this_process` say where the time went and how many XLA compiles it took.
+`compile_this_process` say where the time went and how many XLA compiles it took; `precompile_this_process`
+how much compiling ran ahead on the precompile thread and how long the main thread waited for it.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ class Setup:
     self._compiled: dict = {}
     self._compiled_lock = threading.Lock()
     self._q_eps = None
-    self.precompiler = Precompiler(cfg.precompile)
+    self.precompiler = Precompiler(cfg.precompile, workers=cfg.precompile_workers or
+                                   (1 if (os.cpu_count() or 1) <= 4 else 2))
     self.precompile_owner: dict = {}    # (weight pass, act pass) -> the round that precompiles their programs
     self.trained: set = set()           # (signature, set size) of the units reconstructed in this process
 
@@ -442,8 +444,7 @@ def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: d
     unit = setup.units[k]
     tg = targets.of(unit.path) if targets is not None else None      # computed already by the main thread
     fn, meta = _io_fn(setup, k, rnd, tg is None)
-    if pre.once(('recorder', id(fn))):
-      fn.lower(*consts, *d).compile()
+    pre.run_once(('recorder', id(fn)), lambda: fn.lower(*consts, *d).compile())
     ins, outs = jax.eval_shape(fn, *consts, *d)
     out = grow(outs[unit.path], n) if tg is None else tg[0]
     io = blocks.CapturedIO(list(grow(ins[unit.path], n)), meta[unit.path]['statics'], meta[unit.path]['treedef'],
@@ -452,17 +453,27 @@ def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: d
     theta, aux = _unit_theta(setup, rnd, k, qstate)
     if not theta:
       return
-    # the evaluator on the reconstruction set (--eval_units) and on the held-out set (--keep_best)
-    for m, sel in ((n, recon.eval_selection(n) if cfg.eval_units else None),
-                   (n_hold, recon.eval_selection(n_hold, n_hold))):
-      if sel is not None and sel.size and pre.once(('eval', fns.sig, m, sel.shape)):
-        fns.eval_fn.lower(theta, aux, list(grow(io.leaves, m)), grow(io.output, m), sds((m,), steps.dtype),
-                          sds(sel.shape, sel.dtype)).compile()
-    if pre.once(('chunk', fns.sig, n)):
-      recon.precompile_chunk(fns.chunk_fn, theta, aux, io.leaves, io.output, steps, cfg.seed)
+    # the evaluator on the reconstruction set (--eval_units) and the held-out set (--keep_best), in one program
+    sets = _eval_sets(cfg, io.leaves, io.output, sds((n,), steps.dtype),
+                      None if n_hold == 0 else (grow(io.leaves, n_hold), grow(io.output, n_hold),
+                                                sds((n_hold,), steps.dtype)))
+    if sets:
+      pre.run_once(('eval', fns.sig, n, n_hold), lambda: fns.eval_fn.lower(theta, aux, sets).compile())
+    pre.run_once(('chunk', fns.sig, n), lambda: recon.precompile_chunk(fns.chunk_fn, theta, aux, io.leaves,
+                                                                        io.output, steps, cfg.seed))
 
   return [(('unit', rnd, k), functools.partial(unit_job, k))
           for k in range(first, len(setup.units)) if _selected(cfg, setup.units[k])]
+
+
+def _eval_sets(cfg: Config, leaves, output, steps, holdout: tuple | None) -> dict:
+  """The sets a unit's error is measured on, before and after its reconstruction (`recon.eval_set`): 'recon',
+  the reconstruction set (--eval_units: up to 256 samples) and 'holdout', the held-out set (--keep_best: all of
+  it); each only when it is asked for and not empty."""
+  sets = {'recon': recon.eval_set(leaves, output, steps) if cfg.eval_units else None}
+  if holdout is not None:
+    sets['holdout'] = recon.eval_set(*holdout, max_samples=int(holdout[2].shape[0]))
+  return {k: st for k, st in sets.items() if st is not None}
 
 
 def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
@@ -503,10 +514,10 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   setup.trained.add((fns.sig, n))
   stats = {'unit': unit.path, 'cls': unit.cls, 'round': rnd, 'index': k, 'layers': len(unit.layers),
            'iters': rcfg.iters, 'capture_s': t_cap, 'new_signature': new}
-  eval_fn = fns.eval_fn
   t_eval = time.time()
-  if cfg.eval_units and theta:
-    stats['mse_before'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
+  sets = _eval_sets(cfg, io.leaves, io.output, steps, None if hio is None else
+                    (hio.leaves, hio.output, jnp.asarray(holdout['step']))) if theta else {}
+  before = recon.eval_losses(fns.eval_fn, theta_start, aux, sets) if sets else {}
   t_eval = time.time() - t_eval
   chunk_fn = fns.chunk_fn if loss_hook is None else recon.make_chunk(fns.soft, n, rcfg, loss_hook)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), rnd), k)
@@ -519,14 +530,12 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   stats.update({k2: v for k2, v in rstats.items() if k2 != 'iters'})
   t1 = time.time()
   stats['alpha_saturated'] = _alpha_stats(theta)
-  if cfg.eval_units and theta:
-    stats['mse_after'] = recon.eval_loss(eval_fn, theta, aux, io.leaves, io.output, steps)
-  if hio is not None and theta:
-    hsteps = jnp.asarray(holdout['step'])
-    n_hold = int(hsteps.shape[0])
-    e0, e1 = (recon.eval_loss(eval_fn, th, aux, hio.leaves, hio.output, hsteps, max_samples=n_hold)
-              for th in (theta_start, theta))
-    stats.update(holdout_before=e0, holdout_after=e1, holdout_samples=n_hold,
+  after = recon.eval_losses(fns.eval_fn, theta, aux, sets) if sets else {}
+  if 'recon' in sets:
+    stats['mse_before'], stats['mse_after'] = before['recon'], after['recon']
+  if 'holdout' in sets:
+    e0, e1 = before['holdout'], after['holdout']
+    stats.update(holdout_before=e0, holdout_after=e1, holdout_samples=int(holdout['step'].shape[0]),
                  kept='reconstructed' if e1 < e0 else 'start')
     if not e1 < e0:
       theta = theta_start
@@ -657,7 +666,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   report = dict(state.report, **extra, policy=setup.policy.to_dict(),
                 daq_choices=act_search.daq_choices(state.qstate.layers, setup.policy),
                 phases_this_process={k: round(v, 3) for k, v in phases.items()},
-                compile_this_process=compile_stats.delta())
+                compile_this_process=compile_stats.delta(), precompile_this_process=setup.precompiler.stats())
   atomic_io.write_json(os.path.join(cfg.out_dir, 'report.json'), jsonable(report), indent=1)
   return report
 

@@ -24,7 +24,7 @@ import optax
 from tcaq_jax.quant.adaround import b_schedule, rounding_regularizer
 
 __all__ = ['ReconConfig', 'NonFiniteLossError', 'rec_loss', 'make_optimizer', 'make_chunk', 'reconstruct',
-           'make_eval', 'eval_selection', 'eval_loss']
+           'make_eval', 'eval_selection', 'eval_set', 'eval_losses', 'eval_loss']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -265,14 +265,33 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
 
 
 def make_eval(apply_fn: Callable) -> Callable:
-  """Compiled fn(theta, aux, inputs, targets, steps, sel) -> rec_loss summed over the samples sel selects (sel:
-  [batches, batch] indices into the whole set, from `eval_selection`). The batches' gathers run inside the
-  program (a scan over sel's rows), so an evaluation is one call with no eager indexing ops."""
-  def run(th, ax, xs, ys, ss, sel):
-    def body(tot, ix):
-      pred = apply_fn(th, ax, [a[ix] for a in xs], ss[ix])
-      return tot + rec_loss(pred, jax.tree.map(lambda a: a[ix], ys)) * ix.shape[0], None
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), sel)[0]
+  """Compiled fn(theta, aux, sets) -> {name: rec_loss summed over the set's selected samples} (sets: {name:
+  set}). A set is (inputs, targets, steps, sel) with sel: [batches, batch] indices into the whole set
+  (`eval_set`). The batches' gathers run inside the program, and sets of equal batch size (the reconstruction
+  set and the held-out set) are joined into one scan over their batches: one call, one loop body to compile."""
+  def run(th, ax, sets):
+    groups: dict = {}
+    for name, st in sets.items():
+      groups.setdefault(st[3].shape[1], []).append(name)
+    out = {}
+    for names in groups.values():
+      parts = [sets[k] for k in names]
+      cat = lambda *a: a[0] if len(a) == 1 else jnp.concatenate(a)  # noqa: E731
+      xs = [cat(*leaf) for leaf in zip(*(p[0] for p in parts))]
+      ys = jax.tree.map(cat, *(p[1] for p in parts))
+      ss = cat(*(p[2] for p in parts))
+      offsets = np.cumsum([0] + [p[2].shape[0] for p in parts[:-1]])
+      sel = cat(*(p[3] + int(o) for p, o in zip(parts, offsets)))
+
+      def body(_, ix):
+        pred = apply_fn(th, ax, [a[ix] for a in xs], ss[ix])
+        return None, rec_loss(pred, jax.tree.map(lambda a: a[ix], ys)) * ix.shape[0]
+
+      sums = jax.lax.scan(body, None, sel)[1]
+      ends = np.cumsum([p[3].shape[0] for p in parts])
+      for k, lo, hi in zip(names, [0, *ends[:-1]], ends):
+        out[k] = jnp.sum(sums[lo:hi])
+    return out
   return jax.jit(run)
 
 
@@ -295,11 +314,26 @@ def precompile_chunk(chunk_fn: Callable, theta: dict, aux: Any, inputs: Sequence
   chunk_fn.precompile(theta, aux, list(inputs), targets, steps, jax.random.PRNGKey(seed))
 
 
-def eval_loss(eval_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
-              steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
-  """Mean rec_loss over max_samples evenly spaced samples of the set (`eval_selection`); eval_fn from
-  `make_eval(apply_fn)`."""
+def eval_set(inputs: Sequence, targets: Any, steps: Any, max_samples: int = 256, batch: int = 64) -> tuple | None:
+  """(inputs, targets, steps, sel) for `make_eval`'s program: max_samples evenly spaced samples of the set
+  (`eval_selection`); None for an empty set. Arrays, or jax.ShapeDtypeStruct to precompile (sel then abstract)."""
   sel = eval_selection(int(steps.shape[0]), max_samples, batch)
   if sel.size == 0:
-    return 0.0
-  return float(eval_fn(theta, aux, list(inputs), targets, steps, jnp.asarray(sel))) / sel.size
+    return None
+  sel = jax.ShapeDtypeStruct(sel.shape, sel.dtype) if isinstance(steps, jax.ShapeDtypeStruct) else jnp.asarray(sel)
+  return list(inputs), targets, steps, sel
+
+
+def eval_losses(eval_fn: Callable, theta: dict, aux: Any, sets: dict) -> dict:
+  """{name: mean rec_loss on that set} for sets {name: set from `eval_set`}, in one call of eval_fn (from
+  `make_eval`)."""
+  sums = eval_fn(theta, aux, sets)
+  return {k: float(v) / int(sets[k][3].size) for k, v in sums.items()}
+
+
+def eval_loss(eval_fn: Callable, theta: dict, aux: Any, inputs: Sequence[jax.Array], targets: Any,
+              steps: jax.Array, batch: int = 64, max_samples: int = 256) -> float:
+  """Mean rec_loss over max_samples evenly spaced samples of one set (`eval_selection`; 0.0 for an empty
+  set); eval_fn from `make_eval(apply_fn)`."""
+  st = eval_set(inputs, targets, steps, max_samples, batch)
+  return 0.0 if st is None else eval_losses(eval_fn, theta, aux, {'set': st})['set']

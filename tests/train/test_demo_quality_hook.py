@@ -14,7 +14,8 @@ from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import to_uint8
 from tcaq_jax.models import family
 from tcaq_jax.quantized import load_quantized
-from tcaq_jax.train.calibrate import DemoQuality, demo_quality_check, summary_lines
+from tcaq_jax.demo.classifier import load_classifier
+from tcaq_jax.train.calibrate import DemoQuality, demo_quality_check, fp_key, summary_lines, write_fp_reference
 from tcaq_jax.train.pipeline import Hooks, run
 
 
@@ -27,14 +28,27 @@ def test_demo_quality_after_run_matches_an_independent_sampling(tmp_path):
 
   quality = DemoQuality(n, cache, start_round=0)    # the CLI's hooks (its FP half from the round-0 capture on)
 
+  ref = str(tmp_path / 'fp_reference.json')
+
   def twice(setup, q):        # the second check reads the FP half from the cache the first one wrote
     assert quality._fp is not None            # started by after_capture, on its own thread
     first = quality.after_run(setup, q)['demo_quality']
-    return {'demo_quality': first, 'again': demo_quality_check(setup, q, n, cache)}
+    # a reference file (as shipped for the demo's defaults) is used only for an entry with the same key
+    key = fp_key(setup, load_classifier()[1], n)
+    write_fp_reference(ref, dict(key, n=n + 1), dict(first['fp'], fid=99.0))
+    other = demo_quality_check(setup, q, n, '', reference=ref)
+    write_fp_reference(ref, key, first['fp'])
+    return {'demo_quality': first, 'again': demo_quality_check(setup, q, n, cache), 'other': other,
+            'from_ref': demo_quality_check(setup, q, n, '', reference=ref)}
 
   report = run(cfg, Hooks(after_capture=quality.after_capture, after_run=twice))
   dq, again = report['demo_quality'], report['again']
   assert 'cached' not in dq['fp'] and again['fp']['cached'] is True and len(os.listdir(cache)) == 1
+  other, from_ref = report['other']['fp'], report['from_ref']['fp']
+  assert 'reference' not in other and other['fid'] == dq['fp']['fid']           # sampled again, not 99.0
+  assert from_ref['reference'] is True and from_ref['fid'] == dq['fp']['fid'] and from_ref['n'] == n
+  assert len(json.load(open(ref))['entries']) == 2
+  assert any('shipped reference' in ln for ln in summary_lines({**report, 'demo_quality': report['from_ref']}))
   assert again['fp']['fid'] == dq['fp']['fid'] and again['quantized'] == dq['quantized'] | {
       'seconds': again['quantized']['seconds']}
   with open(os.path.join(out, 'report.json')) as f:

@@ -4,11 +4,14 @@ without, its unit programs are compiled on the precompile thread, and no program
 programs' compile count equals the plain run's)."""
 import collections
 import threading
+import time
 
 import jax
+import pytest
 import numpy as np
 
 from tcaq_jax.quantized import load_quantized
+from tcaq_jax.train.calibrate import summary_lines
 from tcaq_jax.train.pipeline import run
 from tcaq_jax.train.precompile import Precompiler
 
@@ -16,7 +19,7 @@ from calib_settings import BASE  # noqa: E402  (tests/train/calib_settings.py)
 
 
 def test_jobs_run_in_order_once_per_key_and_a_failure_only_logs():
-  pre, seen, gate = Precompiler(), [], threading.Event()
+  pre, seen, gate = Precompiler(workers=1), [], threading.Event()
 
   def job(name, fail=False):
     def f():
@@ -32,14 +35,48 @@ def test_jobs_run_in_order_once_per_key_and_a_failure_only_logs():
   gate.set()
   pre.wait('c')
   assert seen == [('a', 'precompile'), ('b', 'precompile'), ('c', 'precompile')] and pre.failed == 1
+  assert pre.stats()['jobs'] == 3 and pre.stats()['failed'] == 1
   pre.submit([('d', job('d'))])                # the thread had finished: a new one starts
   pre.wait('d')
   assert [s[0] for s in seen] == ['a', 'b', 'c', 'd']
+  before = pre.stats()
+  pre.submit([('slow', lambda: time.sleep(0.3))])
+  pre.wait('slow')
+  st = pre.stats()
+  assert st['jobs'] == 5 and st['waited_s'] - before['waited_s'] >= 0.2 and st['seconds'] - before['seconds'] >= 0.3
   assert pre.once('k') and not pre.once('k')
   off = Precompiler(enabled=False)
   off.submit([('x', job('x'))])
   off.wait('x')
   assert len(seen) == 4
+
+
+def test_two_workers_run_jobs_at_once_and_a_shared_program_is_built_once():
+  """Two workers: job b runs while job a is still running (a waits for b's event; one worker would block until
+  the timeout); run_once runs a shared build once, and a second job asking for it returns only after it is done."""
+  pre, b_ran, built, order = Precompiler(workers=2), threading.Event(), [], []
+
+  def build():
+    time.sleep(0.3)
+    built.append(1)
+
+  def a():
+    assert b_ran.wait(10), 'the second worker never ran job b'
+    pre.run_once('shared', build)
+    order.append(('a', len(built)))
+
+  def b():
+    b_ran.set()
+    pre.run_once('shared', build)
+    order.append(('b', len(built)))
+
+  pre.submit([('a', a), ('b', b)])
+  pre.wait('a')
+  pre.wait('b')
+  assert built == [1] and sorted(order) == [('a', 1), ('b', 1)] and pre.stats()['failed'] == 0
+  assert pre.stats()['workers'] == 2
+  with pytest.raises(ValueError):
+    Precompiler(workers=0)
 
 
 _events = []
@@ -64,8 +101,11 @@ def test_precompiled_calibration_equals_the_plain_one_and_compiles_nothing_twice
   jax.monitoring.register_event_duration_secs_listener(_listen)
   cfg = dict(BASE, eval_units=True, keep_best=True, holdout_samples=2, par_rounds=0, png_samples=0)
   _events.clear()
-  run(dict(cfg, out_dir=str(tmp_path / 'pre'), precompile=True))
+  report = run(dict(cfg, out_dir=str(tmp_path / 'pre'), precompile=True))
   on = list(_events)
+  pre = report['precompile_this_process']
+  assert pre['enabled'] and pre['jobs'] >= 3 and pre['failed'] == 0
+  assert any(ln.startswith('compiled ahead on the precompile thread') for ln in summary_lines(report))
   _events.clear()
   run(dict(cfg, out_dir=str(tmp_path / 'plain'), precompile=False))
   off = list(_events)

@@ -227,3 +227,21 @@ def test_eval_loss_is_the_mean_per_sample_loss_of_evenly_spaced_samples(total, m
          for i in idx]
   assert recon.eval_selection(total, max_samples).size == n
   np.testing.assert_allclose(got, np.mean(per), rtol=1e-5)
+
+
+def test_eval_losses_of_two_sets_in_one_call_equal_each_set_alone():
+  """make_eval joins sets of equal batch size into one scan (index offsets into the joined arrays), and keeps a
+  set of another batch size apart: each set's loss equals its own single-set evaluation."""
+  rng = np.random.default_rng(1)
+  ev = recon.make_eval(lambda th, aux, xs, s: xs[0] * th + s[:, None])
+  mk = lambda n: ([jnp.asarray(rng.normal(size=(n, 3)), jnp.float32)],    # noqa: E731
+                  jnp.asarray(rng.normal(size=(n, 3)), jnp.float32), jnp.arange(n, dtype=jnp.int32) % 3)
+  a, b, c = mk(200), mk(64), mk(10)
+  th = jnp.float32(0.7)
+  sets = {'a': recon.eval_set(*a), 'b': recon.eval_set(*b), 'c': recon.eval_set(*c)}
+  both = recon.eval_losses(ev, th, None, sets)
+  for k, d in (('a', a), ('b', b), ('c', c)):
+    np.testing.assert_allclose(both[k], recon.eval_loss(ev, th, None, *d), rtol=1e-6)
+  x, y, s = b
+  want = np.mean(np.sum((np.asarray(x[0]) * 0.7 + np.asarray(s)[:, None] - np.asarray(y)) ** 2, -1))
+  np.testing.assert_allclose(both['b'], want, rtol=1e-5)
