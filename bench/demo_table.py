@@ -131,6 +131,11 @@ DIAG_ROWS = [
     # LSQ only on conv / dense inputs: at act_lr 4e-4 the attention units' reconstruction diverges (held-out error
     # 0.96 -> 20.3 at up_1/attn_0, 0.46 -> 2.25 at down_1/attn_0, reverted by keep_best; session 8)
     ('tcaq_w6a6_lsq_convdense', 'tcaq', 6, 6, {'lsq_kinds': ('conv', 'dense')}),
+    # which of Q-Diffusion's differences makes qdiff W6A6 as close to FP as tcaq without TCR or per-step scales
+    # (session 9): tcaq without PAR on the two-pass schedule (against tcaq_w6a6_no_par), and qdiff with tcaq's
+    # asymmetric percentile-searched activation init instead of symmetric max (against qdiff_w6a6)
+    ('tcaq_w6a6_no_par_two_pass', 'tcaq', 6, 6, {'par': False, 'schedule': 'two_pass'}),
+    ('qdiff_w6a6_act_search', 'qdiff', 6, 6, {'act_init': 'search'}),
 ]
 
 
