@@ -8,6 +8,7 @@ the share of draws where the second row is better) and writes <table>/fid_paired
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -28,8 +29,10 @@ flags.DEFINE_integer('draws', 200, 'bootstrap draws')
 FLAGS = flags.FLAGS
 
 
+@functools.cache
 def row_samples(name: str) -> np.ndarray:
-  """The row's --num_samples samples (FP: the table's fp_samples.npy), sampled once and kept in <out>/samples."""
+  """The row's --num_samples samples (FP: the table's fp_samples.npy), sampled once and kept in <out>/samples
+  (and in memory: each row is read once per run)."""
   if name == 'fp':
     return np.load(os.path.join(FLAGS.out, demo_table.FP_SAMPLES))
   path = os.path.join(FLAGS.out, 'samples', f'{name}.npy')

@@ -279,6 +279,12 @@ def _search_fn(setup: Setup, ratio_paths: tuple) -> Callable:
       criterion=cfg.act_criterion, ends=cfg.act_ends))
 
 
+def _abstract(a, m: int | None = None) -> jax.ShapeDtypeStruct:
+  """a's shape and (canonical) dtype as an abstract argument for `.lower`, with leading dim m when given."""
+  return jax.ShapeDtypeStruct(a.shape if m is None else (m,) + tuple(a.shape[1:]),
+                              jax.dtypes.canonicalize_dtype(a.dtype))
+
+
 def _act_search_job(setup: Setup, data: dict, ratios: dict) -> tuple:
   """(key, job) for `Precompiler`: compiles the activation search for abstract arguments of the shapes
   `search_acts` will call it with (one program per distinct slot batch size)."""
@@ -289,12 +295,10 @@ def _act_search_job(setup: Setup, data: dict, ratios: dict) -> tuple:
     fn = _search_fn(setup, paths)
     _, k, sid = _slots(setup, data, cfg.act_per_step)
     sizes = {idx.size for _, idx in act_search.slot_batches(sid, k, cfg.act_batch, cfg.seed, 'activation search')}
-    sds = lambda a, m=None: jax.ShapeDtypeStruct(a.shape if m is None else (m,) + a.shape[1:],  # noqa: E731
-                                                 jax.dtypes.canonicalize_dtype(a.dtype))
-    r = {p: sds(jnp.asarray(ratios[p])) for p in paths}
+    r = {p: _abstract(jnp.asarray(ratios[p])) for p in paths}
     key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
     for m in sorted(sizes):
-      fn.lower(setup.params, r, key, *[sds(a, m) for a in _arrays(data)]).compile()
+      fn.lower(setup.params, r, key, *[_abstract(a, m) for a in _arrays(data)]).compile()
 
   return ('act_search', paths), job
 
@@ -430,10 +434,9 @@ def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: d
   cfg = setup.cfg
   if setup.precompile_owner.setdefault(_passes(cfg, rnd), rnd) != rnd:
     return []
-  sds = lambda shape, dtype: jax.ShapeDtypeStruct(tuple(shape), dtype)
-  grow = lambda tree, m: jax.tree.map(lambda a: sds((m,) + a.shape[1:], a.dtype), tree)
+  grow = lambda tree, m: jax.tree.map(lambda a: _abstract(a, m), tree)  # noqa: E731
   arrays = _arrays(data)
-  d = [sds((cfg.forward_batch,) + a.shape[1:], a.dtype) for a in arrays]
+  d = [_abstract(a, cfg.forward_batch) for a in arrays]
   n = int(arrays[0].shape[0])
   steps = jnp.asarray(data['step'])
   n_hold = 0 if holdout is None else int(holdout['step'].shape[0])
@@ -454,9 +457,9 @@ def _precompile_jobs(setup: Setup, rnd: int, first: int, qstate: QState, data: d
     if not theta:
       return
     # the evaluator on the reconstruction set (--eval_units) and the held-out set (--keep_best), in one program
-    sets = _eval_sets(cfg, io.leaves, io.output, sds((n,), steps.dtype),
+    sets = _eval_sets(cfg, io.leaves, io.output, _abstract(steps),
                       None if n_hold == 0 else (grow(io.leaves, n_hold), grow(io.output, n_hold),
-                                                sds((n_hold,), steps.dtype)))
+                                                _abstract(steps, n_hold)))
     if sets:
       pre.run_once(('eval', fns.sig, n, n_hold), lambda: fns.eval_fn.lower(theta, aux, sets).compile())
     pre.run_once(('chunk', fns.sig, n), lambda: recon.precompile_chunk(fns.chunk_fn, theta, aux, io.leaves,
@@ -517,7 +520,7 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   t_eval = time.time()
   sets = _eval_sets(cfg, io.leaves, io.output, steps, None if hio is None else
                     (hio.leaves, hio.output, jnp.asarray(holdout['step']))) if theta else {}
-  before = recon.eval_losses(fns.eval_fn, theta_start, aux, sets) if sets else {}
+  before = recon.eval_losses(fns.eval_fn, theta_start, aux, sets)
   t_eval = time.time() - t_eval
   chunk_fn = fns.chunk_fn if loss_hook is None else recon.make_chunk(fns.soft, n, rcfg, loss_hook)
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), rnd), k)
@@ -530,7 +533,7 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   stats.update({k2: v for k2, v in rstats.items() if k2 != 'iters'})
   t1 = time.time()
   stats['alpha_saturated'] = _alpha_stats(theta)
-  after = recon.eval_losses(fns.eval_fn, theta, aux, sets) if sets else {}
+  after = recon.eval_losses(fns.eval_fn, theta, aux, sets)
   if 'recon' in sets:
     stats['mse_before'], stats['mse_after'] = before['recon'], after['recon']
   if 'holdout' in sets:

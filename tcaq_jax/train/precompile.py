@@ -44,16 +44,7 @@ class Precompiler:
     self.waited_s = 0.0                 # seconds callers of `wait` spent blocked on unfinished jobs
     self.jobs = 0                       # jobs run
     self.failed = 0
-    self._done: set = set()
     self._claims: dict[Hashable, threading.Event] = {}
-
-  def once(self, key: Hashable) -> bool:
-    """True the first time `key` is asked for."""
-    with self._lock:
-      if key in self._done:
-        return False
-      self._done.add(key)
-      return True
 
   def run_once(self, key: Hashable, fn: Callable[[], object]) -> None:
     """fn() the first time `key` is asked for; a later caller (another worker) blocks until that first fn()

@@ -326,7 +326,9 @@ def eval_set(inputs: Sequence, targets: Any, steps: Any, max_samples: int = 256,
 
 def eval_losses(eval_fn: Callable, theta: dict, aux: Any, sets: dict) -> dict:
   """{name: mean rec_loss on that set} for sets {name: set from `eval_set`}, in one call of eval_fn (from
-  `make_eval`)."""
+  `make_eval`); {} for no sets (nothing is called)."""
+  if not sets:
+    return {}
   sums = eval_fn(theta, aux, sets)
   return {k: float(v) / int(sets[k][3].size) for k, v in sums.items()}
 

@@ -23,4 +23,4 @@ def test_paired_bootstrap(paired):
                                                                                          *feature_stats(fa))
   np.testing.assert_allclose(res['diff'], direct, rtol=1e-9)
   assert res['diff'] > 5 and res['b_better_share'] == 1.0 and res['std'] > 0
-  assert res['lo95'] <= res['diff'] <= res['hi95'] + 1.0
+  assert res['lo95'] <= res['diff'] <= res['hi95']
