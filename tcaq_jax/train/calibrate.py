@@ -85,8 +85,9 @@ def write_fp_reference(path: str, key: dict, result: dict, commit: str = '') -> 
                                        'bench/demo_fp_reference.py writes it', 'entries': entries}, indent=1)
 
 
-def _score(setup, eps, n: int, classifier, params) -> dict:
-  """n samples of eps_fn at the run's sampler batch (its compiled step), scored by the demo classifier."""
+def _score(setup, eps, n: int, classifier, params, keep: list | None = None) -> dict:
+  """n samples of eps_fn at the run's sampler batch (its compiled step), scored by the demo classifier; keep:
+  a list the uint8 samples are appended to."""
   from tcaq_jax.demo.classifier import demo_quality
   from tcaq_jax.diffusion.batched import sample_all
   from tcaq_jax.images import to_uint8
@@ -94,6 +95,8 @@ def _score(setup, eps, n: int, classifier, params) -> dict:
   t0 = time.time()
   images = sample_all(setup.sampler(eps), n, setup.sample_batch, seed=QUALITY_SEED, convert=to_uint8, pad=True)
   res = demo_quality(images, classifier, params)
+  if keep is not None:
+    keep.append(images)
   return {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
 
 
@@ -124,12 +127,13 @@ def fp_half(setup, n: int, fp_cache: str = '', reference: str = '') -> tuple[dic
 
 
 def demo_quality_check(setup, qstate, n: int, fp_cache: str = '', fp: tuple | None = None,
-                       reference: str = '') -> dict:
+                       reference: str = '', keep: list | None = None) -> dict:
   """Digit-classifier FID / confident share of n FP and n quantized samples of the shipped demo model (same
   seeds, the calibrated sampler settings), sampled with the run's own compiled samplers and batch size (no new
-  compiles). fp: `fp_half`'s result when it was computed already (e.g. by `DemoQuality` while the run went on)."""
+  compiles). fp: `fp_half`'s result when it was computed already (e.g. by `DemoQuality` while the run went on);
+  keep: a list the quantized uint8 samples are appended to."""
   fp_res, (classifier, params) = fp if fp is not None else fp_half(setup, n, fp_cache, reference)
-  return {'fp': fp_res, 'quantized': _score(setup, setup.q_eps(qstate), n, classifier, params)}
+  return {'fp': fp_res, 'quantized': _score(setup, setup.q_eps(qstate), n, classifier, params, keep)}
 
 
 class DemoQuality:
@@ -137,11 +141,13 @@ class DemoQuality:
   calibration, so `after_capture` starts it on a background thread at the capture of round `start_round` (the
   first PAR round: round 0's unit compiles and weight initialisation are slowed most by a second compute thread);
   it runs on what the calibration leaves idle, and `after_run` waits for it (starting it when no capture did),
-  then samples the quantized half."""
+  then samples the quantized half; `grid_images` hands its first samples to out_dir/samples.png (seed 1234, not
+  the grid's own seed + 1: one batch less to sample)."""
 
   def __init__(self, n: int, fp_cache: str = '', start_round: int = 1, reference: str = ''):
     self.n, self.fp_cache, self.start_round, self.reference = n, fp_cache, start_round, reference
     self._fp: concurrent.futures.Future | None = None
+    self._images: list = []
 
   def after_capture(self, setup, rnd: int) -> None:
     if self._fp is not None or 0 <= rnd < self.start_round:
@@ -157,7 +163,12 @@ class DemoQuality:
 
   def after_run(self, setup, qstate) -> dict:
     self.after_capture(setup, -1)          # (-1: now, whatever start_round)
-    return {'demo_quality': demo_quality_check(setup, qstate, self.n, fp=self._fp.result())}
+    self._images.clear()
+    return {'demo_quality': demo_quality_check(setup, qstate, self.n, fp=self._fp.result(), keep=self._images)}
+
+  def grid_images(self, n: int):
+    """The first n quantized samples of the check (None before after_run or when it sampled fewer)."""
+    return self._images[0][:n] if self._images and len(self._images[0]) >= n else None
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -196,7 +207,8 @@ def main(argv):
   hooks = Hooks()
   if n > 0 and not cfg.model_dir and not cfg.model_config:     # the shipped demo
     quality = DemoQuality(n, flags.FLAGS.demo_fp_cache, reference=flags.FLAGS.demo_fp_reference)
-    hooks = Hooks(after_capture=quality.after_capture, after_run=quality.after_run)
+    hooks = Hooks(after_capture=quality.after_capture, after_run=quality.after_run,
+                  grid_images=quality.grid_images)
   report = run(cfg, hooks)
   print('\n'.join(summary_lines(report)), file=sys.stderr)
   logging.info('report in %s', os.path.join(cfg.out_dir, 'report.json'))

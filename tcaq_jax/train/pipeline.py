@@ -60,11 +60,14 @@ class Hooks:
   kill); loss_hook(rnd, unit_index) -> None or fn(loss, iteration) -> loss applied inside that unit's loss;
   after_run(setup, qstate) -> dict merged into the report (end-of-run evaluations that reuse the run's compiled
   samplers: `Setup.sampler(setup.fp_eps)`, `Setup.sampler(setup.q_eps(qstate))`); after_capture(setup, rnd):
-  called after every calibration capture this process makes or loads (round 0's compiles the FP sampler)."""
+  called after every calibration capture this process makes or loads (round 0's compiles the FP sampler);
+  grid_images(n) -> None or n uint8 images [n, H, W, C] of the quantized model that out_dir/samples.png shows
+  instead of sampling its own (called after after_run: e.g. the images an end-of-run check sampled already)."""
   after_save: Callable[['CalibState'], None] | None = None
   after_capture: Callable[['Setup', int], None] | None = None
   loss_hook: Callable[[int, int], Callable | None] | None = None
   after_run: Callable[['Setup', QState], dict] | None = None
+  grid_images: Callable[[int], Any] | None = None
 
 
 class Setup:
@@ -547,16 +550,19 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   return qstate.merge(blocks.to_absolute(theta, unit)), stats
 
 
-def sample_grid(setup: Setup, qstate: QState, path: str) -> None:
-  """--png_samples images of the quantized model (seed + 1) as one PNG grid."""
+def sample_grid(setup: Setup, qstate: QState, path: str, images=None) -> None:
+  """--png_samples images of the quantized model (seed + 1) as one PNG grid; images: uint8 images to show
+  instead (at least --png_samples of them: `Hooks.grid_images`)."""
   cfg = setup.cfg
   n = cfg.png_samples
   if n <= 0:
     return
-  cond, uncond = family.cond_arrays(setup.mconfig, n, cfg.seed)
-  images = sample_all(setup.sampler(setup.q_eps(qstate), decode=True), n, setup.sample_batch, cfg.seed + 1,
-                      cond, uncond, pad=True)
-  save_grid(path, to_uint8(images), scale=grid_scale(images.shape[2]))
+  if images is None or len(images) < n:
+    cond, uncond = family.cond_arrays(setup.mconfig, n, cfg.seed)
+    images = to_uint8(sample_all(setup.sampler(setup.q_eps(qstate), decode=True), n, setup.sample_batch,
+                                 cfg.seed + 1, cond, uncond, pad=True))
+  images = np.asarray(images[:n])
+  save_grid(path, images, scale=grid_scale(images.shape[2]))
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -656,15 +662,17 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     t0 = time.time()
     saver.wait()                     # the last write in flight (also when a stage failed)
     phases['checkpoint_s'] += time.time() - t0
-  png = os.path.join(cfg.out_dir, 'samples.png')
-  if not os.path.exists(png):
-    t0 = time.time()
-    sample_grid(setup, state.qstate, png)
-    phases['sample_grid_s'] = time.time() - t0
-    logging.info('sample grid %s (%.1f s)', png, phases['sample_grid_s'])
   t0 = time.time()
   extra = hooks.after_run(setup, state.qstate) if hooks.after_run is not None else {}
   phases['after_run_s'] = time.time() - t0
+  png = os.path.join(cfg.out_dir, 'samples.png')
+  if not os.path.exists(png):
+    t0 = time.time()
+    given = hooks.grid_images(cfg.png_samples) if hooks.grid_images is not None and cfg.png_samples > 0 else None
+    sample_grid(setup, state.qstate, png, given)
+    phases['sample_grid_s'] = time.time() - t0
+    logging.info('sample grid %s (%.1f s%s)', png, phases['sample_grid_s'],
+                 '' if given is None else ': images from the end-of-run check')
   phases['total_s'] = time.time() - t_start
   report = dict(state.report, **extra, policy=setup.policy.to_dict(),
                 daq_choices=act_search.daq_choices(state.qstate.layers, setup.policy),

@@ -64,3 +64,33 @@ def test_demo_quality_after_run_matches_an_independent_sampling(tmp_path):
     np.testing.assert_allclose(dq[name]['fid'], ref['fid'], rtol=1e-6)
     assert dq[name]['confident_fraction'] == ref['confident_fraction']
   assert any('demo quality, 12 samples' in ln for ln in summary_lines(report))
+
+
+def test_grid_shows_the_quality_checks_own_samples(tmp_path):
+  """With Hooks.grid_images (the CLI's), samples.png is the first --png_samples of the check's quantized samples
+  (seed 1234), checked against an independent sampling of the saved run; without the hook the grid samples its
+  own (seed + 1), which differ."""
+  from PIL import Image
+
+  from tcaq_jax.images import grid_scale, save_grid
+
+  n, png_n = 8, 4
+  base = dict(method='minmax', w_bits=8, a_bits=8, num_steps=4, calib_steps=2, calib_samples=4, capture_batch=8,
+              forward_batch=8, act_batch=4, png_samples=png_n, progress=False)
+  quality = DemoQuality(n, '', start_round=0)
+  hooked = str(tmp_path / 'hooked')
+  report = run(dict(base, out_dir=hooked), Hooks(after_capture=quality.after_capture, after_run=quality.after_run,
+                                                 grid_images=quality.grid_images))
+  assert report['phases_this_process']['sample_grid_s'] < report['phases_this_process']['after_run_s']
+  plain = str(tmp_path / 'plain')
+  run(dict(base, out_dir=plain))
+  q = load_quantized(hooked)
+  coeffs = sampler_coefficients(q.config, 4, 'quad', 0.0)
+  images = sample_all(make_sampler(q.eps_fn, coeffs, family.sample_shape(q.config)), n, 8, seed=1234,
+                      convert=to_uint8)
+  expect = str(tmp_path / 'expect.png')
+  save_grid(expect, images[:png_n], scale=grid_scale(images.shape[2]))
+  got = np.asarray(Image.open(os.path.join(hooked, 'samples.png')))
+  np.testing.assert_array_equal(got, np.asarray(Image.open(expect)))
+  own = np.asarray(Image.open(os.path.join(plain, 'samples.png')))
+  assert own.shape == got.shape and not np.array_equal(own, got)
