@@ -136,6 +136,10 @@ DIAG_ROWS = [
     # asymmetric percentile-searched activation init instead of symmetric max (against qdiff_w6a6)
     ('tcaq_w6a6_no_par_two_pass', 'tcaq', 6, 6, {'par': False, 'schedule': 'two_pass'}),
     ('qdiff_w6a6_act_search', 'qdiff', 6, 6, {'act_init': 'search'}),
+    # W4A8 at 5x the table's iterations (session 10): is the budget what keeps tcaq W4A8 at 8x FP's FID? (round
+    # 0's AdaRound ends with only ~9% of alphas saturated at 400 iterations: the rounding has not settled)
+    ('tcaq_w4a8_iters5x', 'tcaq', 4, 8, {'iters_scale': 0.1}),
+    ('qdiff_w4a8_iters5x', 'qdiff', 4, 8, {'iters_scale': 0.1}),
 ]
 
 
