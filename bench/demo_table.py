@@ -139,6 +139,11 @@ DIAG_ROWS = [
     # W4A8 at 5x the table's iterations (session 10): is the budget what keeps tcaq W4A8 at 8x FP's FID? (round
     # 0's AdaRound ends with only ~9% of alphas saturated at 400 iterations: the rounding has not settled)
     ('tcaq_w4a8_iters5x', 'tcaq', 4, 8, {'iters_scale': 0.1}),
+    # the same iterations as the table, AdaRound's Adam lr 10x (1e-3 -> 1e-2): at 400 iterations of lr 1e-3 an
+    # alpha moves at most ~0.4, so the rectified sigmoid moves ~0.12 and only weights within ~0.12 of a rounding
+    # midpoint can flip: the budget, not the objective, may be what limits W4 (bench/act_sensitivity.py: W4A8's
+    # whole FID gap is in the weights: w_only 22.5 vs all 22.9 at 500 samples)
+    ('tcaq_w4a8_lr1e2', 'tcaq', 4, 8, {'lr': 1e-2}),
     ('qdiff_w4a8_iters5x', 'qdiff', 4, 8, {'iters_scale': 0.1}),
 ]
 
