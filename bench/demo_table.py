@@ -294,6 +294,7 @@ def main(argv):
       if name != 'fp' or fp['images'] is not None:                     # FP reruns when its samples are lost
         logging.info('%s: reused from table.json', name)
         fill_speckle(results[name], fp['images'])
+        fill_paired_mse(results[name], FLAGS.out, fp['images'], FLAGS.sample_seed)
         continue
     t0 = time.time()
     if method is None:
@@ -306,6 +307,9 @@ def main(argv):
       q = load_quantized(kw['out_dir'])
       eps, mconfig, n_units = q.eps_fn, q.config, len(report['units'])
     images = sample(eps, mconfig, FLAGS.num_samples, FLAGS.num_steps, seed=sample_seed)
+    if sample_seed == FLAGS.sample_seed and name != 'fp':      # kept for paired measures (bench/fid_paired.py)
+      os.makedirs(os.path.dirname(samples_path(FLAGS.out, name)), exist_ok=True)
+      np.save(samples_path(FLAGS.out, name), images)
     if name == 'fp':
       np.save(os.path.join(FLAGS.out, FP_SAMPLES), images)
       fp['images'] = images
@@ -320,7 +324,7 @@ def main(argv):
                      'w_bits': None if method is None else w, 'a_bits': None if method is None else a,
                      'fid': float(fid), 'conf': float(probs.max(1).mean()), 'speckle': spk,
                      'speckle_share': speckle_share(images, SPECKLE_THRESHOLD), 'samples': FLAGS.num_samples,
-                     'mse_fp': float(np.mean((images - fp_images()) ** 2)) if paired else None,
+                     **(paired_mse(images, fp_images()) if paired else {'mse_fp': None, 'mse_fp_se': None}),
                      'sample_seed': sample_seed, 'iters_scale': None if method is None else iters_scale,
                      'calib_s': calib_s, 'recon_units': n_units, 'total_s': time.time() - t0, 'config': config}
     logging.info('%s: FID %.3f, speckle %.2f x FP (%.0f s)', name, fid, spk, time.time() - t0)
@@ -333,6 +337,33 @@ def fp_model():
   """The FP demo model's (eps_fn, model config)."""
   model, params, config = family.load(DEMO_UNET_DIR)
   return family.eps_fn(model, params, config), config
+
+
+def samples_path(out: str, name: str) -> str:
+  """Where a row's samples (float in [-1, 1], drawn from --sample_seed's noise) are kept."""
+  return os.path.join(out, 'samples', f'{name}.npy')
+
+
+def paired_mse(images: np.ndarray, fp_images: np.ndarray) -> dict:
+  """Mean squared difference from FP's samples drawn from the same noise, and its standard error over the
+  samples (std of the per-sample means / sqrt(n))."""
+  per = np.mean((np.asarray(images, np.float64) - fp_images) ** 2, axis=tuple(range(1, images.ndim)))
+  return {'mse_fp': float(per.mean()), 'mse_fp_se': float(per.std(ddof=1) / np.sqrt(per.size))}
+
+
+def fill_paired_mse(record: dict, out: str, fp_images: np.ndarray | None, sample_seed: int) -> None:
+  """A reused record without the paired MSE (or its standard error) gets them from its kept samples
+  (`samples_path`, e.g. written by bench/fid_paired.py) when they exist and share FP's noise."""
+  path = samples_path(out, record['name'])
+  if (record.get('mse_fp_se') is not None or record['name'] == 'fp' or fp_images is None
+      or record.get('sample_seed') != sample_seed or not os.path.exists(path)):
+    return
+  images = np.load(path)
+  if images.shape != fp_images.shape:
+    logging.warning('%s: kept samples %s do not match FP\'s %s: no paired MSE', path, images.shape,
+                    fp_images.shape)
+    return
+  record.update(paired_mse(images, fp_images))
 
 
 def fill_speckle(record: dict, fp_images: np.ndarray | None) -> None:
@@ -371,17 +402,28 @@ def table_lines(results: dict, st: dict) -> list:
            "its interval rule))", '',
            "speckle: mean squared (image - 3x3 median) over FP's (1.00 = FP); spk px: % of pixels whose "
            f"|image - 3x3 median| > {SPECKLE_THRESHOLD}; MSE vs FP x1e3: mean squared difference from FP's samples "
-           "drawn from the same noise (images in [-1, 1]; low sampling noise, unlike the FID)", '',
+           "drawn from the same noise (images in [-1, 1]; low sampling noise, unlike the FID), +- its standard "
+           "error over the samples", '',
            '| row | method | W/A | FID | conf | speckle | spk px % | MSE vs FP x1e3 | calib s |',
            '|---|---|---|---|---|---|---|---|---|']
   for name, r in results.items():
     wa = 'FP' if r['method'] == 'fp' else f"W{r['w_bits']}A{r['a_bits']}"
     opts = ' ' + json.dumps(r['options']) if r['options'] else ''
-    share, mse = r.get('speckle_share'), r.get('mse_fp')
+    share = r.get('speckle_share')
     lines.append(f"| {name} | {r['method']}{opts} | {wa} | {r['fid']:.3f} | {r['conf']:.3f} | "
                  f"{_num(r.get('speckle'))} | {_num(None if share is None else 100 * share)} | "
-                 f"{_num(None if mse is None else 1e3 * mse)} | {r['calib_s']:.0f} |")
-  return lines + ['', *pivot_lines(results, 'fid', 'FID'), '', *pivot_lines(results, 'speckle', 'speckle')]
+                 f"{_mse(r)} | {r['calib_s']:.0f} |")
+  mse = {n: dict(r, mse_1e3=None if r.get('mse_fp') is None else 1e3 * r['mse_fp']) for n, r in results.items()}
+  return lines + ['', *pivot_lines(results, 'fid', 'FID'), '', *pivot_lines(results, 'speckle', 'speckle'), '',
+                  *pivot_lines(mse, 'mse_1e3', 'MSE vs FP x1e3')]
+
+
+def _mse(r: dict) -> str:
+  """The paired MSE x1e3, with its standard error when known."""
+  if r.get('mse_fp') is None:
+    return '-'
+  se = r.get('mse_fp_se')
+  return f"{1e3 * r['mse_fp']:.2f}" + ('' if se is None else f' +- {1e3 * se:.2f}')
 
 
 def _num(v) -> str:

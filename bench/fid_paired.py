@@ -35,7 +35,7 @@ def row_samples(name: str) -> np.ndarray:
   (and in memory: each row is read once per run)."""
   if name == 'fp':
     return np.load(os.path.join(FLAGS.out, demo_table.FP_SAMPLES))
-  path = os.path.join(FLAGS.out, 'samples', f'{name}.npy')
+  path = demo_table.samples_path(FLAGS.out, name)
   if os.path.exists(path):
     return np.load(path)
   q = load_quantized(os.path.join(FLAGS.out, name))

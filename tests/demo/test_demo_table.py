@@ -41,6 +41,7 @@ def test_outputs_and_resume(table, tmp_path):
                      'conf': 0.9, 'samples': 10, 'sample_seed': 123, 'iters_scale': 0.001, 'calib_s': 3.0}
     Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(tmp_path / 'grids' / f'{name}.png')
   results['qdiff_w4a4']['mse_fp'] = 0.00412            # paired MSE vs FP's samples, shown x1e3
+  results['tcaq_w6a6_no_per_step'].update(mse_fp=0.00866, mse_fp_se=0.00025)
   table.write_outputs(str(tmp_path), results, settings)
   doc = json.load(open(tmp_path / 'table.json'))
   assert doc['settings'] == settings and [r['name'] for r in doc['rows']] == list(results)
@@ -51,6 +52,8 @@ def test_outputs_and_resume(table, tmp_path):
   assert '| qdiff_w4a4 | qdiff | W4A4 | 3.500 | 0.900 | - | - | 4.12 | 3 |' in md
   assert '| minmax_w8a8 | minmax | W8A8 | 2.500 | 0.900 | - | - | - | 3 |' in md
   assert '| qdiff | - | - | - | 3.50 |' in md and '| no_per_step | 4.50 | - |' in md
+  assert '| 8.66 +- 0.25 | 3 |' in md                                      # the standard error beside the MSE
+  assert '| MSE vs FP x1e3 | W8A8 | W6A6 | W4A8 | W4A4 |' in md and '| qdiff | - | - | - | 4.12 |' in md
   for png in ('fid_chart.png', 'sample_grids.png'):
     assert Image.open(tmp_path / png).size[0] > 300
   assert table.load_table(str(tmp_path / 'table.json'), settings) == results           # resumes these rows
@@ -68,3 +71,29 @@ def test_chart_of_diagnostic_rows_only_is_written(table, tmp_path):
   path = str(tmp_path / 'chart.png')
   table.plot_chart({'tcaq_w4a8_tcr_all': {'fid': 12.8}}, path)
   assert os.path.getsize(path) > 0
+
+
+def test_paired_mse_and_its_fill_from_kept_samples(table, tmp_path):
+  """paired_mse against a float64 loop; a reused record without it is filled from the row's kept samples
+  (samples_path) only when they share FP's noise (same sample seed) and shape."""
+  rng = np.random.default_rng(0)
+  fp = rng.uniform(-1, 1, (50, 4, 4, 1)).astype(np.float32)
+  img = np.clip(fp + rng.normal(0, 0.1, fp.shape), -1, 1).astype(np.float32)
+  per = [float(np.mean((img[i].astype(np.float64) - fp[i]) ** 2)) for i in range(50)]
+  mean = sum(per) / 50
+  se = (sum((v - mean) ** 2 for v in per) / 49) ** 0.5 / 50 ** 0.5
+  got = table.paired_mse(img, fp)
+  np.testing.assert_allclose([got['mse_fp'], got['mse_fp_se']], [mean, se], rtol=1e-9)
+  os.makedirs(tmp_path / 'samples')
+  np.save(table.samples_path(str(tmp_path), 'minmax_w6a6'), img)
+  rec = {'name': 'minmax_w6a6', 'sample_seed': 123, 'mse_fp': None}
+  other_seed = dict(rec, sample_seed=456)
+  table.fill_paired_mse(other_seed, str(tmp_path), fp, 123)
+  assert other_seed['mse_fp'] is None                      # another noise: no pairing
+  table.fill_paired_mse(rec, str(tmp_path), fp[:10], 123)
+  assert rec['mse_fp'] is None                             # other shape: not these samples
+  table.fill_paired_mse(rec, str(tmp_path), fp, 123)
+  assert rec['mse_fp'] == got['mse_fp'] and rec['mse_fp_se'] == got['mse_fp_se']
+  missing = {'name': 'qdiff_w8a8', 'sample_seed': 123, 'mse_fp': None}
+  table.fill_paired_mse(missing, str(tmp_path), fp, 123)
+  assert missing['mse_fp'] is None                         # no kept samples
