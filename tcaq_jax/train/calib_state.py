@@ -152,4 +152,5 @@ def new_report(setup, timings: dict) -> dict:
           'components': {k: getattr(cfg, k) for k in ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale')},
           'policy_summary': setup.policy.summary(), 'preset': cfg.preset,
           'policy_overrides': list(cfg.policy_override), 'num_units': len(setup.units), 'units': [],
-          'init_timings': dict(timings), 'iters_scale': cfg.iters_scale}
+          'init_timings': dict(timings), 'iters_scale': cfg.iters_scale,
+          'adaround_lr': cfg.adaround_lr}

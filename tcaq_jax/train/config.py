@@ -62,7 +62,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
 # Fields added after runs were stored, with the value that reproduces what those runs did: a stored config
 # without one of them reads as this value (bench/demo_table.py reuses its rows; resuming skips absent fields).
-ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax')}
+ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0}
 # Quantization-point kinds (tcaq_jax.quant.policy) whose step sizes --learn_act_scale learns by default.
 LSQ_KINDS = ('conv', 'dense', 'matmul', 'softmax')
 
@@ -216,6 +216,11 @@ class Config:
   par_research_act: bool = _f(True, 're-search activation scales on the recaptured data of each PAR round')
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
+  lr_budget_cap: float = _f(1.0, "below the paper's budget (--iters_scale < 1) multiply the AdaRound lr (--lr) by "
+                                 'min(this, 1 / iters_scale); 1 = --lr as given (default). Measured on the demo at '
+                                 'W4A8 with 10: at iters_scale 0.02 digits-FID 20.1 -> 11.8 (2,000 samples), but at '
+                                 'the demo default 0.005 16.3 -> 79.0 (256 samples): not a default '
+                                 '(docs/results/fidelity.md, session 10)', kind=float)
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
                               'step) on background threads while a unit runs (same results)')
@@ -302,7 +307,7 @@ class Config:
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
-                'precompile_workers': 0}
+                'precompile_workers': 0, 'lr_budget_cap': 1.0}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')
@@ -353,8 +358,16 @@ class Config:
     base = self.recon.act_iters if self.act_pass(rnd) else (self.recon.iters if rnd == 0 else self.par_iters)
     return int(round(base * self.iters_scale))
 
+  @property
+  def adaround_lr(self) -> float:
+    """The AdaRound lr the reconstruction uses: --lr x min(--lr_budget_cap, 1 / --iters_scale) below the paper's
+    budget, --lr at or above it."""
+    scale = self.iters_scale if self.iters_scale is not None else 1.0
+    return float(self.recon.lr) * (min(float(self.lr_budget_cap), 1.0 / scale) if 0.0 < scale < 1.0 else 1.0)
+
   def recon_for_round(self, rnd: int) -> ReconConfig:
-    return dataclasses.replace(self.recon, iters=self.round_iters(rnd), act_pass=self.act_pass(rnd))
+    return dataclasses.replace(self.recon, iters=self.round_iters(rnd), act_pass=self.act_pass(rnd),
+                               lr=self.adaround_lr)
 
   # ------------------------------------------------------------------ flat (flag-name) form
   def to_flat(self) -> dict:

@@ -69,6 +69,20 @@ def test_rounds_and_iterations():
   assert not q.recon_for_round(0).act_pass and q.recon_for_round(1).act_pass and q.recon_for_round(1).batch == 32
 
 
+def test_adaround_lr_follows_the_budget():
+  """Below the paper's budget the AdaRound lr is --lr x min(--lr_budget_cap, 1 / iters_scale); at or above it,
+  or with the cap at 1, --lr itself; every round's ReconConfig carries it."""
+  for scale, cap, factor in ((1.0, 10.0, 1.0), (2.0, 10.0, 1.0), (0.5, 10.0, 2.0), (0.25, 10.0, 4.0),
+                             (0.02, 10.0, 10.0), (0.005, 10.0, 10.0), (0.02, 1.0, 1.0), (0.02, 25.0, 25.0)):
+    cfg = Config(iters_scale=scale, lr_budget_cap=cap).resolve()
+    assert cfg.adaround_lr == pytest.approx(1e-3 * factor), (scale, cap)
+    assert {cfg.recon_for_round(r).lr for r in range(cfg.rounds)} == {cfg.adaround_lr}
+    assert cfg.recon.lr == 1e-3                                     # --lr itself is kept as given
+  assert Config().resolve().adaround_lr == 1e-3                     # off by default (cap 1)
+  with pytest.raises(ConfigError, match='--lr_budget_cap'):
+    Config(lr_budget_cap=0.5).resolve()
+
+
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():
   cfg = Config.from_flat({'recon_iters': 123, 'recon_batch': 8, 'lr': 0.5, 'w_bits': 6, 'act_pcts': ['100', '99.9'],
                           'policy_override': ['conv_out$:fp']})
