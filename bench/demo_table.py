@@ -144,6 +144,10 @@ DIAG_ROWS = [
     # midpoint can flip: the budget, not the objective, may be what limits W4 (bench/act_sensitivity.py: W4A8's
     # whole FID gap is in the weights: w_only 22.5 vs all 22.9 at 500 samples)
     ('tcaq_w4a8_lr1e2', 'tcaq', 4, 8, {'lr': 1e-2}),
+    # qdiff's symmetric max-initialised activations beat tcaq's searched init inside qdiff (qdiff_w6a6_act_search:
+    # 3.86 vs 2.68), while asymmetric min-max init made tcaq worse (tcaq_w6a6_pct100: 4.66 vs 3.31): tcaq with
+    # qdiff's init (per step; DAQ off, which it requires: DAQ chose uniform everywhere at W6A6 anyway)
+    ('tcaq_w6a6_act_minmax_sym', 'tcaq', 6, 6, {'act_init': 'minmax_sym', 'daq': False}),
     ('qdiff_w4a8_iters5x', 'qdiff', 4, 8, {'iters_scale': 0.1}),
 ]
 
