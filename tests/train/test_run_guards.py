@@ -30,3 +30,18 @@ def test_an_unwritable_out_dir_fails_before_any_work(tmp_path):
   blocker.write_text('not a dir')
   with pytest.raises(CalibrationError, match='not writable'):
     run(dict(BASE, out_dir=str(blocker / 'run')))
+
+
+def test_resume_reads_options_added_later_as_the_value_that_reproduces_the_stored_run(tmp_path):
+  """A run stored before an option existed resumes under that option's reproducing value (config.ADDED_LATER)
+  and is refused, naming the flag, under another value."""
+  from tcaq_jax.train.calib_state import _check_compatible
+  from tcaq_jax.train.config import ADDED_LATER, Config
+
+  now = Config(lr_budget_cap=1.0).resolve().to_flat()
+  old = {k: v for k, v in now.items() if k not in ADDED_LATER}        # as written before those options existed
+  _check_compatible(old, now, 'run')                                   # the defaults reproduce it: resumes
+  with pytest.raises(CalibrationError, match='--lr_budget_cap=1.0, now --lr_budget_cap=10.0'):
+    _check_compatible(old, Config(lr_budget_cap=10.0).resolve().to_flat(), 'run')
+  with pytest.raises(CalibrationError, match='--act_ends'):
+    _check_compatible(old, Config(act_ends='independent').resolve().to_flat(), 'run')
