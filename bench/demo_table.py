@@ -55,7 +55,7 @@ from tcaq_jax.diffusion.host_sampler import make_sampler  # noqa: E402
 from tcaq_jax.models import family  # noqa: E402
 from tcaq_jax.quantized import load_quantized  # noqa: E402
 from tcaq_jax.train import pipeline  # noqa: E402
-from tcaq_jax.train.config import ADDED_LATER, RESUMABLE, Config  # noqa: E402
+from tcaq_jax.train.config import RESUMABLE, Config, with_added_later  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json/png)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k / 5k reconstruction iterations')
@@ -185,7 +185,7 @@ def sample(eps_fn, config, n, steps, seed=123, batch=250):
 def comparable(flat: dict) -> dict:
   """A flat calibration config less the fields that do not change results (config.RESUMABLE); fields added
   since it was stored read as the value that reproduces it (config.ADDED_LATER)."""
-  return {k: v for k, v in {**ADDED_LATER, **flat}.items() if k not in RESUMABLE}
+  return {k: v for k, v in with_added_later(flat).items() if k not in RESUMABLE}
 
 
 def row_config(kw: dict) -> dict:
@@ -311,7 +311,8 @@ def main(argv):
       q = load_quantized(kw['out_dir'])
       eps, mconfig, n_units = q.eps_fn, q.config, len(report['units'])
     images = sample(eps, mconfig, FLAGS.num_samples, FLAGS.num_steps, seed=sample_seed)
-    if sample_seed == FLAGS.sample_seed and name != 'fp':      # kept for paired measures (bench/fid_paired.py)
+    paired = sample_seed == FLAGS.sample_seed      # FP's samples start from the same noise: a paired difference
+    if paired and name != 'fp':                    # kept for paired measures (bench/fid_paired.py)
       os.makedirs(os.path.dirname(samples_path(FLAGS.out, name)), exist_ok=True)
       np.save(samples_path(FLAGS.out, name), images)
     if name == 'fp':
@@ -322,7 +323,6 @@ def main(argv):
     mu, sig = feature_stats(feats)
     fid = frechet_distance(mu_r, sig_r, mu, sig)
     spk = speckle_ratio(images, fp_images())
-    paired = sample_seed == FLAGS.sample_seed      # FP's samples start from the same noise: a paired difference
     label = 'tcaq_paper' if name.startswith('tcaq_paper') else (method or 'fp')
     results[name] = {'name': name, 'method': method or 'fp', 'label': label, 'options': extra,
                      'w_bits': None if method is None else w, 'a_bits': None if method is None else a,
@@ -417,9 +417,8 @@ def table_lines(results: dict, st: dict) -> list:
     lines.append(f"| {name} | {r['method']}{opts} | {wa} | {r['fid']:.3f} | {r['conf']:.3f} | "
                  f"{_num(r.get('speckle'))} | {_num(None if share is None else 100 * share)} | "
                  f"{_mse(r)} | {r['calib_s']:.0f} |")
-  mse = {n: dict(r, mse_1e3=None if r.get('mse_fp') is None else 1e3 * r['mse_fp']) for n, r in results.items()}
   return lines + ['', *pivot_lines(results, 'fid', 'FID'), '', *pivot_lines(results, 'speckle', 'speckle'), '',
-                  *pivot_lines(mse, 'mse_1e3', 'MSE vs FP x1e3')]
+                  *pivot_lines(results, 'mse_fp', 'MSE vs FP x1e3', scale=1e3)]
 
 
 def _mse(r: dict) -> str:
@@ -434,23 +433,24 @@ def _num(v) -> str:
   return '-' if v is None else f'{v:.2f}'
 
 
-def _cell(results: dict, name: str, key: str) -> str:
-  return _num(results.get(name, {}).get(key))
+def _cell(results: dict, name: str, key: str, scale: float = 1.0) -> str:
+  v = results.get(name, {}).get(key)
+  return _num(None if v is None else scale * v)
 
 
-def pivot_lines(results: dict, key: str, title: str) -> list:
+def pivot_lines(results: dict, key: str, title: str, scale: float = 1.0) -> list:
   """The main rows as one grid of `key`: methods down, bit widths across (FP repeated in its own row), then the
   ablations at W6A6 and W4A4."""
   head = ' | '.join(f'W{w}A{a}' for w, a in BITS)
   lines = [f'| {title} | {head} |', '|---' * (len(BITS) + 1) + '|']
   if 'fp' in results:
-    lines.append('| fp | ' + ' | '.join(_cell(results, 'fp', key) for _ in BITS) + ' |')
+    lines.append('| fp | ' + ' | '.join(_cell(results, 'fp', key, scale) for _ in BITS) + ' |')
   for method in METHODS:
-    lines.append(f'| {method} | ' + ' | '.join(_cell(results, f'{method}_w{w}a{a}', key) for w, a in BITS) + ' |')
+    lines.append(f'| {method} | ' + ' | '.join(_cell(results, f'{method}_w{w}a{a}', key, scale) for w, a in BITS) + ' |')
   lines += ['', f'| tcaq ablation ({title}) | W6A6 | W4A4 |', '|---|---|---|']
   for tag, _ in (('default', {}),) + ABLATIONS:
     suffix = '' if tag == 'default' else f'_{tag}'
-    lines.append(f'| {tag} | ' + ' | '.join(_cell(results, f'tcaq_w{w}a{a}{suffix}', key)
+    lines.append(f'| {tag} | ' + ' | '.join(_cell(results, f'tcaq_w{w}a{a}{suffix}', key, scale)
                                              for w, a in ((6, 6), (4, 4))) + ' |')
   return lines
 

@@ -8,12 +8,12 @@ calibration stage. Prints one table, writes JSON.
 """
 from __future__ import annotations
 
-import json
-
 from absl import app, flags
+import jax
 import jax.numpy as jnp
 from jax.tree_util import Partial
 
+from tcaq_jax import atomic_io
 from tcaq_jax.demo.classifier import demo_quality
 from tcaq_jax.diffusion.batched import sample_all
 from tcaq_jax.diffusion.ddim import sampler_coefficients
@@ -45,11 +45,14 @@ def main(argv):
   fp_sampler = HostLoopSampler(fp_eps, coeffs, shape)
   n = FLAGS.fit_samples
   xs = fp_sampler.sample(FLAGS.fit_seed, 0, n, record='all')['recorded']
-  maps = []
-  for i, t in enumerate(fp_sampler.consts['timesteps']):
-    tt, ii = jnp.full((n,), int(t), jnp.int32), jnp.int32(i)
-    maps.append(jnp.mean(q.eps_fn(xs[i], tt, ii, None) - fp_eps(xs[i], tt, ii, None), axis=0))
-  maps = jnp.stack(maps)                                     # [steps, H, W, C]
+  ts = jnp.asarray(fp_sampler.consts['timesteps'], jnp.int32)
+
+  @jax.jit
+  def step_bias(q_eps, f_eps, x, t, i):     # one compiled program (params as arguments), called once per step
+    tt = jnp.full((x.shape[0],), t, jnp.int32)
+    return jnp.mean(q_eps(x, tt, i, None) - f_eps(x, tt, i, None), axis=0)
+  maps = jnp.stack([step_bias(q.eps_fn, fp_eps, xs[i], ts[i], jnp.int32(i))
+                    for i in range(len(ts))])                # [steps, H, W, C]
   variants = {'none': jnp.zeros_like(maps), 'global scalar': jnp.broadcast_to(jnp.mean(maps), maps.shape),
               'per step and pixel': maps}
   results = {'run_dir': FLAGS.run_dir, 'fit_samples': n, 'fit_seed': FLAGS.fit_seed, 'seed': FLAGS.seed,
@@ -61,8 +64,7 @@ def main(argv):
     results['variants'][name] = {'fid': float(r['fid']), 'confident_fraction': float(r['confident_fraction'])}
     print(f"| {name} | {r['fid']:.3f} | {100 * r['confident_fraction']:.1f}% |")
   if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      json.dump(results, f, indent=1)
+    atomic_io.write_json(FLAGS.out, results, indent=1)
 
 
 if __name__ == '__main__':

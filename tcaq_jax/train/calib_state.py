@@ -18,7 +18,7 @@ import jax
 from tcaq_jax import checkpoint
 from tcaq_jax.quant.state import QState, from_tree, to_tree
 from tcaq_jax.quantized import FP_MODEL_DIR
-from tcaq_jax.train.config import ADDED_LATER, RESUMABLE, CalibrationError
+from tcaq_jax.train.config import RESUMABLE, CalibrationError, with_added_later
 
 __all__ = ['FP_MODEL_DIR', 'Progress', 'CalibState', 'Saver', 'save_state', 'restore_state', 'new_report', 'jsonable']
 
@@ -121,7 +121,7 @@ def _check_compatible(stored: dict, now: dict, out_dir: str) -> None:
   """Raises when a flag that changes results differs from the stored run's; an option added after the run was
   stored counts as the value that reproduces it (config.ADDED_LATER), so e.g. resuming an old run with a new
   option set otherwise is refused too."""
-  stored = {**json.loads(json.dumps(ADDED_LATER, default=list)), **stored}
+  stored = with_added_later(stored)
   for k, v in now.items():
     if k in RESUMABLE or k not in stored:
       continue

@@ -85,9 +85,9 @@ def write_fp_reference(path: str, key: dict, result: dict, commit: str = '') -> 
                                        'bench/demo_fp_reference.py writes it', 'entries': entries}, indent=1)
 
 
-def _score(setup, eps, n: int, classifier, params, keep: list | None = None) -> dict:
-  """n samples of eps_fn at the run's sampler batch (its compiled step), scored by the demo classifier; keep:
-  a list the uint8 samples are appended to."""
+def _score(setup, eps, n: int, classifier, params) -> tuple[dict, object]:
+  """n samples of eps_fn at the run's sampler batch (its compiled step), scored by the demo classifier: (scores,
+  the uint8 samples)."""
   from tcaq_jax.demo.classifier import demo_quality
   from tcaq_jax.diffusion.batched import sample_all
   from tcaq_jax.images import to_uint8
@@ -95,9 +95,7 @@ def _score(setup, eps, n: int, classifier, params, keep: list | None = None) -> 
   t0 = time.time()
   images = sample_all(setup.sampler(eps), n, setup.sample_batch, seed=QUALITY_SEED, convert=to_uint8, pad=True)
   res = demo_quality(images, classifier, params)
-  if keep is not None:
-    keep.append(images)
-  return {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}
+  return {k: res[k] for k in ('n', 'fid', 'confident_fraction')} | {'seconds': time.time() - t0}, images
 
 
 def fp_half(setup, n: int, fp_cache: str = '', reference: str = '') -> tuple[dict, tuple]:
@@ -119,7 +117,7 @@ def fp_half(setup, n: int, fp_cache: str = '', reference: str = '') -> tuple[dic
         return dict(json.load(f), cached=True), (classifier, params)
     except (OSError, ValueError) as e:
       logging.warning('ignoring the unreadable FP quality cache %s: %s', cache_file, e)
-  fp = _score(setup, setup.fp_eps, n, classifier, params)
+  fp, _ = _score(setup, setup.fp_eps, n, classifier, params)
   if cache_file:
     os.makedirs(os.path.dirname(cache_file), exist_ok=True)
     atomic_io.write_json(cache_file, fp)
@@ -127,13 +125,18 @@ def fp_half(setup, n: int, fp_cache: str = '', reference: str = '') -> tuple[dic
 
 
 def demo_quality_check(setup, qstate, n: int, fp_cache: str = '', fp: tuple | None = None,
-                       reference: str = '', keep: list | None = None) -> dict:
+                       reference: str = '') -> dict:
   """Digit-classifier FID / confident share of n FP and n quantized samples of the shipped demo model (same
   seeds, the calibrated sampler settings), sampled with the run's own compiled samplers and batch size (no new
-  compiles). fp: `fp_half`'s result when it was computed already (e.g. by `DemoQuality` while the run went on);
-  keep: a list the quantized uint8 samples are appended to."""
-  fp_res, (classifier, params) = fp if fp is not None else fp_half(setup, n, fp_cache, reference)
-  return {'fp': fp_res, 'quantized': _score(setup, setup.q_eps(qstate), n, classifier, params, keep)}
+  compiles). fp: `fp_half`'s result when it was computed already (e.g. by `DemoQuality` while the run went on)."""
+  return _check(setup, qstate, n, fp if fp is not None else fp_half(setup, n, fp_cache, reference))[0]
+
+
+def _check(setup, qstate, n: int, fp: tuple) -> tuple[dict, object]:
+  """(`demo_quality_check`'s result, the quantized uint8 samples) given `fp_half`'s result."""
+  fp_res, (classifier, params) = fp
+  quantized, images = _score(setup, setup.q_eps(qstate), n, classifier, params)
+  return {'fp': fp_res, 'quantized': quantized}, images
 
 
 class DemoQuality:
@@ -147,7 +150,7 @@ class DemoQuality:
   def __init__(self, n: int, fp_cache: str = '', start_round: int = 1, reference: str = ''):
     self.n, self.fp_cache, self.start_round, self.reference = n, fp_cache, start_round, reference
     self._fp: concurrent.futures.Future | None = None
-    self._images: list = []
+    self.images = None                     # the quantized samples of after_run's check
 
   def after_capture(self, setup, rnd: int) -> None:
     if self._fp is not None or 0 <= rnd < self.start_round:
@@ -163,12 +166,13 @@ class DemoQuality:
 
   def after_run(self, setup, qstate) -> dict:
     self.after_capture(setup, -1)          # (-1: now, whatever start_round)
-    self._images.clear()
-    return {'demo_quality': demo_quality_check(setup, qstate, self.n, fp=self._fp.result(), keep=self._images)}
+    result, self.images = _check(setup, qstate, self.n, self._fp.result())
+    return {'demo_quality': result}
 
   def grid_images(self, n: int):
-    """The first n quantized samples of the check (None before after_run or when it sampled fewer)."""
-    return self._images[0][:n] if self._images and len(self._images[0]) >= n else None
+    """The check's quantized samples (None before after_run); `pipeline.sample_grid` shows the first n."""
+    del n
+    return self.images
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -21,7 +21,7 @@ from tcaq_jax.train.act_search import DEFAULT_PCTS, ENDS
 from tcaq_jax.train.recon import ReconConfig
 
 __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE',
-           'RECON_TRI_STATE', 'RESUMABLE', 'ADDED_LATER', 'flat_fields', 'define_flags',
+           'RECON_TRI_STATE', 'RESUMABLE', 'ADDED_LATER', 'with_added_later', 'flat_fields', 'define_flags',
            'config_from_flags']
 
 # Method defaults (flat flag names). 'qdiff' is Q-Diffusion's released CIFAR-10 recipe point by point
@@ -61,8 +61,14 @@ TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_ini
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
 # Fields added after runs were stored, with the value that reproduces what those runs did: a stored config
-# without one of them reads as this value (bench/demo_table.py reuses its rows; resuming skips absent fields).
+# without one of them reads as this value (`with_added_later`: bench/demo_table.py reuses its rows, resuming
+# compares against it).
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0}
+
+
+def with_added_later(flat: dict) -> dict:
+  """A stored flat config with the fields it predates filled in from ADDED_LATER (in its JSON form: lists)."""
+  return {**json.loads(json.dumps(ADDED_LATER)), **flat}
 # Quantization-point kinds (tcaq_jax.quant.policy) whose step sizes --learn_act_scale learns by default.
 LSQ_KINDS = ('conv', 'dense', 'matmul', 'softmax')
 

@@ -668,7 +668,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
   png = os.path.join(cfg.out_dir, 'samples.png')
   if not os.path.exists(png):
     t0 = time.time()
-    given = hooks.grid_images(cfg.png_samples) if hooks.grid_images is not None and cfg.png_samples > 0 else None
+    given = hooks.grid_images(cfg.png_samples) if hooks.grid_images is not None else None
     sample_grid(setup, state.qstate, png, given)
     phases['sample_grid_s'] = time.time() - t0
     logging.info('sample grid %s (%.1f s%s)', png, phases['sample_grid_s'],

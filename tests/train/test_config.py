@@ -83,6 +83,15 @@ def test_adaround_lr_follows_the_budget():
     Config(lr_budget_cap=0.5).resolve()
 
 
+def test_a_config_stored_before_options_existed_reads_as_todays_defaults():
+  """with_added_later fills the options a stored flat config predates with their reproducing values, in the
+  stored (JSON) form, so an old config without them equals today's default one (tuples as lists too)."""
+  from tcaq_jax.train.config import ADDED_LATER, with_added_later
+  now = Config().resolve().to_flat()
+  old = {k: v for k, v in now.items() if k not in ADDED_LATER}
+  assert with_added_later(old) == now and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
+
+
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():
   cfg = Config.from_flat({'recon_iters': 123, 'recon_batch': 8, 'lr': 0.5, 'w_bits': 6, 'act_pcts': ['100', '99.9'],
                           'policy_override': ['conv_out$:fp']})
