@@ -76,11 +76,17 @@ GRID_SAMPLES = 16
 FP_SAMPLES = 'fp_samples.npy'
 SPECKLE_THRESHOLD = 0.5          # speckle_share: |image - 3x3 median| above a quarter of the [-1, 1] range
 # tcaq as the paper states it, where this project's defaults differ (issue 14): the likelihood-ratio DAQ rule,
-# every reconstruction kept (no held-out check) and TCR on every layer (no per-layer selection).
-PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all'}
+# every reconstruction kept (no held-out check), TCR on every layer (no per-layer selection) and no eps bias
+# correction.
+PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all', 'eps_bias': 'off'}
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
-             ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}))
+             ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}),
+             ('no_eps_bias', {'eps_bias': 'off'}))
+# Rows with and without the eps bias correction (train/eps_bias.py) at every bit width: tcaq with it off (at
+# W6A6 and W4A4 the ablation rows), and min-max PTQ with it on (does the simplest baseline gain as much?).
+EPS_BIAS_ROWS = ([(f'tcaq_w{w}a{a}_no_eps_bias', 'tcaq', w, a, {'eps_bias': 'off'}) for w, a in ((4, 8), (8, 8))]
+                 + [(f'minmax_w{w}a{a}_eps_bias', 'minmax', w, a, {'eps_bias': 'pixel'}) for w, a in BITS])
 # Diagnostic rows (--diagnostics): why is tcaq without TCR worse than plain minmax at W4A4, and tcaq worse than
 # qdiff at W6A6?
 # 'sample_seed' changes the evaluation seeds (fp_seed2: the FID difference from 'fp' is pure sampling noise).
@@ -164,6 +170,7 @@ def row_specs(diagnostics: bool = False):
     rows.append((f'tcaq_paper_w{w}a{a}', 'tcaq', w, a, dict(PAPER_EXACT)))
     if (w, a) in ((4, 4), (6, 6)):
       rows += [(f'tcaq_w{w}a{a}_{tag}', 'tcaq', w, a, dict(opts)) for tag, opts in ABLATIONS]
+  rows += EPS_BIAS_ROWS
   if diagnostics:
     rows += DIAG_ROWS
   return rows
@@ -418,7 +425,19 @@ def table_lines(results: dict, st: dict) -> list:
                  f"{_num(r.get('speckle'))} | {_num(None if share is None else 100 * share)} | "
                  f"{_mse(r)} | {r['calib_s']:.0f} |")
   return lines + ['', *pivot_lines(results, 'fid', 'FID'), '', *pivot_lines(results, 'speckle', 'speckle'), '',
-                  *pivot_lines(results, 'mse_fp', 'MSE vs FP x1e3', scale=1e3)]
+                  *pivot_lines(results, 'mse_fp', 'MSE vs FP x1e3', scale=1e3), '', *eps_bias_lines(results)]
+
+
+def eps_bias_lines(results: dict) -> list:
+  """FID and MSE vs FP of tcaq and min-max with and without the eps bias correction, at every bit width."""
+  head = ' | '.join(f'W{w}A{a}' for w, a in BITS)
+  lines = [f'| eps bias: FID / MSE vs FP x1e3 | {head} |', '|---' * (len(BITS) + 1) + '|']
+  for label, fmt in (('tcaq (on)', 'tcaq_w{}a{}'), ('tcaq off', 'tcaq_w{}a{}_no_eps_bias'),
+                     ('minmax (off)', 'minmax_w{}a{}'), ('minmax on', 'minmax_w{}a{}_eps_bias')):
+    cells = [f"{_cell(results, fmt.format(w, a), 'fid')} / {_cell(results, fmt.format(w, a), 'mse_fp', 1e3)}"
+             for w, a in BITS]
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def _mse(r: dict) -> str:

@@ -3,7 +3,8 @@
 Below both `train/` (which writes run dirs) and `eval/` (which samples from them):
   q = load_quantized('runs/calib/demo_tcaq_w4a8')     # latest checkpoint of a `tcaq_jax.train.calibrate` run
   model, params, qstate, policy, eps_fn = q            # also q.config (model config) and q.meta
-  eps = quant_eps_fn(model, params, qstate, policy, config)   # eps_fn(x, t, step_index, cond), hard rounding
+  eps = quant_eps_fn(model, params, qstate, policy, config)   # eps_fn(x, t, step_index, cond), hard rounding,
+                                                               # less qstate.out_bias[step_index] when set
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from jax.tree_util import Partial
 
 from tcaq_jax import checkpoint
 from tcaq_jax.models import configs, family
-from tcaq_jax.quant.apply import quantized_apply
+from tcaq_jax.quant.apply import correct_output, quantized_apply
 from tcaq_jax.quant.policy import Policy
 from tcaq_jax.quant.state import QState, from_tree
 
@@ -61,8 +62,9 @@ def check_sampler_settings(meta: dict, steps: int | None, skip_type: str | None,
 
 
 def _q_eps(model, policy, cond_kw, params, qstate, x, t, step_index, cond):
-  return quantized_apply(model, {'params': params}, qstate, policy, x, t, step_index=step_index,
-                         weight_mode='hard', **({'y': cond} if cond_kw else {}))
+  eps = quantized_apply(model, {'params': params}, qstate, policy, x, t, step_index=step_index,
+                        weight_mode='hard', **({'y': cond} if cond_kw else {}))
+  return correct_output(eps, qstate, step_index)          # --eps_bias (QState.out_bias; None: unchanged)
 
 
 def quant_forward(model, policy, config: dict):

@@ -14,6 +14,8 @@
                    'act:<path>:<field>'           activation quantizer state (TCR r, a_scale / a_zero [K, S],
                                                    log2_delta / logsqrt2_delta [K], use_log2 [K])
                    'step_slot'                    int32 [num_steps]: sampler step -> calibration slot
+                   'out_bias'                     float32 [num_steps, *out] (version 2, when the run has one):
+                                                   subtracted from the model's output at each sampler step
 Weights of a weight-quantized layer are AdaRound hard-rounded codes of W diag(r) (TCR folded, r kept for the
 input division). `read_arrays` checks the version and the npz's size and SHA-256 before reading.
 """
@@ -25,11 +27,12 @@ import os
 
 import numpy as np
 
-__all__ = ['ExportError', 'FORMAT', 'VERSION', 'MANIFEST', 'ARRAYS', 'storage_of', 'encode_codes',
+__all__ = ['ExportError', 'FORMAT', 'VERSION', 'READS', 'MANIFEST', 'ARRAYS', 'storage_of', 'encode_codes',
            'decode_codes', 'sha256', 'write_files', 'read_manifest', 'read_arrays']
 
 FORMAT = 'tcaq_jax.export'
-VERSION = 1
+VERSION = 2                      # 2: adds the optional 'out_bias' (a version-1 dir reads as one without it)
+READS = (1, 2)
 MANIFEST = 'manifest.json'
 ARRAYS = 'arrays.npz'
 
@@ -100,9 +103,9 @@ def read_manifest(directory: str) -> dict:
     raise ExportError(f'{path}: unreadable or truncated manifest ({e})') from e
   if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
     raise ExportError(f'{path}: not a {FORMAT} manifest')
-  if manifest.get('version') != VERSION:
+  if manifest.get('version') not in READS:
     raise ExportError(f'{directory!r} was written by export format version {manifest.get("version")!r}; this '
-                      f'tcaq_jax reads version {VERSION}: re-export the calibration run')
+                      f'tcaq_jax reads versions {", ".join(map(str, READS))}: re-export the calibration run')
   return manifest
 
 

@@ -25,7 +25,7 @@ from jax.tree_util import Partial
 
 from tcaq_jax.export.format import ExportError, decode_codes, read_arrays, read_manifest
 from tcaq_jax.models import configs, family
-from tcaq_jax.quant.apply import act_interceptor
+from tcaq_jax.quant.apply import act_interceptor, correct_output
 from tcaq_jax.quant.intexec import IntWeights, int_apply, int_plan
 from tcaq_jax.quant.policy import Policy
 from tcaq_jax.quant.state import LayerQState, QState
@@ -38,12 +38,13 @@ BACKENDS = ('int', 'fake')
 def _fake_eps(model, policy, cond_kw, params, qstate, x, t, step_index, cond):
   import flax.linen as nn
   with nn.intercept_methods(act_interceptor(qstate, policy, step_index)):
-    return model.apply({'params': params}, x, t, **({'y': cond} if cond_kw else {}))
+    out = model.apply({'params': params}, x, t, **({'y': cond} if cond_kw else {}))
+  return correct_output(out, qstate, step_index)
 
 
 def _int_eps(model, policy, cond_kw, params, qstate, int_layers, x, t, step_index, cond):
-  return int_apply(model, {'params': params}, qstate, policy, int_layers, x, t, step_index=step_index,
-                   **({'y': cond} if cond_kw else {}))
+  return correct_output(int_apply(model, {'params': params}, qstate, policy, int_layers, x, t,
+                                  step_index=step_index, **({'y': cond} if cond_kw else {})), qstate, step_index)
 
 
 @dataclasses.dataclass
@@ -91,7 +92,8 @@ def load_exported(directory: str) -> ExportedModel:
         _, path, field = k.split(':')
         acts.setdefault(path, {})[field] = jnp.asarray(v)
     qstate = QState(jnp.asarray(arrays['step_slot'], jnp.int32),
-                    {p: LayerQState(**f) for p, f in acts.items()})
+                    {p: LayerQState(**f) for p, f in acts.items()},
+                    jnp.asarray(arrays['out_bias']) if 'out_bias' in arrays else None)
     codes = {p: (decode_codes(arrays[f'w:{p}'], row['w_bits'], row['shape']), arrays[f'w_scale:{p}'],
                  arrays[f'w_zero:{p}']) for p, row in table.items() if row.get('storage')}
   except (KeyError, ValueError, TypeError) as e:

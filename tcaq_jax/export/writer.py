@@ -87,6 +87,8 @@ def export_quantized(q, out_dir: str, source: str = '', overwrite: bool = False)
   arrays, table = _layer_arrays(policy, qstate, qparams)
   arrays.update({'param:' + '/'.join(k): np.asarray(v, np.float32) for k, v in qparams.items()})
   arrays['step_slot'] = np.asarray(qstate.step_slot, np.int32)
+  if qstate.out_bias is not None:
+    arrays['out_bias'] = np.asarray(qstate.out_bias, np.float32)
   float_b = float_bytes(q.params)
   manifest = {'model_config': q.config, 'policy': policy.to_dict(), 'sampler': sampler, 'layers': table,
               'source': {'run_dir': source, 'method': cfg.get('method'), 'model_fingerprint':

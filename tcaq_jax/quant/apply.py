@@ -30,7 +30,7 @@ from tcaq_jax.quant.tcr import scale_activation, scale_kernel_inputs
 from tcaq_jax.quant.uniform import fake_quant
 
 __all__ = ['ApplyError', 'WEIGHT_MODES', 'quantize_weights', 'act_interceptor', 'quantized_apply',
-           'submodule', 'block_method', 'slot_of']
+           'submodule', 'block_method', 'slot_of', 'correct_output']
 
 WEIGHT_MODES = ('soft', 'hard', 'nearest', 'fp')
 
@@ -227,4 +227,21 @@ def quantized_apply(model: nn.Module, variables: Any, qstate: QState, policy, *a
   icpt = act_interceptor(qstate, policy, step_index, paths, learn_act_scale, quantize=act_quant)
   with nn.intercept_methods(icpt):
     return model.apply(variables, *args, method=method, **kwargs)
+
+
+def correct_output(y, qstate: QState, step_index):
+  """y - qstate.out_bias[step_index]: the whole model's eps corrected (unchanged without an out_bias). The
+  caller applies it to the whole model's output (quantized_apply also runs single blocks and submodules, so it
+  does not). step_index: scalar (one bias for the batch) or [B] (one per sample); an index outside the
+  calibrated steps gives NaN."""
+  bias = qstate.out_bias
+  if bias is None:
+    return y
+  idx = jnp.asarray(step_index, jnp.int32)
+  n = bias.shape[0]
+  b = jnp.where(((idx >= 0) & (idx < n)).reshape(idx.shape + (1,) * (bias.ndim - 1)),
+                bias[jnp.clip(idx, 0, n - 1)], jnp.nan)
+  if idx.ndim == 0:
+    b = b[None]
+  return y - b.astype(y.dtype)
 

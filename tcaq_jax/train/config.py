@@ -30,11 +30,11 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 # AdaRound while activations are quantized).
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
-               calib_step_rule='linspace', keep_best=False, act_criterion='input')
+               calib_step_rule='linspace', keep_best=False, act_criterion='input', eps_bias='off')
 METHOD_DEFAULTS = {
     # tcaq's learn_act_scale: by bit width in resolve() (TCAQ_LSQ_A_BITS); False is what other widths get
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
-                 reconstruct=True, keep_best=True, act_lr=4e-4),
+                 reconstruct=True, keep_best=True, act_lr=4e-4, eps_bias='pixel'),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
                   act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
                   calib_step_rule='interval'),
@@ -56,14 +56,16 @@ MODEL_DEFAULTS = {
 }
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
-             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best', 'act_criterion')
+             'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best', 'act_criterion',
+             'eps_bias')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
 # Fields added after runs were stored, with the value that reproduces what those runs did: a stored config
 # without one of them reads as this value (`with_added_later`: bench/demo_table.py reuses its rows, resuming
 # compares against it).
-ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0}
+ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
+               'eps_bias': 'off', 'eps_bias_samples': 64}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -227,6 +229,14 @@ class Config:
                                  'W4A8 with 10: at iters_scale 0.02 digits-FID 20.1 -> 11.8 (2,000 samples), but at '
                                  'the demo default 0.005 16.3 -> 79.0 (256 samples): not a default '
                                  '(docs/results/fidelity.md, session 10)', kind=float)
+  # output bias correction (train/eps_bias.py)
+  eps_bias: str | None = _f(None, "after reconstruction, subtract the quantized model's mean eps error (against the "
+                                  'FP model, on --eps_bias_samples FP sampling trajectories, per sampler step) '
+                                  "from its eps at every step: 'pixel' (a map per step), 'channel' (per step and "
+                                  "channel) or 'off' (default: the method's; tcaq: pixel)",
+                          enum=('off', 'channel', 'pixel'))
+  eps_bias_samples: int = _f(64, 'FP sampling trajectories (seed --seed + 2, whole --capture_batch batches) the '
+                                 '--eps_bias correction is measured on')
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
                               'step) on background threads while a unit runs (same results)')
@@ -313,7 +323,7 @@ class Config:
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
-                'precompile_workers': 0, 'lr_budget_cap': 1.0}
+                'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

@@ -8,6 +8,7 @@ Flow (METHOD.md): `Setup` (FP model, sampler settings, policy, reconstruction un
   search_acts(setup, q, data)  per-step activation ranges (percentile search) and DAQ choices
   reconstruct_unit(...)        BRECQ/AdaRound on one unit (inputs from the partially quantized model, targets FP)
   capture(setup, r, q)         PAR round r > 0: recapture with the quantized model, re-search, reconstruct again
+  fit_eps_bias(setup, q)       --eps_bias: the quantized model's mean eps error per sampler step (`eps_bias`)
 Each stage takes and returns values (a `QState`, a data dict); `run` is the loop that threads one `CalibState`
 through them and checkpoints it after every stage, so re-running with the same out_dir resumes at the next one.
 Compiled functions are built once per signature by `Setup.compiled`: a unit's reconstruction functions (soft /
@@ -44,14 +45,14 @@ from tcaq_jax.quant import adaround
 from tcaq_jax.quant.policy import build_policy
 from tcaq_jax.quant.state import LayerQState, QState, merge_layers
 from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
-from tcaq_jax.train import act_search, blocks, init as qinit, par, recon, tcr_select, unit_order
+from tcaq_jax.train import act_search, blocks, eps_bias, init as qinit, par, recon, tcr_select, unit_order
 from tcaq_jax.train.calib_state import (CalibState, Progress, Saver, jsonable, new_report, restore_state,
                                          save_state)
 from tcaq_jax.train.config import CalibrationError, Config
 from tcaq_jax.train.precompile import Precompiler
 
 __all__ = ['CalibrationError', 'Hooks', 'Progress', 'CalibState', 'Setup', 'capture', 'initialise', 'search_acts',
-           'reconstruct_unit', 'save_state', 'run']
+           'reconstruct_unit', 'fit_eps_bias', 'save_state', 'run']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +213,8 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict, dict]:
   timings['weight_init_s'] = time.time() - t0
   if select:
     layers, info['tcr_choices'], timings['tcr_select_s'] = _select_tcr(setup, data, ratios, layers, init_w)
-  qstate = QState(step_slot=jnp.asarray(step_slot), layers=layers)
+  # --eps_bias: a zero bias until `fit_eps_bias` (the quantized samplers compile once for the final structure)
+  qstate = QState(step_slot=jnp.asarray(step_slot), layers=layers, out_bias=_zero_bias(setup))
   secs = 0.0
   if cfg.schedule != 'two_pass':      # two_pass: activation ranges after the AdaRound pass (round 1)
     qstate, secs = search_acts(setup, qstate, data)
@@ -258,7 +260,7 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
     t0 = time.time()
     acts = act_search.init_minmax_sym(fn, setup.policy, setup.params, qstate, _arrays(data), sid, k,
                                       cfg.act_init_samples, cfg.seed)
-    return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
+    return qstate.replace(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
   ratio_paths = _ratio_paths(setup, {p: st.r for p, st in qstate.layers.items() if st.r is not None})
   search_fn = _search_fn(setup, ratio_paths)
   t0 = time.time()
@@ -267,7 +269,7 @@ def search_acts(setup: Setup, qstate: QState, data: dict) -> tuple[QState, float
                                       cfg.act_batch, cfg.act_pcts, cfg.daq, cfg.daq_log_kind, seed=cfg.seed,
                                       consts=setup.params, search_fn=search_fn, daq_rule=cfg.daq_rule,
                                       criterion=cfg.act_criterion, ends=cfg.act_ends)
-  return QState(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
+  return qstate.replace(step_slot=jnp.asarray(step_slot), layers=merge_layers(qstate.layers, acts)), time.time() - t0
 
 
 def _ratio_paths(setup: Setup, ratios: dict) -> tuple:
@@ -550,6 +552,39 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
   return qstate.merge(blocks.to_absolute(theta, unit)), stats
 
 
+def _zero_bias(setup: Setup):
+  """A zero `QState.out_bias` of the shape --eps_bias stores, or None when it is off."""
+  mode = setup.cfg.eps_bias
+  if mode == 'off':
+    return None
+  shape = tuple(setup.shape)
+  return jnp.zeros((setup.n_steps,) + (shape if mode == 'pixel' else (1,) * (len(shape) - 1) + shape[-1:]),
+                   jnp.float32)
+
+
+def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
+  """--eps_bias: qstate with `out_bias`, the quantized model's (without a bias) mean eps error against FP per
+  sampler step on --eps_bias_samples FP trajectories (seed --seed + 2). Returns (qstate, report entry)."""
+  cfg = setup.cfg
+  fn = setup.compiled(('eps_bias',), lambda: eps_bias.make_error_sum(setup.q_fwd, setup.fp_fwd))
+  seed = cfg.seed + eps_bias.SEED_OFFSET
+
+  def cond_fn(n):
+    cond, uncond = family.cond_arrays(setup.mconfig, n, seed)
+    return cond, uncond if setup.guidance else None
+
+  try:
+    bias, info = eps_bias.fit(setup.sampler(setup.fp_eps), fn, (setup.params, qstate.replace(out_bias=None)),
+                              setup.params, cfg.eps_bias_samples, setup.sample_batch, seed, cfg.eps_bias, cond_fn)
+  except FloatingPointError as e:
+    raise CalibrationError(f'--eps_bias={cfg.eps_bias}: {e}; {cfg.out_dir} keeps the reconstructed state: re-run '
+                           'with --eps_bias=off to finish without the correction') from e
+  logging.info('eps bias (%s, %d trajectories): mean %.2e, rms %.2e over the steps (%.1f s)', info['mode'],
+               info['samples'], float(np.mean(info['mean_per_step'])), float(np.mean(info['rms_per_step'])),
+               info['seconds'])
+  return qstate.replace(out_bias=jnp.asarray(bias)), info
+
+
 def sample_grid(setup: Setup, qstate: QState, path: str, images=None) -> None:
   """--png_samples images of the quantized model (seed + 1) as one PNG grid; images: uint8 images to show
   instead (at least --png_samples of them: `Hooks.grid_images`)."""
@@ -655,6 +690,11 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
         state = state.replace(progress=Progress(rnd + 1, 0, False, False))
       if bar is not None:
         bar.close()
+      if cfg.eps_bias != 'off':
+        t0 = time.time()
+        qstate, info = fit_eps_bias(setup, state.qstate)
+        phases['eps_bias_s'] += time.time() - t0
+        state = state.replace(qstate=qstate, report=dict(state.report, eps_bias=info))
       report = dict(state.report, timings={**state.report.get('timings', {}), **timings},
                     wall_s_this_process=time.time() - t_start)
       state = commit(state.replace(report=report), round=cfg.rounds, next_unit=0, act_done=True, done=True)
@@ -685,7 +725,8 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
 # What report.json's `phases_this_process` breaks the wall time into (compile time is inside these phases; the
 # process-wide XLA compile count and seconds are in `compile_this_process`).
 PHASES = ('setup_s', 'capture_s', 'statistics_s', 'tcr_select_s', 'weight_init_s', 'act_search_s', 'par_capture_s',
-          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'checkpoint_s', 'sample_grid_s', 'after_run_s')
+          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'eps_bias_s', 'checkpoint_s', 'sample_grid_s',
+          'after_run_s')
 
 
 def _check_writable(out_dir: str) -> None:

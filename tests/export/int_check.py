@@ -98,8 +98,11 @@ def rel_l2(a, b) -> float:
 
 def assert_same_state(q, m):
   """The ExportedModel m holds the QuantizedModel q's activation state (TCR r, scales, zero points, DAQ
-  deltas and choices) and its hard-rounded fake-quant weights, bit for bit."""
+  deltas and choices), its output bias correction and its hard-rounded fake-quant weights, bit for bit."""
   hard = quantize_weights(q.params, q.qstate, q.policy, 'hard')
+  assert (m.qstate.out_bias is None) == (q.qstate.out_bias is None)
+  if q.qstate.out_bias is not None:
+    np.testing.assert_array_equal(np.asarray(m.qstate.out_bias), np.asarray(q.qstate.out_bias))
   for spec in q.policy.quantized():
     want, got = q.qstate.layers[spec.path], m.qstate.layers.get(spec.path)
     for name in ACT_FIELDS:

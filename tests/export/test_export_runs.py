@@ -15,6 +15,7 @@ the fake-quant one within the float32 summation bound (tests/export/int_check.py
 rounding tie changes it by one code step), so its tolerance is measured, not derived: WHOLE_FORWARD_TOL, against
 the spread of the fake path itself under one-ulp input perturbations (both are reported in
 docs/results/export.md)."""
+import dataclasses
 import os
 import sys
 
@@ -26,7 +27,7 @@ import pytest
 from tcaq_jax import checkpoint
 from tcaq_jax.export import export_run, load_exported
 from tcaq_jax.export.synthetic import random_params
-from tcaq_jax.models import configs
+from tcaq_jax.models import configs, family
 from tcaq_jax.quant.intexec import IntMatmul, IntWeights
 from tcaq_jax.quantized import load_quantized
 
@@ -133,3 +134,15 @@ def test_tcaq_ldm_run_exports_and_runs_on_integers(exported_run):
   assert len(softmax) == 2 and all(m.qstate.layers[p].use_log2 is not None for p in softmax)
   assert {p.rsplit('/', 2)[-2] for p in softmax} == {'attn1', 'attn2'}                  # self- and cross-attention
   assert {4, 8, 'matmul'} <= set(_check_int_vs_fake(m))
+  # tcaq's default eps bias correction travels with the export (format version 2) and both backends subtract it
+  assert q.meta['config']['eps_bias'] == 'pixel'
+  assert m.qstate.out_bias.shape == (6,) + tuple(family.sample_shape(m.config))
+  assert m.manifest['version'] == 2
+  x, t, cond = inputs(m.config)
+  plain = dataclasses.replace(m, qstate=m.qstate.replace(out_bias=None))
+  for backend in ('fake', 'int'):
+    with_bias = np.asarray(m.eps_fn(backend)(x, t, jnp.int32(STEP), cond))
+    without = np.asarray(plain.eps_fn(backend)(x, t, jnp.int32(STEP), cond))
+    np.testing.assert_allclose(with_bias, without - np.asarray(m.qstate.out_bias)[STEP][None], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(m.eps_fn('fake')(x, t, jnp.int32(STEP), cond)),
+                             np.asarray(q.eps_fn(x, t, jnp.int32(STEP), cond)), rtol=1e-4, atol=1e-5)

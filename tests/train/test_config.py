@@ -83,13 +83,17 @@ def test_adaround_lr_follows_the_budget():
     Config(lr_budget_cap=0.5).resolve()
 
 
-def test_a_config_stored_before_options_existed_reads_as_todays_defaults():
+def test_a_config_stored_before_options_existed_reads_as_what_it_did():
   """with_added_later fills the options a stored flat config predates with their reproducing values, in the
-  stored (JSON) form, so an old config without them equals today's default one (tuples as lists too)."""
+  stored (JSON) form (tuples as lists too), so an old config equals today's config with those values, and not
+  today's default where a default changed (tcaq's --eps_bias: 'pixel' now, absent = 'off')."""
   from tcaq_jax.train.config import ADDED_LATER, with_added_later
+  then = Config(eps_bias='off').resolve().to_flat()
+  old = {k: v for k, v in then.items() if k not in ADDED_LATER}
+  assert with_added_later(old) == then and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
   now = Config().resolve().to_flat()
-  old = {k: v for k, v in now.items() if k not in ADDED_LATER}
-  assert with_added_later(old) == now and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
+  assert now['eps_bias'] == 'pixel' and with_added_later(old) != now
+  assert Config(method='qdiff').resolve().eps_bias == 'off' and Config(method='minmax').resolve().eps_bias == 'off'
 
 
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():

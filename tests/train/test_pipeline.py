@@ -88,10 +88,11 @@ def test_full_run_report_checkpoint_and_outputs(full_run):
   assert qstate.layers['up_0/block_1/nin_shortcut'].a_scale.shape == (2, 2)
   assert qstate.layers['mid/attn_1/attn_probs'].use_log2.shape == (2,)
   assert 'conv_out' not in qstate.layers and policy.layers['conv_out'].w_bits is None
-  # eps_fn == quantized_apply with hard rounding (independently assembled call)
+  # eps_fn == quantized_apply with hard rounding (independently assembled call), less the eps bias of step 3
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
   t = jnp.asarray([500, 500], jnp.int32)
   want = quantized_apply(model, {'params': params}, qstate, policy, x, t, step_index=3, weight_mode='hard')
+  want = want - qstate.out_bias[3][None]
   np.testing.assert_allclose(np.asarray(eps_fn(x, t, jnp.int32(3), None)), np.asarray(want), rtol=1e-6)
   fp = model.apply({'params': params}, x, t)
   assert float(jnp.mean((want - fp) ** 2)) > 0
@@ -239,3 +240,40 @@ def test_a_corrupt_calibration_capture_is_refused_not_reused(full_run, tmp_path)
     f.write(bytes([byte[0] ^ 0xFF]))
   with pytest.raises(CaptureError, match='xt.npy.*SHA-256'):
     CalibData(d)
+
+
+def test_eps_bias_is_the_mean_eps_error_on_fp_trajectories(full_run):
+  """--eps_bias=pixel (tcaq's default): the stored out_bias equals the quantized model's (without it) mean eps
+  error against FP, recomputed here in float64 on the 8 FP trajectories of seed --seed + 2 (the host-loop
+  sampler's: the scan sampler's differ by float rounding, which flips some activation codes), and the run's
+  eps_fn subtracts it at each step."""
+  out, report = full_run
+  q = load_quantized(out)
+  cfg = q.meta['config']
+  assert cfg['eps_bias'] == 'pixel' and report['eps_bias']['samples'] == 8
+  bias = np.asarray(q.qstate.out_bias)
+  assert bias.shape == (6, 16, 16, 3)
+  coeffs = sampler_coefficients(q.config, cfg['num_steps'], cfg['skip_type'], cfg['eta'])
+  fp_eps = family.eps_fn(q.model, q.params, q.config)
+  sampler = make_sampler(fp_eps, coeffs, (16, 16, 3), loop='host')
+  traj = np.asarray(sampler.sample(cfg['seed'] + 2, 0, 8, record='all')['recorded'])
+  ts = sampler.consts['timesteps']
+  plain = q.qstate.replace(out_bias=None)
+  want = np.zeros(bias.shape)
+  for i, t in enumerate(ts):
+    x, tt = jnp.asarray(traj[i]), jnp.full((8,), t, jnp.int32)
+    e_q = quantized_apply(q.model, {'params': q.params}, plain, q.policy, x, tt, step_index=i, weight_mode='hard')
+    e_f = q.model.apply({'params': q.params}, x, tt)
+    want[i] = np.mean(np.asarray(e_q, np.float64) - np.asarray(e_f, np.float64), axis=0)
+  assert np.abs(want).max() > 1e-4                     # a real bias to correct
+  # the fit's program (one jitted q - fp, per-sample step indices) rounds some activations to the neighbouring
+  # code where the separate calls here do not (float rounding at a quantizer's decision boundary); each flip moves
+  # a pixel's mean by up to a step / 8: bounded element-wise, and rare on average
+  np.testing.assert_allclose(bias, want, atol=1e-3)
+  assert np.mean(np.abs(bias - want)) < 0.01 * np.mean(np.abs(want))
+  assert np.mean(np.isclose(bias, want, rtol=1e-4, atol=2e-6)) > 0.8
+  x, tt = jnp.asarray(traj[2]), jnp.full((8,), ts[2], jnp.int32)
+  np.testing.assert_allclose(np.asarray(q.eps_fn(x, tt, jnp.int32(2), None)),
+                             np.asarray(quantized_apply(q.model, {'params': q.params}, plain, q.policy, x, tt,
+                                                        step_index=2, weight_mode='hard')) - bias[2][None],
+                             rtol=1e-5, atol=1e-6)

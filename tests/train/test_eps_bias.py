@@ -1,0 +1,84 @@
+"""The eps bias fit (tcaq_jax/train/eps_bias.py) against closed forms: with eps_q = eps_fp + C[step] + 0.1 x
+(+ 0.01 label), the mean error over FP trajectories is C + 0.1 * mean(x_i) (+ 0.01 * mean label), with x_i from
+an independent sampler (the lax.scan DDIMSampler; the fit uses the host-loop sampler) and the mean in float64.
+"""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import Partial
+
+from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
+from tcaq_jax.diffusion.host_sampler import HostLoopSampler
+from tcaq_jax.models import configs
+from tcaq_jax.train import eps_bias
+
+SHAPE = (4, 4, 2)
+STEPS = 5
+
+
+def _fp(consts, x, t, step, cond):
+  return consts * x
+
+
+def _q(consts, x, t, step, cond):
+  scale, c = consts
+  return scale * x + c[step] + 0.1 * x + 0.01 * cond.astype(jnp.float32)[:, None, None, None]
+
+
+def _eps(scale, x, t, i, cond):
+  return scale * x
+
+
+def _setup(guidance=1.0):
+  coeffs = sampler_coefficients(configs.get_config('ddim_tiny'), STEPS, 'quad', 0.0)
+  eps = Partial(_eps, jnp.float32(0.5))
+  c = np.random.default_rng(0).normal(size=(STEPS,) + SHAPE).astype(np.float32)
+  return coeffs, eps, c, HostLoopSampler(eps, coeffs, SHAPE, guidance_scale=guidance)
+
+
+def _reference_x(coeffs, eps, n, seed, cond=None, uncond=None, guidance=1.0):
+  out = DDIMSampler(eps, coeffs, SHAPE, guidance_scale=guidance).sample(seed, 0, n, cond=cond, uncond=uncond,
+                                                                        record='all')
+  return np.asarray(out['recorded'], np.float64)                        # [steps, n, ...]
+
+
+@pytest.mark.parametrize('mode', ['pixel', 'channel'])
+def test_fit_is_the_mean_error_over_fp_trajectories(mode):
+  coeffs, eps, c, sampler = _setup()
+  err = eps_bias.make_error_sum(_q, _fp)
+  bias, info = eps_bias.fit(sampler, err, (jnp.float32(0.5), jnp.asarray(c)), jnp.float32(0.5), num_samples=10,
+                            batch=4, seed=7, mode=mode)
+  assert info['samples'] == 12                     # rounded up to whole batches of 4
+  xs = _reference_x(coeffs, eps, 12, 7)
+  want = c.astype(np.float64) + 0.1 * xs.mean(axis=1)
+  if mode == 'channel':
+    want = want.mean(axis=(1, 2), keepdims=True)
+  assert bias.shape == want.shape and bias.dtype == np.float32
+  np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(info['mean_per_step'], want.reshape(STEPS, -1).mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_fit_with_guidance_averages_conditional_and_unconditional_calls():
+  coeffs, eps, c, sampler = _setup(guidance=2.0)
+  cond_fn = lambda n: (np.arange(n, dtype=np.int32) % 3, np.full((n,), 5, np.int32))  # noqa: E731
+  bias, info = eps_bias.fit(sampler, eps_bias.make_error_sum(_q, _fp), (jnp.float32(0.5), jnp.asarray(c)),
+                            jnp.float32(0.5), num_samples=4, batch=4, seed=1, mode='pixel', cond_fn=cond_fn)
+  cond, uncond = cond_fn(4)
+  xs = _reference_x(coeffs, eps, 4, 1, cond, uncond, guidance=2.0)
+  want = c + 0.1 * xs.mean(axis=1) + 0.01 * np.concatenate([cond, uncond]).mean()
+  np.testing.assert_allclose(bias, want, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_errors_are_refused_with_the_steps_named():
+  coeffs, eps, c, sampler = _setup()
+  c[3, 0, 0, 0] = np.nan
+  with pytest.raises(FloatingPointError, match=r'steps \[3\]'):
+    eps_bias.fit(sampler, eps_bias.make_error_sum(_q, _fp), (jnp.float32(0.5), jnp.asarray(c)), jnp.float32(0.5),
+                 num_samples=4, batch=4, seed=0, mode='pixel')
+
+
+def test_reduce_refuses_off():
+  with pytest.raises(ValueError, match='--eps_bias'):
+    eps_bias.reduce(np.zeros((2, 3, 3, 1)), 'off')
+  m = np.arange(2 * 3 * 3 * 1, dtype=np.float64).reshape(2, 3, 3, 1)
+  np.testing.assert_array_equal(eps_bias.reduce(m, 'channel'), [[[[4.0]]], [[[13.0]]]])
