@@ -1,17 +1,15 @@
-"""How much of a calibrated demo run's sample error is a systematic eps bias: the mean of (quantized eps - FP eps)
-over FP trajectories (--fit_samples, --fit_seed), per sampler step and pixel, then the digits-FID of --num_samples
-quantized samples (--seed, the calibrate CLI's quality-check seed) as they are and with that mean subtracted from
-eps at every step (global scalar, and per step and pixel). Diagnostic for issue 14 (session 10): not yet a
-calibration stage. Prints one table, writes JSON.
+"""The eps bias correction (--eps_bias, tcaq_jax/train/eps_bias.py) on a finished demo calibration: the digits-FID
+of --num_samples quantized samples (--seed, the calibrate CLI's quality-check seed) without a correction, with the
+run's own (when it has one), and refitted here per mode ('channel', 'pixel') and trajectory count (--fit_samples,
+seed --fit_seed). Prints one table, writes JSON.
 
-  PYTHONPATH=. python bench/eps_bias.py --run_dir /tmp/demo_run --out runs/eps_bias.json
+  PYTHONPATH=. python bench/eps_bias.py --run_dir runs/calib/demo --out runs/eps_bias.json
 """
 from __future__ import annotations
 
 from absl import app, flags
-import jax
 import jax.numpy as jnp
-from jax.tree_util import Partial
+import numpy as np
 
 from tcaq_jax import atomic_io
 from tcaq_jax.demo.classifier import demo_quality
@@ -20,19 +18,18 @@ from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.diffusion.host_sampler import HostLoopSampler
 from tcaq_jax.images import to_uint8
 from tcaq_jax.models import family
-from tcaq_jax.quantized import load_quantized
+from tcaq_jax.quantized import load_quantized, quant_eps_fn, quant_forward
+from tcaq_jax.train import eps_bias
 
 flags.DEFINE_string('run_dir', None, 'a finished calibration of the demo model', required=True)
-flags.DEFINE_integer('fit_samples', 64, 'FP trajectories the mean eps error is measured on')
-flags.DEFINE_integer('fit_seed', 7, 'their seed (not the evaluation seed)')
+flags.DEFINE_list('fit_samples', ['32', '64', '256'], 'FP trajectory counts the correction is refitted on')
+flags.DEFINE_list('modes', ['channel', 'pixel'], 'correction modes refitted')
+flags.DEFINE_integer('fit_seed', 7, 'seed of the refit trajectories (not the evaluation seed)')
+flags.DEFINE_integer('batch', 32, 'sampler batch (fit and evaluation)')
 flags.DEFINE_integer('num_samples', 256, 'samples scored per variant')
 flags.DEFINE_integer('seed', 1234, 'sample seed (the calibrate CLI quality check uses 1234)')
 flags.DEFINE_string('out', None, 'JSON output path')
 FLAGS = flags.FLAGS
-
-
-def _corrected(eps, delta, x, t, i, cond):
-  return eps(x, t, i, cond) - delta[i]
 
 
 def main(argv):
@@ -41,28 +38,31 @@ def main(argv):
   cfg = q.meta['config']
   coeffs = sampler_coefficients(q.config, cfg['num_steps'], cfg['skip_type'], cfg['eta'])
   shape = tuple(family.sample_shape(q.config))
-  fp_eps = family.eps_fn(q.model, q.params, q.config)
-  fp_sampler = HostLoopSampler(fp_eps, coeffs, shape)
-  n = FLAGS.fit_samples
-  xs = fp_sampler.sample(FLAGS.fit_seed, 0, n, record='all')['recorded']
-  ts = jnp.asarray(fp_sampler.consts['timesteps'], jnp.int32)
-
-  @jax.jit
-  def step_bias(q_eps, f_eps, x, t, i):     # one compiled program (params as arguments), called once per step
-    tt = jnp.full((x.shape[0],), t, jnp.int32)
-    return jnp.mean(q_eps(x, tt, i, None) - f_eps(x, tt, i, None), axis=0)
-  maps = jnp.stack([step_bias(q.eps_fn, fp_eps, xs[i], ts[i], jnp.int32(i))
-                    for i in range(len(ts))])                # [steps, H, W, C]
-  variants = {'none': jnp.zeros_like(maps), 'global scalar': jnp.broadcast_to(jnp.mean(maps), maps.shape),
-              'per step and pixel': maps}
-  results = {'run_dir': FLAGS.run_dir, 'fit_samples': n, 'fit_seed': FLAGS.fit_seed, 'seed': FLAGS.seed,
-             'mean_bias_per_step': [float(v) for v in jnp.mean(maps, axis=(1, 2, 3))], 'variants': {}}
-  print(f'| correction | digits-FID ({FLAGS.num_samples} samples) | confident |\n|---|---|---|')
-  for name, delta in variants.items():
-    sampler = HostLoopSampler(Partial(_corrected, q.eps_fn, delta), coeffs, shape)
-    r = demo_quality(sample_all(sampler, FLAGS.num_samples, 32, seed=FLAGS.seed, convert=to_uint8, pad=True))
-    results['variants'][name] = {'fid': float(r['fid']), 'confident_fraction': float(r['confident_fraction'])}
-    print(f"| {name} | {r['fid']:.3f} | {100 * r['confident_fraction']:.1f}% |")
+  plain = q.qstate.replace(out_bias=None)
+  fp_sampler = HostLoopSampler(family.eps_fn(q.model, q.params, q.config), coeffs, shape)
+  err = eps_bias.make_error_sum(quant_forward(q.model, q.policy, q.config), family.forward(q.model, q.config))
+  variants = {'none': (None, {})}
+  if q.qstate.out_bias is not None:
+    variants[f"run's own ({cfg.get('eps_bias')}, {cfg.get('eps_bias_samples')} trajectories)"] = (
+        q.qstate.out_bias, {})
+  for mode in FLAGS.modes:
+    for n in map(int, FLAGS.fit_samples):
+      bias, info = eps_bias.fit(fp_sampler, err, (q.params, plain), q.params, n, FLAGS.batch, FLAGS.fit_seed, mode)
+      variants[f'{mode}, {info["samples"]} trajectories'] = (jnp.asarray(bias), info)
+  results = {'run_dir': FLAGS.run_dir, 'fit_seed': FLAGS.fit_seed, 'seed': FLAGS.seed,
+             'num_samples': FLAGS.num_samples, 'variants': {}}
+  print(f'| correction | digits-FID ({FLAGS.num_samples} samples) | confident | fit s | mean bias |\n|---|---|---|---|---|')
+  like = None
+  for name, (bias, info) in variants.items():
+    eps = quant_eps_fn(q.model, q.params, plain.replace(out_bias=bias), q.policy, q.config, like=like)
+    like = eps if bias is not None else like
+    r = demo_quality(sample_all(HostLoopSampler(eps, coeffs, shape), FLAGS.num_samples, FLAGS.batch,
+                                seed=FLAGS.seed, convert=to_uint8, pad=True))
+    mean = None if bias is None else float(np.mean(np.asarray(bias)))
+    results['variants'][name] = {'fid': float(r['fid']), 'confident_fraction': float(r['confident_fraction']),
+                                 'fit_s': info.get('seconds'), 'mean_bias': mean}
+    print(f"| {name} | {r['fid']:.3f} | {100 * r['confident_fraction']:.1f}% | "
+          f"{'-' if not info else format(info['seconds'], '.1f')} | {'-' if mean is None else format(mean, '.2e')} |")
   if FLAGS.out:
     atomic_io.write_json(FLAGS.out, results, indent=1)
 
