@@ -24,6 +24,7 @@ from tcaq_jax.train import eps_bias
 flags.DEFINE_string('run_dir', None, 'a finished calibration of the demo model', required=True)
 flags.DEFINE_list('fit_samples', ['32', '64', '256'], 'FP trajectory counts the correction is refitted on')
 flags.DEFINE_list('modes', ['channel', 'pixel'], 'correction modes refitted')
+flags.DEFINE_list('rounds', ['1'], 'fit rounds (--eps_bias_rounds) refitted')
 flags.DEFINE_integer('fit_seed', 7, 'seed of the refit trajectories (not the evaluation seed)')
 flags.DEFINE_integer('batch', 32, 'sampler batch (fit and evaluation)')
 flags.DEFINE_integer('num_samples', 256, 'samples scored per variant')
@@ -45,10 +46,17 @@ def main(argv):
   if q.qstate.out_bias is not None:
     variants[f"run's own ({cfg.get('eps_bias')}, {cfg.get('eps_bias_samples')} trajectories)"] = (
         q.qstate.out_bias, {})
+  def with_bias(bias):
+    qs = plain.replace(out_bias=None if bias is None else jnp.asarray(bias))
+    eps = quant_eps_fn(q.model, q.params, qs, q.policy, q.config)
+    return HostLoopSampler(eps, coeffs, shape), (q.params, qs)
+
   for mode in FLAGS.modes:
     for n in map(int, FLAGS.fit_samples):
-      bias, info = eps_bias.fit(fp_sampler, err, (q.params, plain), q.params, n, FLAGS.batch, FLAGS.fit_seed, mode)
-      variants[f'{mode}, {info["samples"]} trajectories'] = (jnp.asarray(bias), info)
+      for rounds in map(int, FLAGS.rounds):
+        bias, info = eps_bias.fit_rounds(fp_sampler, err, with_bias, q.params, rounds, n, FLAGS.batch,
+                                         FLAGS.fit_seed, mode)
+        variants[f'{mode}, {info["samples"]} trajectories, {rounds} round(s)'] = (jnp.asarray(bias), info)
   results = {'run_dir': FLAGS.run_dir, 'fit_seed': FLAGS.fit_seed, 'seed': FLAGS.seed,
              'num_samples': FLAGS.num_samples, 'variants': {}}
   print(f'| correction | digits-FID ({FLAGS.num_samples} samples) | confident | fit s | mean bias |\n|---|---|---|---|---|')

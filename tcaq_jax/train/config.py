@@ -65,7 +65,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # without one of them reads as this value (`with_added_later`: bench/demo_table.py reuses its rows, resuming
 # compares against it).
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
-               'eps_bias': 'off', 'eps_bias_samples': 64}
+               'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -237,6 +237,8 @@ class Config:
                           enum=('off', 'channel', 'pixel'))
   eps_bias_samples: int = _f(64, 'FP sampling trajectories (seed --seed + 2, whole --capture_batch batches) the '
                                  '--eps_bias correction is measured on')
+  eps_bias_rounds: int = _f(1, '--eps_bias fits: the first on FP trajectories, each further one on the corrected '
+                               "quantized model's own trajectories (same noise), adding the mean error still left")
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
                               'step) on background threads while a unit runs (same results)')
@@ -323,7 +325,7 @@ class Config:
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
-                'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1}
+                'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

@@ -564,7 +564,8 @@ def _zero_bias(setup: Setup):
 
 def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
   """--eps_bias: qstate with `out_bias`, the quantized model's (without a bias) mean eps error against FP per
-  sampler step on --eps_bias_samples FP trajectories (seed --seed + 2). Returns (qstate, report entry)."""
+  sampler step on --eps_bias_samples FP trajectories (seed --seed + 2), refitted on the corrected model's own
+  trajectories with --eps_bias_rounds > 1 (`eps_bias.fit_rounds`). Returns (qstate, report entry)."""
   cfg = setup.cfg
   fn = setup.compiled(('eps_bias',), lambda: eps_bias.make_error_sum(setup.q_fwd, setup.fp_fwd))
   seed = cfg.seed + eps_bias.SEED_OFFSET
@@ -573,9 +574,13 @@ def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
     cond, uncond = family.cond_arrays(setup.mconfig, n, seed)
     return cond, uncond if setup.guidance else None
 
+  def with_bias(bias):               # the quantized model corrected by `bias` (None: uncorrected), and its sampler
+    qs = qstate.replace(out_bias=None if bias is None else jnp.asarray(bias))
+    return (None if bias is None else setup.sampler(setup.q_eps(qs))), (setup.params, qs)
+
   try:
-    bias, info = eps_bias.fit(setup.sampler(setup.fp_eps), fn, (setup.params, qstate.replace(out_bias=None)),
-                              setup.params, cfg.eps_bias_samples, setup.sample_batch, seed, cfg.eps_bias, cond_fn)
+    bias, info = eps_bias.fit_rounds(setup.sampler(setup.fp_eps), fn, with_bias, setup.params, cfg.eps_bias_rounds,
+                                     cfg.eps_bias_samples, setup.sample_batch, seed, cfg.eps_bias, cond_fn)
   except FloatingPointError as e:
     raise CalibrationError(f'--eps_bias={cfg.eps_bias}: {e}; {cfg.out_dir} keeps the reconstructed state: re-run '
                            'with --eps_bias=off to finish without the correction') from e

@@ -82,3 +82,34 @@ def test_reduce_refuses_off():
     eps_bias.reduce(np.zeros((2, 3, 3, 1)), 'off')
   m = np.arange(2 * 3 * 3 * 1, dtype=np.float64).reshape(2, 3, 3, 1)
   np.testing.assert_array_equal(eps_bias.reduce(m, 'channel'), [[[[4.0]]], [[[13.0]]]])
+
+
+def _q2(consts, x, t, step, cond):                   # quantized eps with an error nonlinear in x
+  scale, c = consts
+  return scale * x + c[step] + 0.3 * x * x
+
+
+def _q2_eps_corrected(c, b, x, t, i, cond):           # the same, less a correction b[i], as the sampler's eps_fn
+  return 0.5 * x + c[i] + 0.3 * x * x - b[i]
+
+
+def test_a_second_round_refits_on_the_corrected_models_own_trajectories():
+  """fit_rounds(2) with eps_q = eps_fp + C + 0.3 x^2: round 0 gives b0 = C + 0.3 mean(x_fp^2); round 1 adds the
+  error left on the trajectories of the model corrected by b0, so the result is C + 0.3 mean(x_q^2) with x_q
+  those trajectories (recomputed here with the scan sampler, float64 mean)."""
+  coeffs, eps, c, fp_sampler = _setup()
+  err = eps_bias.make_error_sum(_q2, _fp)
+  c_j = jnp.asarray(c)
+
+  def with_bias(bias):
+    b = jnp.zeros_like(c_j) if bias is None else jnp.asarray(bias)
+    sampler = None if bias is None else HostLoopSampler(Partial(_q2_eps_corrected, c_j, b), coeffs, SHAPE)
+    return sampler, (jnp.float32(0.5), c_j - b)          # _q2 with C - b: the corrected model's eps
+
+  bias, info = eps_bias.fit_rounds(fp_sampler, err, with_bias, jnp.float32(0.5), 2, 8, 4, 3, 'pixel')
+  b0 = c + 0.3 * (_reference_x(coeffs, eps, 8, 3) ** 2).mean(axis=1)
+  xq = np.asarray(DDIMSampler(Partial(_q2_eps_corrected, c_j, jnp.asarray(b0, jnp.float32)), coeffs, SHAPE)
+                  .sample(3, 0, 8, record='all')['recorded'], np.float64)
+  np.testing.assert_allclose(bias, c + 0.3 * (xq ** 2).mean(axis=1), rtol=1e-4, atol=1e-5)
+  assert [r['trajectories'] for r in info['rounds']] == ['fp', 'quantized, corrected']
+  assert np.abs(bias - b0).max() > 1e-2                   # the second round changed it

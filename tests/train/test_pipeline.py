@@ -277,3 +277,19 @@ def test_eps_bias_is_the_mean_eps_error_on_fp_trajectories(full_run):
                              np.asarray(quantized_apply(q.model, {'params': q.params}, plain, q.policy, x, tt,
                                                         step_index=2, weight_mode='hard')) - bias[2][None],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_eps_bias_rounds_refit_on_the_corrected_models_trajectories(full_run):
+  """--eps_bias_rounds=2 through the pipeline's stage: its first round is the stored fit (same trajectories),
+  its second adds the error left on the corrected quantized model's own trajectories."""
+  from tcaq_jax.train.config import Config
+  from tcaq_jax.train.pipeline import Setup, fit_eps_bias
+  out, _ = full_run
+  q = load_quantized(out)
+  cfg = Config.from_flat(dict(q.meta['config'], eps_bias_rounds=2)).resolve()
+  qstate, info = fit_eps_bias(Setup(cfg), q.qstate)
+  assert [r['trajectories'] for r in info['rounds']] == ['fp', 'quantized, corrected']
+  first = np.asarray(q.qstate.out_bias)
+  added = np.asarray(qstate.out_bias) - first
+  assert np.mean(np.abs(added)) == pytest.approx(info['rounds'][1]['mean_abs_added'], rel=0.05, abs=1e-5)
+  assert 0 < np.mean(np.abs(added)) < np.mean(np.abs(first))
