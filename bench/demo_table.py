@@ -155,6 +155,11 @@ DIAG_ROWS = [
     # qdiff's init (per step; DAQ off, which it requires: DAQ chose uniform everywhere at W6A6 anyway)
     ('tcaq_w6a6_act_minmax_sym', 'tcaq', 6, 6, {'act_init': 'minmax_sym', 'daq': False}),
     ('qdiff_w4a8_iters5x', 'qdiff', 4, 8, {'iters_scale': 0.1}),
+    # session 11: with the eps bias correction, min-max W4A4 beats tcaq W4A4 (20.2 vs 25.2): PAR's recaptures come
+    # from the uncorrected quantized model, whose trajectories drift where the corrected one's do not; fit the
+    # correction before each recapture
+    ('tcaq_w4a4_eps_bias_par', 'tcaq', 4, 4, {'eps_bias_par': True}),
+    ('tcaq_w6a6_eps_bias_par', 'tcaq', 6, 6, {'eps_bias_par': True}),
 ]
 
 

@@ -65,7 +65,8 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # without one of them reads as this value (`with_added_later`: bench/demo_table.py reuses its rows, resuming
 # compares against it).
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
-               'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1}
+               'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
+               'eps_bias_par': False}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -237,6 +238,8 @@ class Config:
                           enum=('off', 'channel', 'pixel'))
   eps_bias_samples: int = _f(64, 'FP sampling trajectories (seed --seed + 2, whole --capture_batch batches) the '
                                  '--eps_bias correction is measured on')
+  eps_bias_par: bool = _f(False, 'with --eps_bias: also fit the correction before each PAR recapture, so that the '
+                                 "recaptured calibration set comes from the corrected quantized model's trajectories")
   eps_bias_rounds: int = _f(1, '--eps_bias fits: the first on FP trajectories, each further one on the corrected '
                                "quantized model's own trajectories (same noise), adding the mean error still left")
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
@@ -310,6 +313,9 @@ class Config:
       if not self.learn_act_scale:
         raise ConfigError('--schedule=two_pass learns the activation scales in its second pass: '
                           '--learn_act_scale=false contradicts it')
+    if self.eps_bias_par and self.eps_bias == 'off':
+      raise ConfigError('--eps_bias_par=true fits the --eps_bias correction before each PAR recapture: it needs '
+                        '--eps_bias=pixel or channel (it is off)')
     if self.act_init == 'minmax_sym' and self.daq:
       raise ConfigError('--act_init=minmax_sym has no DAQ (post-Softmax min-max like Q-Diffusion): use '
                         '--daq=false or --act_init=search')

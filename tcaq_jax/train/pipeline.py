@@ -660,6 +660,11 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
     if not state.progress.done:
       bar = _progress_bar(cfg, setup, state.progress)
       for rnd in range(state.progress.round, cfg.rounds):
+        if rnd > 0 and cfg.eps_bias_par and not state.progress.act_done and not cfg.act_pass(rnd):
+          t0 = time.time()           # PAR recaptures with the corrected model (the trajectories it will sample)
+          qstate, _ = fit_eps_bias(setup, state.qstate)
+          phases['eps_bias_s'] += time.time() - t0
+          state = state.replace(qstate=qstate)
         if rnd > 0 or data is None:
           data, timings[f'capture_round{rnd}_s'] = capture(setup, rnd, state.qstate)
           phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']

@@ -19,7 +19,7 @@ from tcaq_jax.diffusion.ddim import DDIMSampler, sampler_coefficients
 from tcaq_jax.quant.apply import quantized_apply
 from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.models import family
-from tcaq_jax.quantized import load_quantized, params_fingerprint
+from tcaq_jax.quantized import load_quantized, params_fingerprint, quant_eps_fn
 from tcaq_jax.train import par
 from tcaq_jax.train.pipeline import CalibrationError, Hooks, run
 
@@ -293,3 +293,30 @@ def test_eps_bias_rounds_refit_on_the_corrected_models_trajectories(full_run):
   added = np.asarray(qstate.out_bias) - first
   assert np.mean(np.abs(added)) == pytest.approx(info['rounds'][1]['mean_abs_added'], rel=0.05, abs=1e-5)
   assert 0 < np.mean(np.abs(added)) < np.mean(np.abs(first))
+
+
+def test_eps_bias_par_recaptures_with_the_corrected_model(tmp_path):
+  """--eps_bias_par: the PAR round's recapture is the trajectory of the round-0 result corrected by the bias fitted
+  just before it (the state saved after round 0's last unit, with the out_bias of the round-1 checkpoint), sampled
+  independently here; the final out_bias is refitted after the last round."""
+  from tcaq_jax.train.config import ConfigError
+  with pytest.raises(ConfigError, match='--eps_bias_par'):
+    run(dict(BASE, out_dir=str(tmp_path / 'bad'), eps_bias='off', eps_bias_par=True))
+  out = str(tmp_path / 'par')
+  saved = []
+  run(dict(BASE, out_dir=out, eps_bias_par=True, recon_units='^mid/'),
+      hooks=Hooks(after_save=lambda st: saved.append((st.progress, st.qstate))))
+  end_r0 = [qs for p, qs in saved if p.round == 0 and p.next_unit > 0][-1]
+  start_r1 = [qs for p, qs in saved if p.round == 1 and p.next_unit == 0 and p.act_done][0]
+  assert np.abs(np.asarray(start_r1.out_bias)).max() > 1e-4
+  corrected = end_r0.replace(out_bias=start_r1.out_bias)
+  q = load_quantized(out)
+  coeffs = sampler_coefficients(q.config, 6, 'quad', 0.0)
+  eps = quant_eps_fn(q.model, q.params, corrected, q.policy, q.config)
+  traj = np.asarray(make_sampler(eps, coeffs, (16, 16, 3), loop='host').sample(3, 0, 4, record='all')['recorded'])
+  d1 = CalibData(par.round_dir(out, 1))
+  np.testing.assert_allclose(np.asarray(d1.x), traj[d1.index['steps']], rtol=1e-5, atol=1e-5)
+  plain = make_sampler(quant_eps_fn(q.model, q.params, end_r0.replace(out_bias=None), q.policy, q.config), coeffs,
+                       (16, 16, 3), loop='host').sample(3, 0, 4, record='all')['recorded']
+  assert float(np.mean((np.asarray(plain)[d1.index['steps']] - np.asarray(d1.x)) ** 2)) > 1e-10
+  assert not np.array_equal(np.asarray(q.qstate.out_bias), np.asarray(start_r1.out_bias))   # refitted at the end
