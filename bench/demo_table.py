@@ -162,6 +162,7 @@ DIAG_ROWS = [
     ('tcaq_w6a6_eps_bias_par', 'tcaq', 6, 6, {'eps_bias_par': True}),
     # with the correction min-max also beats tcaq at W8A8 (2.31 vs 2.47, MSE 0.38 vs 0.58e-3): min-max never clips
     ('tcaq_w8a8_pct100', 'tcaq', 8, 8, {'act_pcts': (100.0,)}),
+    ('tcaq_w4a8_pct100', 'tcaq', 4, 8, {'act_pcts': (100.0,)}),
 ]
 
 
