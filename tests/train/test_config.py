@@ -86,9 +86,9 @@ def test_adaround_lr_follows_the_budget():
 def test_a_config_stored_before_options_existed_reads_as_what_it_did():
   """with_added_later fills the options a stored flat config predates with their reproducing values, in the
   stored (JSON) form (tuples as lists too), so an old config equals today's config with those values, and not
-  today's default where a default changed (tcaq's --eps_bias: 'pixel' now, absent = 'off')."""
+  today's default where a default changed (tcaq's --eps_bias: 'pixel' now, absent = 'off'; --act_minmax_bits)."""
   from tcaq_jax.train.config import ADDED_LATER, with_added_later
-  then = Config(eps_bias='off').resolve().to_flat()
+  then = Config(eps_bias='off', act_minmax_bits=0).resolve().to_flat()
   old = {k: v for k, v in then.items() if k not in ADDED_LATER}
   assert with_added_later(old) == then and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
   now = Config().resolve().to_flat()
@@ -97,7 +97,8 @@ def test_a_config_stored_before_options_existed_reads_as_what_it_did():
 
 
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():
-  cfg = Config.from_flat({'recon_iters': 123, 'recon_batch': 8, 'lr': 0.5, 'w_bits': 6, 'act_pcts': ['100', '99.9'],
+  cfg = Config.from_flat({'recon_iters': 123, 'recon_batch': 8, 'lr': 0.5, 'w_bits': 6, 'a_bits': 6,
+                          'act_pcts': ['100', '99.9'],
                           'policy_override': ['conv_out$:fp']})
   assert cfg.recon.iters == 123 and cfg.recon.batch == 8 and cfg.recon.lr == 0.5 and cfg.w_bits == 6
   assert cfg.act_pcts == (100.0, 99.9) and cfg.policy_override == ('conv_out$:fp',)
@@ -173,3 +174,20 @@ def test_tcr_select_auto_resolves_by_bit_widths():
   assert Config(w_bits=4, a_bits=4).resolve().tcr_select == 'all'
   assert Config(w_bits=4, a_bits=4, tcr_select='error').resolve().tcr_select == 'error'     # explicit kept
   assert Config(w_bits=4, a_bits=4).resolve().resolve().tcr_select == 'all'                # idempotent
+
+
+def test_tcaq_takes_min_max_activation_ranges_at_8_bit_activations():
+  """--act_minmax_bits (tcaq: 8): 8-bit activations take min-max ranges (--act_pcts=100), narrower ones the
+  percentile search; 0 searches at every width; other methods keep their own; an explicit other --act_pcts at
+  8 bits is refused with both flags named."""
+  from tcaq_jax.train.act_search import DEFAULT_PCTS
+  assert Config(w_bits=4, a_bits=8).resolve().act_pcts == (100.0,)
+  assert Config(w_bits=8, a_bits=8).resolve().act_pcts == (100.0,)
+  assert Config(w_bits=6, a_bits=6).resolve().act_pcts == DEFAULT_PCTS
+  assert Config(w_bits=8, a_bits=8, act_minmax_bits=0).resolve().act_pcts == DEFAULT_PCTS
+  assert Config(w_bits=6, a_bits=6, act_minmax_bits=6).resolve().act_pcts == (100.0,)
+  assert Config(method='qdiff_plus', w_bits=8, a_bits=8).resolve().act_pcts == DEFAULT_PCTS
+  with pytest.raises(ConfigError, match='--act_pcts=99.9 has no effect at --a_bits=8 with --act_minmax_bits=8'):
+    Config(w_bits=8, a_bits=8, act_pcts=(99.9,)).resolve()
+  with pytest.raises(ConfigError, match='--act_minmax_bits=-1'):
+    Config(act_minmax_bits=-1).resolve()
