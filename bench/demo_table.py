@@ -170,6 +170,10 @@ DIAG_ROWS = [
     ('tcaq_w4a8_act_search_no_eps_bias', 'tcaq', 4, 8, {'act_minmax_bits': 0, 'eps_bias': 'off'}),
     # min-max + the correction beats tcaq at W4A4 on the paired MSE (45.6 vs 57.0e-3): does reconstruction hurt?
     ('tcaq_w4a4_no_recon', 'tcaq', 4, 4, {'reconstruct': False}),
+    # tcaq_paper_w4a4 (no correction) is closer to FP than the default with it (paired MSE 51.4 vs 57.0e-3): it
+    # differs in the DAQ rule and keep_best (TCR on every layer at W4A4 either way)
+    ('tcaq_w4a4_no_keep_best', 'tcaq', 4, 4, {'keep_best': False}),
+    ('tcaq_w4a4_daq_llr', 'tcaq', 4, 4, {'daq_rule': 'llr'}),
 ]
 
 
