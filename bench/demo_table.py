@@ -174,6 +174,11 @@ DIAG_ROWS = [
     # differs in the DAQ rule and keep_best (TCR on every layer at W4A4 either way)
     ('tcaq_w4a4_no_keep_best', 'tcaq', 4, 4, {'keep_best': False}),
     ('tcaq_w4a4_daq_llr', 'tcaq', 4, 4, {'daq_rule': 'llr'}),
+    # neither explains it (no_keep_best: identical to the default; daq_llr: slightly worse): how much does the
+    # same W4A4 calibration vary between sessions (session 10's record against this machine's run), and the
+    # paper-exact row with the correction
+    ('tcaq_w4a4_no_eps_bias_repeat', 'tcaq', 4, 4, {'eps_bias': 'off'}),
+    ('tcaq_paper_w4a4_eps_bias', 'tcaq', 4, 4, dict(PAPER_EXACT, eps_bias='pixel')),
 ]
 
 
