@@ -238,10 +238,6 @@ def correct_output(y, qstate: QState, step_index):
   if bias is None:
     return y
   idx = jnp.asarray(step_index, jnp.int32)
-  n = bias.shape[0]
-  b = jnp.where(((idx >= 0) & (idx < n)).reshape(idx.shape + (1,) * (bias.ndim - 1)),
-                bias[jnp.clip(idx, 0, n - 1)], jnp.nan)
-  if idx.ndim == 0:
-    b = b[None]
+  b = _at_slot(bias, jnp.where((idx >= 0) & (idx < bias.shape[0]), idx, _INVALID_SLOT))   # [*out] or [B, *out]
   return y - b.astype(y.dtype)
 

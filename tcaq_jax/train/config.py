@@ -288,19 +288,16 @@ class Config:
       new['r_tru'] = 3.0 if (self.w_bits, self.a_bits) == (4, 8) else 0.0
     if self.method == 'tcaq' and self.learn_act_scale is None:        # off again below without reconstruction
       new['learn_act_scale'] = self.a_bits in TCAQ_LSQ_A_BITS
-    if self.method == 'minmax':
-      if tuple(float(p) for p in self.act_pcts) not in ((100.0,), tuple(DEFAULT_PCTS)):
-        raise ConfigError(f'--act_pcts={",".join(map(str, self.act_pcts))} has no effect with --method=minmax '
-                          '(min-max ranges): drop it')
-      new['act_pcts'] = (100.0,)
     minmax_bits = new.get('act_minmax_bits', self.act_minmax_bits)
     if minmax_bits < 0:
       raise ConfigError(f'--act_minmax_bits={minmax_bits}: must be >= 0')
-    if self.method != 'minmax' and minmax_bits and self.a_bits >= minmax_bits:
+    # min-max activation ranges (no search): --method=minmax, or tcaq's --act_minmax_bits at these --a_bits
+    forced = ('with --method=minmax (min-max ranges): drop it' if self.method == 'minmax' else
+              f'at --a_bits={self.a_bits} with --act_minmax_bits={minmax_bits} (min-max ranges): pass '
+              '--act_minmax_bits=0 to search them' if minmax_bits and self.a_bits >= minmax_bits else None)
+    if forced:
       if tuple(float(p) for p in self.act_pcts) not in ((100.0,), tuple(DEFAULT_PCTS)):
-        raise ConfigError(f'--act_pcts={",".join(map(str, self.act_pcts))} has no effect at --a_bits={self.a_bits} '
-                          f'with --act_minmax_bits={minmax_bits} (min-max ranges): pass --act_minmax_bits=0 to '
-                          'search them')
+        raise ConfigError(f'--act_pcts={",".join(map(str, self.act_pcts))} has no effect {forced}')
       new['act_pcts'] = (100.0,)
     new['act_pcts'] = tuple(float(p) for p in new.get('act_pcts', self.act_pcts))
     new['tcr_exponents'] = tuple(float(e) for e in self.tcr_exponents)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['MODES', 'SEED_OFFSET', 'make_error_sum', 'reduce', 'fit', 'fit_rounds']
+__all__ = ['MODES', 'SEED_OFFSET', 'bias_shape', 'make_error_sum', 'reduce', 'fit', 'fit_rounds']
 
 MODES = ('off', 'channel', 'pixel')
 SEED_OFFSET = 2          # the trajectories' seed: --seed + 2 (the capture uses --seed, the sample grid --seed + 1)
@@ -44,14 +44,30 @@ def make_error_sum(q_fwd: Callable, fp_fwd: Callable) -> Callable:
   return err
 
 
+def bias_shape(num_steps: int, sample_shape, mode: str) -> tuple:
+  """The stored bias's shape: [num_steps, *sample] ('pixel') or spatial axes of size 1 ('channel')."""
+  shape = tuple(sample_shape)
+  if mode == 'channel':
+    shape = (1,) * (len(shape) - 1) + shape[-1:]
+  elif mode != 'pixel':
+    raise ValueError(f'--eps_bias={mode!r}: expected one of {list(MODES[1:])} for a fit')
+  return (num_steps,) + shape
+
+
+def _step_stats(bias: np.ndarray) -> dict:
+  """Per-step mean and rms of a bias (report.json)."""
+  flat = bias.reshape(bias.shape[0], -1).astype(np.float64)
+  return {'mean_per_step': [float(v) for v in flat.mean(1)],
+          'rms_per_step': [float(v) for v in np.sqrt((flat ** 2).mean(1))]}
+
+
 def reduce(mean_error: np.ndarray, mode: str) -> np.ndarray:
   """The per-step mean error [n_steps, *sample] as the stored bias: as it is ('pixel'), or averaged over the
   spatial axes, keeping them as size 1 ('channel')."""
-  if mode == 'pixel':
-    return mean_error
+  bias_shape(mean_error.shape[0], mean_error.shape[1:], mode)            # checks the mode
   if mode == 'channel':
     return mean_error.mean(axis=tuple(range(1, mean_error.ndim - 1)), keepdims=True)
-  raise ValueError(f'--eps_bias={mode!r}: expected one of {list(MODES[1:])} for a fit')
+  return mean_error
 
 
 def fit(sampler, err_fn: Callable, q_consts: Any, fp_consts: Any, num_samples: int, batch: int, seed: int,
@@ -85,9 +101,7 @@ def fit(sampler, err_fn: Callable, q_consts: Any, fp_consts: Any, num_samples: i
     raise FloatingPointError(f'the eps bias fit gave non-finite values at steps '
                              f'{np.flatnonzero(~np.isfinite(mean).reshape(len(ts), -1).all(1)).tolist()}')
   bias = reduce(mean, mode).astype(np.float32)
-  info = {'mode': mode, 'samples': n_batches * b, 'seed': seed, 'seconds': time.time() - t0,
-          'mean_per_step': [float(v) for v in mean.reshape(len(ts), -1).mean(1)],
-          'rms_per_step': [float(v) for v in np.sqrt((bias.astype(np.float64) ** 2).reshape(len(ts), -1).mean(1))]}
+  info = {'mode': mode, 'samples': n_batches * b, 'seed': seed, 'seconds': time.time() - t0, **_step_stats(bias)}
   return bias, info
 
 
@@ -107,8 +121,5 @@ def fit_rounds(fp_sampler, err_fn: Callable, with_bias: Callable, fp_consts: Any
     bias = bias + delta
     per_round.append({'trajectories': 'quantized, corrected', 'mean_abs_added': float(np.mean(np.abs(delta))),
                       'seconds': d_info['seconds']})
-  n = bias.shape[0]
-  info.update(seconds=time.time() - t0, rounds=per_round,
-              mean_per_step=[float(v) for v in bias.reshape(n, -1).astype(np.float64).mean(1)],
-              rms_per_step=[float(v) for v in np.sqrt((bias.astype(np.float64) ** 2).reshape(n, -1).mean(1))])
+  info.update(seconds=time.time() - t0, rounds=per_round, **_step_stats(bias))
   return bias, info

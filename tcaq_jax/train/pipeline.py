@@ -555,11 +555,7 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
 def _zero_bias(setup: Setup):
   """A zero `QState.out_bias` of the shape --eps_bias stores, or None when it is off."""
   mode = setup.cfg.eps_bias
-  if mode == 'off':
-    return None
-  shape = tuple(setup.shape)
-  return jnp.zeros((setup.n_steps,) + (shape if mode == 'pixel' else (1,) * (len(shape) - 1) + shape[-1:]),
-                   jnp.float32)
+  return None if mode == 'off' else jnp.zeros(eps_bias.bias_shape(setup.n_steps, setup.shape, mode), jnp.float32)
 
 
 def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
