@@ -180,9 +180,8 @@ DIAG_ROWS = [
     ('tcaq_w4a4_no_eps_bias_repeat', 'tcaq', 4, 4, {'eps_bias': 'off'}),
     ('tcaq_paper_w4a4_eps_bias', 'tcaq', 4, 4, dict(PAPER_EXACT, eps_bias='pixel')),
     # min-max + the correction beats tcaq at W4A4 and tcaq's initialisation is far worse than min-max's: its
-    # weight init (Lp instead of min-max) or TCR on the time embedding's dense layers (ratios up to ~2,700)?
+    # weight init (Lp instead of min-max)? (TCR off the time embedding's dense layers: tcaq_w4a4_tcr_conv_only)
     ('tcaq_w4a4_w_minmax', 'tcaq', 4, 4, {'weight_init': 'minmax'}),
-    ('tcaq_w4a4_tcr_conv_only_eb', 'tcaq', 4, 4, {'tcr_dense': False}),
 ]
 
 
