@@ -76,9 +76,9 @@ GRID_SAMPLES = 16
 FP_SAMPLES = 'fp_samples.npy'
 SPECKLE_THRESHOLD = 0.5          # speckle_share: |image - 3x3 median| above a quarter of the [-1, 1] range
 # tcaq as the paper states it, where this project's defaults differ (issue 14): the likelihood-ratio DAQ rule,
-# every reconstruction kept (no held-out check), TCR on every layer (no per-layer selection) and no eps bias
-# correction.
-PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all', 'eps_bias': 'off'}
+# every reconstruction kept (no held-out check), TCR on every layer (no per-layer selection), no eps bias
+# correction and no whole-model gate over the reconstruction rounds.
+PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all', 'eps_bias': 'off', 'recon_gate': False}
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
              ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}),
@@ -182,6 +182,25 @@ DIAG_ROWS = [
     # min-max + the correction beats tcaq at W4A4 and tcaq's initialisation is far worse than min-max's: its
     # weight init (Lp instead of min-max)? (TCR off the time embedding's dense layers: tcaq_w4a4_tcr_conv_only)
     ('tcaq_w4a4_w_minmax', 'tcaq', 4, 4, {'weight_init': 'minmax'}),
+    # session 12: min-max PTQ + the correction (20.2) beats tcaq (25.2) at W4A4 while tcaq's own initialisation
+    # scores 142 before reconstruction: which part of tcaq's init loses (TCR, per-step ranges, the percentile
+    # search), and does reconstruction from min-max's init (per-tensor min-max ranges, no TCR) beat min-max?
+    ('tcaq_w4a4_init_minmax', 'tcaq', 4, 4, {'tcr': False, 'act_per_step': False, 'act_pcts': (100.0,)}),
+    ('tcaq_w4a4_init_minmax_no_recon', 'tcaq', 4, 4, {'tcr': False, 'act_per_step': False, 'act_pcts': (100.0,),
+                                                      'reconstruct': False}),
+    ('tcaq_w4a4_no_recon_no_tcr', 'tcaq', 4, 4, {'reconstruct': False, 'tcr': False}),
+    ('tcaq_w4a4_no_recon_no_per_step', 'tcaq', 4, 4, {'reconstruct': False, 'act_per_step': False}),
+    ('tcaq_w4a4_no_recon_pct100', 'tcaq', 4, 4, {'reconstruct': False, 'act_pcts': (100.0,)}),
+    # tcaq_w4a4_init_minmax scored 379: PAR's rounds 1-2 recapture from a quantized model whose trajectories
+    # drift (held-out unit errors grow 20-25x from round 0 to round 2): the same init without PAR
+    ('tcaq_w4a4_init_minmax_no_par', 'tcaq', 4, 4, {'tcr': False, 'act_per_step': False, 'act_pcts': (100.0,),
+                                                    'par': False}),
+    ('tcaq_w4a4_pct100_no_tcr_no_par', 'tcaq', 4, 4, {'tcr': False, 'act_pcts': (100.0,), 'par': False}),
+    # without TCR and without reconstruction tcaq's init scores 15.4 / 36.8 at W4A4 (better than min-max + the
+    # correction, 20.2 / 45.6, and than any reconstructed row): does reconstruction help at the other widths?
+    ('tcaq_w6a6_no_recon', 'tcaq', 6, 6, {'reconstruct': False}),
+    ('tcaq_w4a8_no_recon', 'tcaq', 4, 8, {'reconstruct': False}),
+    ('tcaq_w8a8_no_recon', 'tcaq', 8, 8, {'reconstruct': False}),
 ]
 
 

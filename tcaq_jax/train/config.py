@@ -30,11 +30,13 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 # AdaRound while activations are quantized).
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
-               calib_step_rule='linspace', keep_best=False, act_criterion='input', eps_bias='off', act_minmax_bits=0)
+               calib_step_rule='linspace', keep_best=False, act_criterion='input', eps_bias='off', act_minmax_bits=0,
+               recon_gate=False)
 METHOD_DEFAULTS = {
     # tcaq's learn_act_scale: by bit width in resolve() (TCAQ_LSQ_A_BITS); False is what other widths get
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
-                 reconstruct=True, keep_best=True, act_lr=4e-4, eps_bias='pixel', act_minmax_bits=8),
+                 reconstruct=True, keep_best=True, act_lr=4e-4, eps_bias='pixel', act_minmax_bits=8,
+                 recon_gate=True),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
                   act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
                   calib_step_rule='interval'),
@@ -57,7 +59,7 @@ MODEL_DEFAULTS = {
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
              'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best', 'act_criterion',
-             'eps_bias', 'act_minmax_bits')
+             'eps_bias', 'act_minmax_bits', 'recon_gate')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
@@ -66,7 +68,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # compares against it).
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
                'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
-               'eps_bias_par': False, 'act_minmax_bits': 0}
+               'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 64}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -248,6 +250,12 @@ class Config:
                                  "recaptured calibration set comes from the corrected quantized model's trajectories")
   eps_bias_rounds: int = _f(1, '--eps_bias fits: the first on FP trajectories, each further one on the corrected '
                                "quantized model's own trajectories (same noise), adding the mean error still left")
+  # the whole-model gate over the reconstruction stages (train/recon_gate.py)
+  recon_gate: bool | None = _f(None, 'score the model before reconstruction and after each round by the paired MSE '
+                                     "of its final samples against FP's (--gate_samples noises, seed --seed + 3; "
+                                     'each with its own --eps_bias correction) and end with the best (default: the '
+                                     "method's; tcaq: true)")
+  gate_samples: int = _f(64, 'noises (paired FP and quantized samples) each --recon_gate score is measured on')
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
                               'step) on background threads while a unit runs (same results)')
@@ -343,7 +351,8 @@ class Config:
     at_least = {'num_steps': 1, 'calib_steps': 1, 'calib_samples': 1, 'capture_batch': 1, 'forward_batch': 1,
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
-                'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1}
+                'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1,
+                'gate_samples': 1}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

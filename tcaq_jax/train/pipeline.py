@@ -43,9 +43,10 @@ from tcaq_jax.jit_stats import CompileStats
 from tcaq_jax.models import family
 from tcaq_jax.quant import adaround
 from tcaq_jax.quant.policy import build_policy
-from tcaq_jax.quant.state import LayerQState, QState, merge_layers
+from tcaq_jax.quant.state import LayerQState, QState, from_tree, merge_layers, to_tree
 from tcaq_jax.quantized import params_fingerprint, quant_eps_fn, quant_forward
-from tcaq_jax.train import act_search, blocks, eps_bias, init as qinit, par, recon, tcr_select, unit_order
+from tcaq_jax.train import (act_search, blocks, eps_bias, init as qinit, par, recon, recon_gate, tcr_select,
+                            unit_order)
 from tcaq_jax.train.calib_state import (CalibState, Progress, Saver, jsonable, new_report, restore_state,
                                          save_state)
 from tcaq_jax.train.config import CalibrationError, Config
@@ -106,6 +107,8 @@ class Setup:
     self._compiled: dict = {}
     self._compiled_lock = threading.Lock()
     self._q_eps = None
+    self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
+    self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
     self.precompiler = Precompiler(cfg.precompile, workers=cfg.precompile_workers or
                                    (1 if (os.cpu_count() or 1) <= 4 else 2))
     self.precompile_owner: dict = {}    # (weight pass, act pass) -> the round that precompiles their programs
@@ -586,6 +589,65 @@ def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
   return qstate.replace(out_bias=jnp.asarray(bias)), info
 
 
+def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, dict]:
+  """--recon_gate: scores the model state before reconstruction (rnd None) or after round rnd: its eps bias
+  correction fitted first (--eps_bias), then the paired MSE of its final samples against FP's from the same
+  --gate_samples noises (`recon_gate`). Returns (qstate with the fitted correction, gate entry)."""
+  cfg = setup.cfg
+  t0 = time.time()
+  info = None
+  if cfg.eps_bias != 'off':
+    qstate, info = fit_eps_bias(setup, qstate)
+  n, seed = cfg.gate_samples, cfg.seed + recon_gate.SEED_OFFSET
+  cond, uncond = family.cond_arrays(setup.mconfig, n, seed)
+
+  def final(eps_fn):
+    return sample_all(setup.sampler(eps_fn), n, setup.sample_batch, seed, cond, uncond, key='x_final', pad=True)[:n]
+
+  if setup.gate_fp is None:
+    setup.gate_fp = final(setup.fp_eps)
+  entry = {'stage': recon_gate.stage_name(rnd), 'score': recon_gate.paired_error(final(setup.q_eps(qstate)),
+                                                                                  setup.gate_fp),
+           'samples': n, 'seconds': round(time.time() - t0, 3), 'eps_bias': info}
+  logging.info('recon gate: %s scores %.4e (paired MSE of %d final samples against FP)', entry['stage'],
+               entry['score'], n)
+  return qstate, entry
+
+
+def _gate(setup: Setup, state: CalibState, rnd: int | None) -> CalibState:
+  """Scores a stage (`gate_stage`) unless report.json's 'gate' has it (a resumed run); keeps the best so far in
+  out_dir/gate_best (and in memory)."""
+  entries = state.report.get('gate', [])
+  name = recon_gate.stage_name(rnd)
+  if any(e['stage'] == name for e in entries):
+    return state
+  fitted, entry = gate_stage(setup, state.qstate, rnd)
+  if not entries or entry['score'] < recon_gate.best(entries)['score']:
+    recon_gate.save_best(setup.cfg.out_dir, to_tree(jax.device_get(fitted)), entry)
+    setup.gate_best = (fitted, entry)
+  return state.replace(report=dict(state.report, gate=entries + [entry]))
+
+
+def _gate_result(setup: Setup, state: CalibState) -> tuple[QState, dict]:
+  """The run's final state under --recon_gate: the best-scoring stage's (its correction fitted), and the report
+  entries ('gate_kept', and 'eps_bias' of that stage)."""
+  entry = recon_gate.best(state.report['gate'])
+  if setup.gate_best is not None and setup.gate_best[1]['stage'] == entry['stage']:
+    qstate = setup.gate_best[0]
+  else:
+    tree, stored = recon_gate.load_best(setup.cfg.out_dir)
+    if stored['stage'] != entry['stage']:
+      raise CalibrationError(f"{setup.cfg.out_dir}/{recon_gate.BEST_DIR} holds stage {stored['stage']!r}, but "
+                             f"report.json's gate kept {entry['stage']!r}: delete the run dir and calibrate again")
+    qstate = from_tree(tree)
+  logging.info('recon gate: keeping %s (scores %s)', entry['stage'],
+               {e['stage']: round(e['score'], 6) for e in state.report['gate']})
+  info = {'gate_kept': entry['stage']}
+  if entry.get('eps_bias') is not None:
+    info['eps_bias'] = entry['eps_bias']
+  return qstate, info
+
+
 def sample_grid(setup: Setup, qstate: QState, path: str, images=None) -> None:
   """--png_samples images of the quantized model (seed + 1) as one PNG grid; images: uint8 images to show
   instead (at least --png_samples of them: `Hooks.grid_images`)."""
@@ -653,6 +715,11 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
         phases[name] += init_t.get(key, 0.0)
       state = CalibState(qstate, Progress(), dict(new_report(setup, timings), **init_info), ckpt_step=0)
       save(state)
+    gate = cfg.recon_gate and cfg.rounds > 0
+    if gate and not state.progress.done and state.progress.round == 0 and state.progress.next_unit == 0:
+      t0 = time.time()
+      state = _gate(setup, state, None)
+      phases['gate_s'] += time.time() - t0
     if not state.progress.done:
       bar = _progress_bar(cfg, setup, state.progress)
       for rnd in range(state.progress.round, cfg.rounds):
@@ -693,10 +760,17 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
           if bar is not None:
             bar.set_postfix_str(f'round {rnd} {setup.units[k].path}', refresh=False)
             bar.update(1)
+        if gate:
+          t0 = time.time()
+          state = commit(_gate(setup, state, rnd), round=rnd + 1, next_unit=0, act_done=False, done=False)
+          phases['gate_s'] += time.time() - t0
         state = state.replace(progress=Progress(rnd + 1, 0, False, False))
       if bar is not None:
         bar.close()
-      if cfg.eps_bias != 'off':
+      if gate:                       # the best-scoring stage, with the correction it was scored with
+        qstate, info = _gate_result(setup, state)
+        state = state.replace(qstate=qstate, report=dict(state.report, **info))
+      elif cfg.eps_bias != 'off':
         t0 = time.time()
         qstate, info = fit_eps_bias(setup, state.qstate)
         phases['eps_bias_s'] += time.time() - t0
@@ -731,7 +805,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
 # What report.json's `phases_this_process` breaks the wall time into (compile time is inside these phases; the
 # process-wide XLA compile count and seconds are in `compile_this_process`).
 PHASES = ('setup_s', 'capture_s', 'statistics_s', 'tcr_select_s', 'weight_init_s', 'act_search_s', 'par_capture_s',
-          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'eps_bias_s', 'checkpoint_s', 'sample_grid_s',
+          'unit_capture_s', 'unit_eval_s', 'reconstruction_s', 'eps_bias_s', 'gate_s', 'checkpoint_s', 'sample_grid_s',
           'after_run_s')
 
 

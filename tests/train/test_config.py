@@ -88,7 +88,7 @@ def test_a_config_stored_before_options_existed_reads_as_what_it_did():
   stored (JSON) form (tuples as lists too), so an old config equals today's config with those values, and not
   today's default where a default changed (tcaq's --eps_bias: 'pixel' now, absent = 'off'; --act_minmax_bits)."""
   from tcaq_jax.train.config import ADDED_LATER, with_added_later
-  then = Config(eps_bias='off', act_minmax_bits=0).resolve().to_flat()
+  then = Config(eps_bias='off', act_minmax_bits=0, recon_gate=False).resolve().to_flat()
   old = {k: v for k, v in then.items() if k not in ADDED_LATER}
   assert with_added_later(old) == then and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
   now = Config().resolve().to_flat()

@@ -337,3 +337,85 @@ def test_eps_bias_par_recaptures_with_the_corrected_model(tmp_path):
                        (16, 16, 3), loop='host').sample(3, 0, 4, record='all')['recorded']
   assert float(np.mean((np.asarray(plain)[d1.index['steps']] - np.asarray(d1.x)) ** 2)) > 1e-10
   assert not np.array_equal(np.asarray(q.qstate.out_bias), np.asarray(start_r1.out_bias))   # refitted at the end
+
+
+# ------------------------------------------------------------------ the reconstruction gate (issue 14)
+
+def _gate_score(q, n, seed):
+  """Paired MSE (float64, computed here) of n final samples of the run's eps_fn against FP's, same noises."""
+  cfg = q.meta['config']
+  coeffs = sampler_coefficients(q.config, cfg['num_steps'], cfg['skip_type'], cfg['eta'])
+  final = lambda eps: np.asarray(make_sampler(eps, coeffs, (16, 16, 3), loop='host').sample(seed, 0, n)['x_final'],
+                                 np.float64)
+  d = final(q.eps_fn) - final(family.eps_fn(q.model, q.params, q.config))
+  return float(np.mean(np.mean(d.reshape(n, -1) ** 2, axis=1)))
+
+
+def test_recon_gate_scores_every_stage_and_ends_with_the_best(full_run):
+  """tcaq's --recon_gate: the state before reconstruction and after each round are scored; the run ends with the
+  lowest score's state, whose score recomputed here from the finished run's own eps_fn (with its correction)
+  and FP's, on the gate's 8 noises (seed --seed + 3), matches the report."""
+  out, report = full_run
+  stages = [e['stage'] for e in report['gate']]
+  assert stages == ['init', 'round0', 'round1']
+  scores = {e['stage']: e['score'] for e in report['gate']}
+  assert all(np.isfinite(s) and s > 0 for s in scores.values())
+  assert report['gate_kept'] == min(scores, key=scores.get)
+  q = load_quantized(out)
+  got = _gate_score(q, 8, BASE['seed'] + 3)
+  np.testing.assert_allclose(got, scores[report['gate_kept']], rtol=1e-3)
+  # the kept stage's correction is the final one (the run does not fit another)
+  kept = next(e for e in report['gate'] if e['stage'] == report['gate_kept'])
+  assert report['eps_bias'] == kept['eps_bias']
+
+
+def test_recon_gate_keeping_init_equals_a_run_without_reconstruction(tmp_path, monkeypatch):
+  """When the state before reconstruction scores best, the run's model is that state: its eps equals a
+  --reconstruct=false run's (same init, same correction), though a round was reconstructed."""
+  from tcaq_jax.train import recon_gate
+  real = recon_gate.paired_error
+  calls = []
+
+  def init_wins(q, fp):                 # the real score, then 'init' made the best
+    calls.append(real(q, fp))
+    return 0.0 if len(calls) == 1 else calls[-1] + 1.0
+  monkeypatch.setattr(recon_gate, 'paired_error', init_wins)
+  cfg = dict(BASE, par_rounds=0)
+  report = run(dict(cfg, out_dir=str(tmp_path / 'gated')))
+  monkeypatch.setattr(recon_gate, 'paired_error', real)
+  assert [e['stage'] for e in report['gate']] == ['init', 'round0'] and report['gate_kept'] == 'init'
+  assert len(report['units']) == 3                  # round 0 did run
+  plain = run(dict(cfg, out_dir=str(tmp_path / 'plain'), reconstruct=False))
+  assert 'gate' not in plain and plain['units'] == []
+  a, b = load_quantized(str(tmp_path / 'gated')), load_quantized(str(tmp_path / 'plain'))
+  np.testing.assert_allclose(np.asarray(a.qstate.out_bias), np.asarray(b.qstate.out_bias), atol=1e-6)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 16, 3))
+  t = jnp.asarray([700, 700], jnp.int32)
+  for s in (0, 3):
+    np.testing.assert_allclose(np.asarray(a.eps_fn(x, t, jnp.int32(s), None)),
+                               np.asarray(b.eps_fn(x, t, jnp.int32(s), None)), atol=1e-5)
+
+
+def test_resume_after_a_gate_keeps_the_stored_best(full_run, tmp_path):
+  """Killed right after round 0's gate score was saved: the resumed run scores only round 1, and ends with the
+  same model as the uninterrupted run (reading the best state from out_dir/gate_best when it is not round 1)."""
+  ref_dir, ref = full_run
+  out = str(tmp_path / 'gate_resumed')
+
+  class Killed(Exception):
+    pass
+
+  def kill_after_gate(state):
+    if (state.progress.round, state.progress.next_unit, state.progress.act_done) == (1, 0, False):
+      raise Killed()
+  with pytest.raises(Killed):
+    run(dict(FULL, out_dir=out), hooks=Hooks(after_save=kill_after_gate))
+  report = run(dict(FULL, out_dir=out))
+  assert [e['stage'] for e in report['gate']] == ['init', 'round0', 'round1']
+  assert report['gate_kept'] == ref['gate_kept']
+  for e, r in zip(report['gate'], ref['gate']):
+    np.testing.assert_allclose(e['score'], r['score'], rtol=1e-5)
+  a, b = _qstate_arrays(ref_dir), _qstate_arrays(out)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)

@@ -1,0 +1,66 @@
+"""--recon_gate: reconstruction is kept only where the model's samples gain from it.
+
+Every unit's reconstruction lowers that unit's error (and --keep_best checks it on held-out samples), yet on the
+demo at W4A4 the reconstructed models sample worse than their starting point: without TCR, tcaq's initialisation
+with the eps bias correction scores digits-FID 15.4 and one reconstruction round makes it worse (fidelity.md,
+session 12). So the run scores whole models by what the sampler makes of them: the state before reconstruction
+('init') and the state after each round ('round0', 'round1', ...). The score is the mean squared difference of
+the final samples from the FP model's, both sampled from the same `--gate_samples` noises (seed --seed + 3), with
+each candidate's own eps bias correction fitted first (--eps_bias). The run ends with the lowest-scoring state.
+
+  paired_error(q_images, fp_images) -> float          the score
+  best(entries) -> entry                              the lowest score (the earlier stage on ties)
+  save_best(out_dir, qstate, entry) / load_best(out_dir) -> (qstate tree, entry)
+
+The best state so far is written to out_dir/gate_best (an orbax step holding the qstate tree), so a resumed run
+still ends with it; report.json's 'gate' lists every stage's score and which one was kept.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tcaq_jax import checkpoint
+
+__all__ = ['SEED_OFFSET', 'BEST_DIR', 'stage_name', 'paired_error', 'best', 'save_best', 'load_best']
+
+SEED_OFFSET = 3          # the gate's noises: --seed + 3 (capture --seed, grid + 1, eps bias fit + 2)
+BEST_DIR = 'gate_best'
+
+
+def stage_name(rnd: int | None) -> str:
+  """'init' (before reconstruction) or 'round<r>' (after round r)."""
+  return 'init' if rnd is None else f'round{rnd}'
+
+
+def paired_error(q_images, fp_images) -> float:
+  """Mean over samples of the mean squared difference between paired final samples (float64)."""
+  q = np.asarray(q_images, np.float64)
+  fp = np.asarray(fp_images, np.float64)
+  if q.shape != fp.shape:
+    raise ValueError(f'paired samples differ in shape: {q.shape} vs FP {fp.shape}')
+  per = ((q - fp) ** 2).reshape(q.shape[0], -1).mean(axis=1)
+  if not np.all(np.isfinite(per)):
+    return float('inf')                     # a diverged candidate never wins
+  return float(per.mean())
+
+
+def best(entries: list[dict]) -> dict:
+  """The entry with the lowest 'score'; on a tie the earliest (less reconstruction for the same result)."""
+  if not entries:
+    raise ValueError('no gate entries to choose from')
+  return min(entries, key=lambda e: (e['score'], entries.index(e)))
+
+
+def save_best(out_dir: str, qtree: dict, entry: dict) -> None:
+  """Writes the best state so far (a `quant.state.to_tree` tree) to out_dir/gate_best, replacing the last."""
+  checkpoint.save(os.path.join(out_dir, BEST_DIR), 0, None, qstate=qtree, meta={'gate': entry}, keep=1)
+
+
+def load_best(out_dir: str) -> tuple[dict, dict]:
+  """(qstate tree, its gate entry) from out_dir/gate_best (CheckpointError names the directory)."""
+  ck = checkpoint.restore(os.path.join(out_dir, BEST_DIR))
+  if ck['qstate'] is None or not ck['meta'] or 'gate' not in ck['meta']:
+    raise checkpoint.CheckpointError(f'{os.path.join(out_dir, BEST_DIR)!r} holds no gate state')
+  return ck['qstate'], ck['meta']['gate']

@@ -1,0 +1,41 @@
+"""tcaq_jax/train/recon_gate.py: the score, the choice and the stored best state."""
+import numpy as np
+import pytest
+
+from tcaq_jax import checkpoint
+from tcaq_jax.train import recon_gate
+
+
+def test_paired_error_is_the_mean_per_sample_mse():
+  rng = np.random.default_rng(0)
+  fp = rng.normal(size=(5, 4, 4, 2)).astype(np.float32)
+  q = fp + rng.normal(scale=0.1, size=fp.shape).astype(np.float32)
+  want = np.mean([np.mean((q[i].astype(np.float64) - fp[i]) ** 2) for i in range(5)])
+  assert recon_gate.paired_error(q, fp) == pytest.approx(want, rel=1e-12)
+  assert recon_gate.paired_error(fp, fp) == 0.0
+  q[2, 0, 0, 0] = np.nan
+  assert recon_gate.paired_error(q, fp) == float('inf')
+  with pytest.raises(ValueError, match='shape'):
+    recon_gate.paired_error(q[:4], fp)
+
+
+def test_best_takes_the_lowest_score_and_the_earlier_stage_on_ties():
+  e = [{'stage': 'init', 'score': 2.0}, {'stage': 'round0', 'score': 1.0}, {'stage': 'round1', 'score': 1.0}]
+  assert recon_gate.best(e)['stage'] == 'round0'
+  assert recon_gate.best(e[:1])['stage'] == 'init'
+  assert recon_gate.stage_name(None) == 'init' and recon_gate.stage_name(2) == 'round2'
+  with pytest.raises(ValueError):
+    recon_gate.best([])
+
+
+def test_best_state_round_trips_and_a_missing_one_is_named(tmp_path):
+  tree = {'step_slot': np.arange(4, dtype=np.int32), 'layers': {'a.b': {'w_scale': np.ones((3, 1), np.float32)}}}
+  entry = {'stage': 'round0', 'score': 0.5}
+  recon_gate.save_best(str(tmp_path), tree, entry)
+  recon_gate.save_best(str(tmp_path), dict(tree, step_slot=np.zeros(4, np.int32)), dict(entry, stage='round1'))
+  got, got_entry = recon_gate.load_best(str(tmp_path))
+  assert got_entry['stage'] == 'round1'                      # the later save replaces the earlier
+  np.testing.assert_array_equal(got['step_slot'], np.zeros(4))
+  np.testing.assert_array_equal(got['layers']['a.b']['w_scale'], np.ones((3, 1)))
+  with pytest.raises(checkpoint.CheckpointError, match='gate_best'):
+    recon_gate.load_best(str(tmp_path / 'none'))
