@@ -201,6 +201,21 @@ DIAG_ROWS = [
     ('tcaq_w6a6_no_recon', 'tcaq', 6, 6, {'reconstruct': False}),
     ('tcaq_w4a8_no_recon', 'tcaq', 4, 8, {'reconstruct': False}),
     ('tcaq_w8a8_no_recon', 'tcaq', 8, 8, {'reconstruct': False}),
+    # one reconstruction round from the no-TCR init is worse too (tcaq_w4a4_no_tcr_no_par 19.0 / 50.6): only with the
+    # correction? And TCR chosen per layer at W4A4 (the gate scores the init; TCR on every layer makes it 142)
+    ('tcaq_w4a4_no_recon_no_tcr_no_eps_bias', 'tcaq', 4, 4, {'reconstruct': False, 'tcr': False, 'eps_bias': 'off'}),
+    ('tcaq_w4a4_no_tcr_no_par_no_eps_bias', 'tcaq', 4, 4, {'tcr': False, 'par': False, 'eps_bias': 'off'}),
+    ('tcaq_w4a4_tcr_error', 'tcaq', 4, 4, {'tcr_select': 'error'}),
+    # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
+    # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
+    # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
+    ('tcaq_w4a4_no_tcr_no_par_sw05', 'tcaq', 4, 4, {'tcr': False, 'par': False, 'recon_step_weight': 0.5,
+                                                   'recon_gate': False}),
+    ('tcaq_w4a4_no_tcr_no_par_sw1', 'tcaq', 4, 4, {'tcr': False, 'par': False, 'recon_step_weight': 1.0,
+                                                  'recon_gate': False}),
+    ('tcaq_w4a4_sw1_no_gate', 'tcaq', 4, 4, {'recon_step_weight': 1.0, 'recon_gate': False}),
+    ('tcaq_w6a6_sw1_no_gate', 'tcaq', 6, 6, {'recon_step_weight': 1.0, 'recon_gate': False}),
+    ('tcaq_w4a4_no_tcr_sw1_no_gate', 'tcaq', 4, 4, {'tcr': False, 'recon_step_weight': 1.0, 'recon_gate': False}),
 ]
 
 

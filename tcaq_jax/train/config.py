@@ -68,7 +68,8 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # compares against it).
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
                'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
-               'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 64}
+               'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 64,
+               'recon_step_weight': 0.0}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -352,7 +353,7 @@ class Config:
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
                 'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1,
-                'gate_samples': 1}
+                'gate_samples': 1, 'recon_step_weight': 0.0}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

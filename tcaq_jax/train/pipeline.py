@@ -84,6 +84,9 @@ class Setup:
       self.model, self.params, self.mconfig = family.random_model(cfg.model_config, cfg.seed)
     self.coeffs = sampler_coefficients(self.mconfig, cfg.num_steps, cfg.skip_type, cfg.eta)
     self.n_steps = int(self.coeffs.num_steps)
+    # --recon_step_weight: per sampler step weights of the reconstruction loss (None: uniform)
+    w = recon.step_weights(self.coeffs.alphas, self.coeffs.alphas_prev, cfg.recon.step_weight)
+    self.step_weights = None if w is None else jnp.asarray(w)
     self.shape = family.sample_shape(self.mconfig)
     args, kwargs = family.example_inputs(self.mconfig, 1)
     self.policy = build_policy(self.model, {'params': self.params}, args, cfg.preset, cfg.w_bits, cfg.a_bits,
@@ -419,8 +422,9 @@ def _unit_fns(setup: Setup, rnd: int, k: int, io: blocks.CapturedIO, n: int) -> 
   mode = 'hard' if act_pass else 'soft'          # the activation pass keeps the learned rounding fixed
   soft = setup.compiled(('apply', sig, mode), lambda: blocks.unit_apply_fn(program, io, mode, learn))
   hard = setup.compiled(('apply', sig, 'hard'), lambda: blocks.unit_apply_fn(program, io, 'hard', learn))
-  eval_fn = setup.compiled(('eval', sig), lambda: recon.make_eval(hard))
-  chunk_fn = setup.compiled(('chunk', sig, n), lambda: recon.make_chunk(soft, n, rcfg))
+  eval_fn = setup.compiled(('eval', sig), lambda: recon.make_eval(hard, setup.step_weights))
+  chunk_fn = setup.compiled(('chunk', sig, n), lambda: recon.make_chunk(soft, n, rcfg,
+                                                                       step_weights=setup.step_weights))
   return UnitFns(sig, soft, hard, eval_fn, chunk_fn, rcfg)
 
 
@@ -530,7 +534,8 @@ def reconstruct_unit(setup: Setup, rnd: int, k: int, qstate: QState, data: dict,
                     (hio.leaves, hio.output, jnp.asarray(holdout['step']))) if theta else {}
   before = recon.eval_losses(fns.eval_fn, theta_start, aux, sets)
   t_eval = time.time() - t_eval
-  chunk_fn = fns.chunk_fn if loss_hook is None else recon.make_chunk(fns.soft, n, rcfg, loss_hook)
+  chunk_fn = (fns.chunk_fn if loss_hook is None else
+              recon.make_chunk(fns.soft, n, rcfg, loss_hook, step_weights=setup.step_weights))
   key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(cfg.seed), rnd), k)
   try:
     theta, rstats = recon.reconstruct(fns.soft, theta, aux, io.leaves, io.output, steps, rcfg, key,

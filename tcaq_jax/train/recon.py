@@ -23,7 +23,7 @@ import optax
 
 from tcaq_jax.quant.adaround import b_schedule, rounding_regularizer
 
-__all__ = ['ReconConfig', 'NonFiniteLossError', 'rec_loss', 'make_optimizer', 'make_chunk', 'reconstruct',
+__all__ = ['ReconConfig', 'NonFiniteLossError', 'rec_loss', 'step_weights', 'make_optimizer', 'make_chunk', 'reconstruct',
            'make_eval', 'eval_selection', 'eval_set', 'eval_losses', 'eval_loss']
 
 
@@ -61,6 +61,11 @@ class ReconConfig:
   act_iters: int = _f(5000, 'iterations per unit of the activation-scale pass of --schedule=two_pass (scaled by '
                             '--iters_scale)')
   act_p: float = _f(2.4, 'loss exponent p of the activation-scale pass (sum over channels of |a - y|^p)')
+  step_weight: float = _f(0.0, 'weight each sample of the reconstruction loss (and of the held-out check) by '
+                               '|sigma_prev - sigma_t|^this of its sampler step, sigma = sqrt((1 - abar) / abar): '
+                               "how far an eps error at that step moves the DDIM sample (eta 0, first order); "
+                               'normalised to mean 1 over the sampler steps. 0 = every sample alike (BRECQ)',
+                          'recon_step_weight')
   chunk: int = _f(1000, 'iterations per jitted call (progress and NaN checks between chunks)')
   loop: str = _f('auto', "'device': a chunk is one lax.fori_loop; 'host': a Python loop over one jitted "
                          "iteration (XLA:CPU runs while-loop bodies ~20x slower); 'auto': host on CPU", 'recon_loop',
@@ -88,15 +93,29 @@ def _device_loop(loop: str) -> bool:
   return loop == 'device'
 
 
-def rec_loss(pred, target, p: float = 2.0):
+def rec_loss(pred, target, p: float = 2.0, weights=None):
   """Sum over the last (channel) axis of |error|^p, mean over the rest; summed over output leaves (Q-Diffusion's
-  lp_loss with reduction 'none'; p = 2: BRECQ's MSE)."""
+  lp_loss with reduction 'none'; p = 2: BRECQ's MSE). weights [B]: each sample's error times its weight (then
+  the mean over samples)."""
   def one(a, b):
     d = a.astype(jnp.float32) - b.astype(jnp.float32)
-    e = d * d if p == 2.0 else jnp.abs(d) ** p
-    return jnp.mean(jnp.sum(e, axis=-1))
+    e = jnp.sum(d * d if p == 2.0 else jnp.abs(d) ** p, axis=-1)
+    if weights is None:
+      return jnp.mean(e)
+    return jnp.mean(jnp.mean(e.reshape(e.shape[0], -1), axis=1) * weights)
   leaves = jax.tree.leaves(jax.tree.map(one, pred, target))
   return sum(leaves)
+
+
+def step_weights(alphas, alphas_prev, power: float) -> np.ndarray | None:
+  """[sampler steps] float32 weights |sigma_prev - sigma_t|^power, sigma = sqrt((1 - abar) / abar) (abar of the
+  step's timestep and of the next one in sampling order), normalised to mean 1; None for power 0 (uniform).
+  An eps error d at a step moves the DDIM (eta 0) sample x / sqrt(abar) by (sigma_prev - sigma_t) * d."""
+  if not power:
+    return None
+  sig = lambda a: np.sqrt((1.0 - np.asarray(a, np.float64)) / np.asarray(a, np.float64))  # noqa: E731
+  w = np.abs(sig(alphas_prev) - sig(alphas)) ** float(power)
+  return (w / w.mean()).astype(np.float32)
 
 
 def _field_name(key) -> str | None:
@@ -181,7 +200,7 @@ def _batch_constraint(mesh, batch: int):
 
 
 def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable | None = None,
-               mesh=None) -> Callable:
+               mesh=None, step_weights=None) -> Callable:
   """The compiled chunk: `length` (traced) iterations of minibatch sampling + Adam steps over a set of n
   samples, as one jitted fori_loop (device loop) or a host loop over one jitted iteration (see `_device_loop`).
 
@@ -189,7 +208,8 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
   annealing is evaluated as b_schedule(it * G / total, G), which equals b_schedule(it, total). cfg.iters and
   cfg.chunk do not enter the compiled function. cfg.act_pass (Q-Diffusion's activation pass): loss exponent
   cfg.act_p, the updates scaled by (1 + cos(pi it / total)) / 2 (PyTorch's CosineAnnealingLR to 0, stepped after
-  every iteration: Adam's update is linear in its learning rate), and no rounding regulariser. With several local devices (or a `mesh`), every minibatch is
+  every iteration: Adam's update is linear in its learning rate), and no rounding regulariser. step_weights
+  [sampler steps] (`step_weights`): each sample's error weighted by its step's. With several local devices (or a `mesh`), every minibatch is
   split over them along the batch axis (XLA partitions the block forward / backward and sums the gradients);
   theta and the captured set stay replicated.
   """
@@ -199,7 +219,7 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
   p = float(cfg.act_p) if cfg.act_pass else 2.0
 
   def loss_fn(th, aux, xb, yb, sb, it, total):
-    rec = rec_loss(apply_fn(th, aux, xb, sb), yb, p)
+    rec = rec_loss(apply_fn(th, aux, xb, sb), yb, p, None if step_weights is None else step_weights[sb])
     if cfg.act_pass:
       loss = rec
     else:
@@ -264,11 +284,12 @@ def make_chunk(apply_fn: Callable, n: int, cfg: ReconConfig, loss_hook: Callable
   return host_chunk
 
 
-def make_eval(apply_fn: Callable) -> Callable:
+def make_eval(apply_fn: Callable, step_weights=None) -> Callable:
   """Compiled fn(theta, aux, sets) -> {name: rec_loss summed over the set's selected samples} (sets: {name:
   set}). A set is (inputs, targets, steps, sel) with sel: [batches, batch] indices into the whole set
   (`eval_set`). The batches' gathers run inside the program, and sets of equal batch size (the reconstruction
-  set and the held-out set) are joined into one scan over their batches: one call, one loop body to compile."""
+  set and the held-out set) are joined into one scan over their batches: one call, one loop body to compile.
+  step_weights: as in `make_chunk`."""
   def run(th, ax, sets):
     groups: dict = {}
     for name, st in sets.items():
@@ -285,7 +306,8 @@ def make_eval(apply_fn: Callable) -> Callable:
 
       def body(_, ix):
         pred = apply_fn(th, ax, [a[ix] for a in xs], ss[ix])
-        return None, rec_loss(pred, jax.tree.map(lambda a: a[ix], ys)) * ix.shape[0]
+        w = None if step_weights is None else step_weights[ss[ix]]
+        return None, rec_loss(pred, jax.tree.map(lambda a: a[ix], ys), weights=w) * ix.shape[0]
 
       sums = jax.lax.scan(body, None, sel)[1]
       ends = np.cumsum([p[3].shape[0] for p in parts])

@@ -245,3 +245,37 @@ def test_eval_losses_of_two_sets_in_one_call_equal_each_set_alone():
   x, y, s = b
   want = np.mean(np.sum((np.asarray(x[0]) * 0.7 + np.asarray(s)[:, None] - np.asarray(y)) ** 2, -1))
   np.testing.assert_allclose(both['b'], want, rtol=1e-5)
+
+
+def test_step_weights_follow_the_ddim_sigma_increments():
+  """--recon_step_weight: |sigma_prev - sigma_t|^power with sigma = sqrt((1 - abar) / abar), mean 1, recomputed in
+  float64 from the alpha-bars; power 0 is uniform (None)."""
+  a = np.array([0.01, 0.2, 0.6, 0.95])
+  a_prev = np.array([0.2, 0.6, 0.95, 0.9999])
+  assert recon.step_weights(a, a_prev, 0.0) is None
+  for power in (0.5, 1.0, 2.0):
+    d = np.abs(np.sqrt((1 - a_prev) / a_prev) - np.sqrt((1 - a) / a)) ** power
+    np.testing.assert_allclose(recon.step_weights(a, a_prev, power), d / d.mean(), rtol=1e-6)
+  w = recon.step_weights(a, a_prev, 1.0)
+  assert w[0] > w[1] > w[2] > w[3] and abs(float(w.mean()) - 1) < 1e-6     # noisier steps weigh more
+
+
+def test_weighted_rec_loss_is_the_weighted_mean_of_per_sample_errors():
+  rng = np.random.default_rng(1)
+  pred, tgt = rng.normal(size=(3, 4, 5, 2)), rng.normal(size=(3, 4, 5, 2))
+  w = np.array([0.5, 2.0, 0.0])
+  per = ((pred - tgt) ** 2).sum(-1).reshape(3, -1).mean(1)
+  got = recon.rec_loss(jnp.asarray(pred), jnp.asarray(tgt), weights=jnp.asarray(w))
+  np.testing.assert_allclose(float(got), float(np.mean(per * w)), rtol=1e-5)
+  np.testing.assert_allclose(float(recon.rec_loss(jnp.asarray(pred), jnp.asarray(tgt), weights=jnp.ones(3))),
+                             float(recon.rec_loss(jnp.asarray(pred), jnp.asarray(tgt))), rtol=1e-6)
+
+
+def test_make_eval_weights_each_sample_by_its_step():
+  """make_eval with step_weights: the mean over the set of each sample's error times its step's weight."""
+  ev = recon.make_eval(lambda th, aux, xs, s: xs[0] * th, step_weights=jnp.asarray([1.0, 3.0], jnp.float32))
+  x = jnp.arange(8, dtype=jnp.float32).reshape(8, 1)
+  steps = jnp.asarray([0, 1] * 4, jnp.int32)
+  got = recon.eval_losses(ev, jnp.float32(2.0), None, {'a': recon.eval_set([x], jnp.zeros((8, 1)), steps, 8, 4)})
+  want = sum((2.0 * i) ** 2 * (1.0 if i % 2 == 0 else 3.0) for i in range(8)) / 8
+  np.testing.assert_allclose(float(got['a']), want, rtol=1e-5)
