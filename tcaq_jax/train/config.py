@@ -253,9 +253,9 @@ class Config:
                                "quantized model's own trajectories (same noise), adding the mean error still left")
   # the whole-model gate over the reconstruction stages (train/recon_gate.py)
   recon_gate: bool | None = _f(None, 'score the model before reconstruction and after each round by the paired MSE '
-                                     "of its final samples against FP's (--gate_samples noises, seed --seed + 3; "
-                                     'each with its own --eps_bias correction) and end with the best (default: the '
-                                     "method's; tcaq: true)")
+                                     "of its final images (clipped to [-1, 1]) against FP's (--gate_samples "
+                                     'noises, seed --seed + 3; each with its own --eps_bias correction) and end with '
+                                     "the best (default: the method's; tcaq: true)")
   gate_samples: int = _f(64, 'noises (paired FP and quantized samples) each --recon_gate score is measured on')
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "

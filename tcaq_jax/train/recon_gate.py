@@ -5,8 +5,9 @@ demo at W4A4 the reconstructed models sample worse than their starting point: wi
 with the eps bias correction scores digits-FID 15.4 and one reconstruction round makes it worse (fidelity.md,
 session 12). So the run scores whole models by what the sampler makes of them: the state before reconstruction
 ('init') and the state after each round ('round0', 'round1', ...). The score is the mean squared difference of
-the final samples from the FP model's, both sampled from the same `--gate_samples` noises (seed --seed + 3), with
-each candidate's own eps bias correction fitted first (--eps_bias). The run ends with the lowest-scoring state.
+the final images (decoded for latent models, clipped to [-1, 1]) from the FP model's, both sampled from the same
+`--gate_samples` noises (seed --seed + 3), with each candidate's own eps bias correction fitted first
+(--eps_bias). The run ends with the lowest-scoring state.
 
   paired_error(q_images, fp_images) -> float          the score
   best(entries) -> entry                              the lowest score (the earlier stage on ties)

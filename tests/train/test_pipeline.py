@@ -342,11 +342,12 @@ def test_eps_bias_par_recaptures_with_the_corrected_model(tmp_path):
 # ------------------------------------------------------------------ the reconstruction gate (issue 14)
 
 def _gate_score(q, n, seed):
-  """Paired MSE (float64, computed here) of n final samples of the run's eps_fn against FP's, same noises."""
+  """Paired MSE (float64, computed here) of n final images (clipped to [-1, 1]) of the run's eps_fn against FP's,
+  same noises."""
   cfg = q.meta['config']
   coeffs = sampler_coefficients(q.config, cfg['num_steps'], cfg['skip_type'], cfg['eta'])
-  final = lambda eps: np.asarray(make_sampler(eps, coeffs, (16, 16, 3), loop='host').sample(seed, 0, n)['x_final'],
-                                 np.float64)
+  final = lambda eps: np.clip(np.asarray(make_sampler(eps, coeffs, (16, 16, 3), loop='host').sample(seed, 0, n)[
+      'x_final'], np.float64), -1.0, 1.0)          # a pixel model's images: its final samples, clipped
   d = final(q.eps_fn) - final(family.eps_fn(q.model, q.params, q.config))
   return float(np.mean(np.mean(d.reshape(n, -1) ** 2, axis=1)))
 
