@@ -206,6 +206,10 @@ DIAG_ROWS = [
     ('tcaq_w4a4_no_recon_no_tcr_no_eps_bias', 'tcaq', 4, 4, {'reconstruct': False, 'tcr': False, 'eps_bias': 'off'}),
     ('tcaq_w4a4_no_tcr_no_par_no_eps_bias', 'tcaq', 4, 4, {'tcr': False, 'par': False, 'eps_bias': 'off'}),
     ('tcaq_w4a4_tcr_error', 'tcaq', 4, 4, {'tcr_select': 'error'}),
+    # with the gate and the correction the per-layer choice won at W4A4 (14.35 vs 25.19) and became the default at
+    # every width >= 4 bits: TCR on every layer (the former default below 6 bits) at W4A8, and W4A4 without the gate
+    ('tcaq_w4a8_tcr_all', 'tcaq', 4, 8, {'tcr_select': 'all'}),
+    ('tcaq_w4a4_no_gate', 'tcaq', 4, 4, {'recon_gate': False}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result

@@ -169,11 +169,12 @@ def test_tcr_select_auto_resolves_by_bit_widths():
   assert Config(w_bits=6, a_bits=6, reconstruct=False).resolve().learn_act_scale is False
   assert Config(method='qdiff_plus', w_bits=6, a_bits=6).resolve().recon.act_lr == 4e-5
   assert Config(w_bits=8, a_bits=8).resolve().tcr_select == 'error'
-  assert Config(w_bits=4, a_bits=8).resolve().tcr_select == 'all'
-  assert Config(w_bits=8, a_bits=4).resolve().tcr_select == 'all'
-  assert Config(w_bits=4, a_bits=4).resolve().tcr_select == 'all'
-  assert Config(w_bits=4, a_bits=4, tcr_select='error').resolve().tcr_select == 'error'     # explicit kept
-  assert Config(w_bits=4, a_bits=4).resolve().resolve().tcr_select == 'all'                # idempotent
+  assert Config(w_bits=4, a_bits=8).resolve().tcr_select == 'error'
+  assert Config(w_bits=8, a_bits=4).resolve().tcr_select == 'error'
+  assert Config(w_bits=4, a_bits=4).resolve().tcr_select == 'error'
+  assert Config(w_bits=3, a_bits=8).resolve().tcr_select == 'all'
+  assert Config(w_bits=4, a_bits=4, tcr_select='all').resolve().tcr_select == 'all'         # explicit kept
+  assert Config(w_bits=4, a_bits=4).resolve().resolve().tcr_select == 'error'              # idempotent
 
 
 def test_tcaq_takes_min_max_activation_ranges_at_8_bit_activations():

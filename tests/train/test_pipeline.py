@@ -26,7 +26,7 @@ from tcaq_jax.train.pipeline import CalibrationError, Hooks, run
 from calib_settings import UNITS  # noqa: E402
 from calib_settings import BASE  # noqa: E402  (tests/train/calib_settings.py)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# The full run takes the per-layer TCR choice (at W4A8 --tcr_select=auto would take TCR on every layer).
+# The full run takes the per-layer TCR choice (tcaq's --tcr_select=auto at W4A8 too; explicit here).
 FULL = dict(BASE, tcr_select='error')
 
 
