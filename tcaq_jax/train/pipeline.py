@@ -598,7 +598,8 @@ def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, d
   """--recon_gate: scores the model state before reconstruction (rnd None) or after round rnd: its eps bias
   correction fitted first (--eps_bias), then the paired MSE of its final images (decoded, clipped to [-1, 1])
   against FP's from the same --gate_samples noises (`recon_gate`). Unclipped samples would rank a model by its
-  out-of-range pixels, which the images never show (measured: a 142-FID state scored best that way). Returns (qstate with the fitted correction, gate entry)."""
+  out-of-range pixels, which the images never show (measured: a 142-FID state scored best that way).
+  Returns (qstate with the fitted correction, gate entry)."""
   cfg = setup.cfg
   t0 = time.time()
   info = None
@@ -616,7 +617,7 @@ def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, d
   entry = {'stage': recon_gate.stage_name(rnd), 'score': recon_gate.paired_error(final(setup.q_eps(qstate)),
                                                                                   setup.gate_fp),
            'samples': n, 'seconds': round(time.time() - t0, 3), 'eps_bias': info}
-  logging.info('recon gate: %s scores %.4e (paired MSE of %d final samples against FP)', entry['stage'],
+  logging.info('recon gate: %s scores %.4e (paired MSE of %d final images against FP)', entry['stage'],
                entry['score'], n)
   return qstate, entry
 
