@@ -17,13 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_cifar10_w4a8_flagfile_end_to_end_random_weights(tmp_path):
   """The real-size path: the CIFAR-10 W4A8 flagfile on a random-weight ddim_cifar10 (35.7M params), with tiny
   calibration / sampling sizes, 0.1% of the iterations and two reconstructed units (the rest keep their
-  initialisation: TCR, Lp weight scales, per-step activation scales, DAQ), one PAR round, no sample grid."""
+  initialisation: TCR, Lp weight scales, per-step activation scales, DAQ), one PAR round, no sample grid, the eps
+  bias fit and the reconstruction gate on 2 samples each."""
   out = str(tmp_path / 'cifar')
   cmd = [sys.executable, '-m', 'tcaq_jax.train.calibrate', '--flagfile', os.path.join(ROOT, 'configs',
          'cifar10_w4a8.flags'), '--model_dir=', '--model_config=ddim_cifar10', f'--out_dir={out}',
          '--iters_scale=0.001', '--calib_samples=2', '--calib_steps=2', '--num_steps=4',
          '--recon_units=^(down_0/block_1|down_1/attn_0)$', '--png_samples=0', '--act_batch=2', '--forward_batch=4',
-         '--capture_batch=2', '--eval_units=false', '--par_rounds=1']
+         '--capture_batch=2', '--eval_units=false', '--par_rounds=1', '--eps_bias_samples=2', '--gate_samples=2']
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -31,6 +32,8 @@ def test_cifar10_w4a8_flagfile_end_to_end_random_weights(tmp_path):
     report = json.load(f)
   assert report['model'] == 'ddim_cifar10' and report['bits']['w'] == 4
   assert [u['unit'] for u in report['units']] == ['down_0/block_1', 'down_1/attn_0'] * 2
+  assert [e['stage'] for e in report['gate']] == ['init', 'round0', 'round1'] and report['gate_kept'] in (
+      'init', 'round0', 'round1')
   assert report['policy_summary']['conv']['split'] == 12          # 4 up levels x 3 concat blocks
   ckpt = checkpoint.restore(out)
   assert ckpt['meta']['progress']['done']

@@ -102,7 +102,9 @@ def _state(out):
 
 def test_precompiled_calibration_equals_the_plain_one_and_compiles_nothing_twice(tmp_path):
   jax.monitoring.register_event_duration_secs_listener(_listen)
-  cfg = dict(BASE, eval_units=True, keep_best=True, holdout_samples=2, par_rounds=0, png_samples=0)
+  # TCR on every layer: its ratios are final before the weight init, so the activation search compiles ahead too
+  # (with --tcr_select=error it waits for the choice)
+  cfg = dict(BASE, eval_units=True, keep_best=True, holdout_samples=2, par_rounds=0, png_samples=0, tcr_select='all')
   _events.clear()
   report = run(dict(cfg, out_dir=str(tmp_path / 'pre'), precompile=True))
   on = list(_events)
