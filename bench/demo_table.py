@@ -213,6 +213,7 @@ DIAG_ROWS = [
     # the gate's scores put PAR round 1 last in every row (W6A6 no TCR: 4.32 / 4.14 / 14.68 / 3.23e-3 for init /
     # rounds 0-2): is it round 1's activation re-search on the recaptured set?
     ('tcaq_w6a6_keep_act', 'tcaq', 6, 6, {'par_research_act': False}),
+    ('tcaq_w4a8_keep_act', 'tcaq', 4, 8, {'par_research_act': False}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
