@@ -52,6 +52,7 @@ from tcaq_jax.eval.metrics import feature_stats, frechet_distance  # noqa: E402
 from tcaq_jax.eval.speckle import speckle_ratio, speckle_share  # noqa: E402
 from tcaq_jax.images import save_grid, to_uint8  # noqa: E402
 from tcaq_jax.diffusion.host_sampler import make_sampler  # noqa: E402
+from tcaq_jax.train import recon_gate  # noqa: E402
 from tcaq_jax.models import family  # noqa: E402
 from tcaq_jax.quantized import load_quantized  # noqa: E402
 from tcaq_jax.train import pipeline  # noqa: E402
@@ -427,7 +428,7 @@ def samples_path(out: str, name: str) -> str:
 def paired_mse(images: np.ndarray, fp_images: np.ndarray) -> dict:
   """Mean squared difference from FP's samples drawn from the same noise, and its standard error over the
   samples (std of the per-sample means / sqrt(n))."""
-  per = np.mean((np.asarray(images, np.float64) - fp_images) ** 2, axis=tuple(range(1, images.ndim)))
+  per = recon_gate.per_sample_errors(images, fp_images)
   return {'mse_fp': float(per.mean()), 'mse_fp_se': float(per.std(ddof=1) / np.sqrt(per.size))}
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from tcaq_jax import checkpoint
 
-__all__ = ['SEED_OFFSET', 'BEST_DIR', 'stage_name', 'paired_error', 'best', 'save_best', 'load_best']
+__all__ = ['SEED_OFFSET', 'BEST_DIR', 'stage_name', 'per_sample_errors', 'paired_error', 'best', 'save_best', 'load_best']
 
 SEED_OFFSET = 3          # the gate's noises: --seed + 3 (capture --seed, grid + 1, eps bias fit + 2)
 BEST_DIR = 'gate_best'
@@ -35,13 +35,19 @@ def stage_name(rnd: int | None) -> str:
   return 'init' if rnd is None else f'round{rnd}'
 
 
-def paired_error(q_images, fp_images) -> float:
-  """Mean over samples of the mean squared difference between paired final samples (float64)."""
+def per_sample_errors(q_images, fp_images) -> np.ndarray:
+  """[n] float64: each sample's mean squared difference from its paired FP sample (same noise). Also the demo
+  table's paired MSE (bench/demo_table.py)."""
   q = np.asarray(q_images, np.float64)
   fp = np.asarray(fp_images, np.float64)
   if q.shape != fp.shape:
     raise ValueError(f'paired samples differ in shape: {q.shape} vs FP {fp.shape}')
-  per = ((q - fp) ** 2).reshape(q.shape[0], -1).mean(axis=1)
+  return ((q - fp) ** 2).reshape(q.shape[0], -1).mean(axis=1)
+
+
+def paired_error(q_images, fp_images) -> float:
+  """Mean over samples of `per_sample_errors` (inf when any is not finite)."""
+  per = per_sample_errors(q_images, fp_images)
   if not np.all(np.isfinite(per)):
     return float('inf')                     # a diverged candidate never wins
   return float(per.mean())
