@@ -83,10 +83,11 @@ PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all', 'eps_
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
              ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}),
-             ('no_eps_bias', {'eps_bias': 'off'}))
+             ('no_eps_bias', {'eps_bias': 'off'}), ('no_eps_scale', {'eps_scale': False}))
 # Rows with and without the eps bias correction (train/eps_bias.py) at every bit width: tcaq with it off (at
 # W6A6 and W4A4 the ablation rows), and min-max PTQ with it on (does the simplest baseline gain as much?).
 EPS_BIAS_ROWS = ([(f'tcaq_w{w}a{a}_no_eps_bias', 'tcaq', w, a, {'eps_bias': 'off'}) for w, a in ((4, 8), (8, 8))]
+                 + [(f'tcaq_w{w}a{a}_no_eps_scale', 'tcaq', w, a, {'eps_scale': False}) for w, a in ((4, 8), (8, 8))]
                  + [(f'minmax_w{w}a{a}_eps_bias', 'minmax', w, a, {'eps_bias': 'pixel'}) for w, a in BITS])
 # Diagnostic rows (--diagnostics): why is tcaq without TCR worse than plain minmax at W4A4, and tcaq worse than
 # qdiff at W6A6?
@@ -215,6 +216,13 @@ DIAG_ROWS = [
     # rounds 0-2): is it round 1's activation re-search on the recaptured set?
     ('tcaq_w6a6_keep_act', 'tcaq', 6, 6, {'par_research_act': False}),
     ('tcaq_w4a8_keep_act', 'tcaq', 4, 8, {'par_research_act': False}),
+    # session 13: the keep_act lead came from one calibration seed each: a second seed (--seed=1) of it and of the
+    # default, and W4A4
+    ('tcaq_w6a6_keep_act_seed1', 'tcaq', 6, 6, {'par_research_act': False, 'seed': 1}),
+    ('tcaq_w6a6_seed1', 'tcaq', 6, 6, {'seed': 1}),
+    ('tcaq_w4a8_keep_act_seed1', 'tcaq', 4, 8, {'par_research_act': False, 'seed': 1}),
+    ('tcaq_w4a8_seed1', 'tcaq', 4, 8, {'seed': 1}),
+    ('tcaq_w4a4_keep_act', 'tcaq', 4, 4, {'par_research_act': False}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result

@@ -1,7 +1,7 @@
 """The eps bias correction (--eps_bias, tcaq_jax/train/eps_bias.py) on a finished demo calibration: the digits-FID
 of --num_samples quantized samples (--seed, the calibrate CLI's quality-check seed) without a correction, with the
-run's own (when it has one), and refitted here per mode ('channel', 'pixel') and trajectory count (--fit_samples,
-seed --fit_seed). Prints one table, writes JSON.
+run's own (when it has one), and refitted here per mode ('channel', 'pixel'), trajectory count (--fit_samples,
+seed --fit_seed) and with / without the --eps_scale factor (--scales). Prints one table, writes JSON.
 
   PYTHONPATH=. python bench/eps_bias.py --run_dir runs/calib/demo --out runs/eps_bias.json
 """
@@ -25,6 +25,7 @@ flags.DEFINE_string('run_dir', None, 'a finished calibration of the demo model',
 flags.DEFINE_list('fit_samples', ['32', '64', '256'], 'FP trajectory counts the correction is refitted on')
 flags.DEFINE_list('modes', ['channel', 'pixel'], 'correction modes refitted')
 flags.DEFINE_list('rounds', ['1'], 'fit rounds (--eps_bias_rounds) refitted')
+flags.DEFINE_list('scales', ['false', 'true'], 'refit without / with the --eps_scale factor')
 flags.DEFINE_integer('fit_seed', 7, 'seed of the refit trajectories (not the evaluation seed)')
 flags.DEFINE_integer('batch', 32, 'sampler batch (fit and evaluation)')
 flags.DEFINE_integer('num_samples', 256, 'samples scored per variant')
@@ -39,30 +40,34 @@ def main(argv):
   cfg = q.meta['config']
   coeffs = sampler_coefficients(q.config, cfg['num_steps'], cfg['skip_type'], cfg['eta'])
   shape = tuple(family.sample_shape(q.config))
-  plain = q.qstate.replace(out_bias=None)
+  plain = q.qstate.replace(out_bias=None, out_scale=None)
   fp_sampler = HostLoopSampler(family.eps_fn(q.model, q.params, q.config), coeffs, shape)
   err = eps_bias.make_error_sum(quant_forward(q.model, q.policy, q.config), family.forward(q.model, q.config))
-  variants = {'none': (None, {})}
+  variants = {'none': (None, None, {})}
   if q.qstate.out_bias is not None:
-    variants[f"run's own ({cfg.get('eps_bias')}, {cfg.get('eps_bias_samples')} trajectories)"] = (
-        q.qstate.out_bias, {})
-  def with_bias(bias):
-    qs = plain.replace(out_bias=None if bias is None else jnp.asarray(bias))
+    variants[f"run's own ({cfg.get('eps_bias')}, {cfg.get('eps_bias_samples')} trajectories"
+             f"{', scaled' if q.qstate.out_scale is not None else ''})"] = (q.qstate.out_bias, q.qstate.out_scale, {})
+  def with_bias(bias, scale):
+    qs = plain.replace(out_bias=None if bias is None else jnp.asarray(bias),
+                       out_scale=None if scale is None else jnp.asarray(scale))
     eps = quant_eps_fn(q.model, q.params, qs, q.policy, q.config)
     return HostLoopSampler(eps, coeffs, shape), (q.params, qs)
 
   for mode in FLAGS.modes:
     for n in map(int, FLAGS.fit_samples):
       for rounds in map(int, FLAGS.rounds):
-        bias, info = eps_bias.fit_rounds(fp_sampler, err, with_bias, q.params, rounds, n, FLAGS.batch,
-                                         FLAGS.fit_seed, mode)
-        variants[f'{mode}, {info["samples"]} trajectories, {rounds} round(s)'] = (jnp.asarray(bias), info)
+        for scaled in (v.lower() in ('1', 'true', 'yes') for v in FLAGS.scales):
+          bias, scale, info = eps_bias.fit_rounds(fp_sampler, err, with_bias, q.params, rounds, n, FLAGS.batch,
+                                                  FLAGS.fit_seed, mode, scale=scaled)
+          name = f'{mode}, {info["samples"]} trajectories, {rounds} round(s){", scaled" if scaled else ""}'
+          variants[name] = (jnp.asarray(bias), None if scale is None else jnp.asarray(scale), info)
   results = {'run_dir': FLAGS.run_dir, 'fit_seed': FLAGS.fit_seed, 'seed': FLAGS.seed,
              'num_samples': FLAGS.num_samples, 'variants': {}}
   print(f'| correction | digits-FID ({FLAGS.num_samples} samples) | confident | fit s | mean bias |\n|---|---|---|---|---|')
   like = None
-  for name, (bias, info) in variants.items():
-    eps = quant_eps_fn(q.model, q.params, plain.replace(out_bias=bias), q.policy, q.config, like=like)
+  for name, (bias, scale, info) in variants.items():
+    eps = quant_eps_fn(q.model, q.params, plain.replace(out_bias=bias, out_scale=scale), q.policy, q.config,
+                       like=like)
     like = eps if bias is not None else like
     r = demo_quality(sample_all(HostLoopSampler(eps, coeffs, shape), FLAGS.num_samples, FLAGS.batch,
                                 seed=FLAGS.seed, convert=to_uint8, pad=True))

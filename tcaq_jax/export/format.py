@@ -16,6 +16,8 @@
                    'step_slot'                    int32 [num_steps]: sampler step -> calibration slot
                    'out_bias'                     float32 [num_steps, *out] (version 2, when the run has one):
                                                    subtracted from the model's output at each sampler step
+                   'out_scale'                    float32 [num_steps] (version 3, when the run has one): multiplies
+                                                   the output after the bias at each sampler step
 Weights of a weight-quantized layer are AdaRound hard-rounded codes of W diag(r) (TCR folded, r kept for the
 input division). `read_arrays` checks the version and the npz's size and SHA-256 before reading.
 """
@@ -31,8 +33,8 @@ __all__ = ['ExportError', 'FORMAT', 'VERSION', 'READS', 'MANIFEST', 'ARRAYS', 's
            'decode_codes', 'sha256', 'write_files', 'read_manifest', 'read_arrays']
 
 FORMAT = 'tcaq_jax.export'
-VERSION = 2                      # 2: adds the optional 'out_bias' (a version-1 dir reads as one without it)
-READS = (1, 2)
+VERSION = 3                      # 2: adds the optional 'out_bias'; 3: the optional 'out_scale' (earlier
+READS = (1, 2, 3)                #    versions read as ones without them)
 MANIFEST = 'manifest.json'
 ARRAYS = 'arrays.npz'
 

@@ -93,7 +93,8 @@ def load_exported(directory: str) -> ExportedModel:
         acts.setdefault(path, {})[field] = jnp.asarray(v)
     qstate = QState(jnp.asarray(arrays['step_slot'], jnp.int32),
                     {p: LayerQState(**f) for p, f in acts.items()},
-                    jnp.asarray(arrays['out_bias']) if 'out_bias' in arrays else None)
+                    jnp.asarray(arrays['out_bias']) if 'out_bias' in arrays else None,
+                    jnp.asarray(arrays['out_scale']) if 'out_scale' in arrays else None)
     codes = {p: (decode_codes(arrays[f'w:{p}'], row['w_bits'], row['shape']), arrays[f'w_scale:{p}'],
                  arrays[f'w_zero:{p}']) for p, row in table.items() if row.get('storage')}
   except (KeyError, ValueError, TypeError) as e:

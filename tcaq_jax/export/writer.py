@@ -89,6 +89,8 @@ def export_quantized(q, out_dir: str, source: str = '', overwrite: bool = False)
   arrays['step_slot'] = np.asarray(qstate.step_slot, np.int32)
   if qstate.out_bias is not None:
     arrays['out_bias'] = np.asarray(qstate.out_bias, np.float32)
+  if qstate.out_scale is not None:
+    arrays['out_scale'] = np.asarray(qstate.out_scale, np.float32)
   float_b = float_bytes(q.params)
   manifest = {'model_config': q.config, 'policy': policy.to_dict(), 'sampler': sampler, 'layers': table,
               'source': {'run_dir': source, 'method': cfg.get('method'), 'model_fingerprint':

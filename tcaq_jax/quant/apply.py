@@ -230,14 +230,19 @@ def quantized_apply(model: nn.Module, variables: Any, qstate: QState, policy, *a
 
 
 def correct_output(y, qstate: QState, step_index):
-  """y - qstate.out_bias[step_index]: the whole model's eps corrected (unchanged without an out_bias). The
-  caller applies it to the whole model's output (quantized_apply also runs single blocks and submodules, so it
-  does not). step_index: scalar (one bias for the batch) or [B] (one per sample); an index outside the
-  calibrated steps gives NaN."""
-  bias = qstate.out_bias
-  if bias is None:
+  """(y - qstate.out_bias[step_index]) * qstate.out_scale[step_index]: the whole model's eps corrected (either
+  part skipped when None; unchanged without both). The caller applies it to the whole model's output
+  (quantized_apply also runs single blocks and submodules, so it does not). step_index: scalar (one correction
+  for the batch) or [B] (one per sample); an index outside the calibrated steps gives NaN."""
+  bias, scale = qstate.out_bias, qstate.out_scale
+  if bias is None and scale is None:
     return y
   idx = jnp.asarray(step_index, jnp.int32)
-  b = _at_slot(bias, jnp.where((idx >= 0) & (idx < bias.shape[0]), idx, _INVALID_SLOT))   # [*out] or [B, *out]
-  return y - b.astype(y.dtype)
+  if bias is not None:
+    b = _at_slot(bias, jnp.where((idx >= 0) & (idx < bias.shape[0]), idx, _INVALID_SLOT))   # [*out] or [B, *out]
+    y = y - b.astype(y.dtype)
+  if scale is not None:
+    s = _at_slot(scale, jnp.where((idx >= 0) & (idx < scale.shape[0]), idx, _INVALID_SLOT))  # [] or [B]
+    y = y * s.astype(y.dtype).reshape(s.shape + (1,) * (y.ndim - s.ndim))
+  return y
 

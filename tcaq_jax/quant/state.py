@@ -5,8 +5,10 @@ that a layer does not use is None (an empty subtree: not a leaf, not saved, not 
 
   QState(step_slot: int32 [n_steps]             sampler step index -> calibration slot (K slots)
          layers: {path: LayerQState}             keyed by Flax module path ('up_1/block_0/nin_shortcut')
-         out_bias: [n_steps, *out] or None)      per sampler step, subtracted from the whole model's output
+         out_bias: [n_steps, *out] or None       per sampler step, subtracted from the whole model's output
                                                  (the mean quantization error of eps: `apply.correct_output`)
+         out_scale: [n_steps] or None)           per sampler step, multiplies the output after the bias
+                                                 (PTQD's correlated-noise correction 1 / (1 + k))
   LayerQState(
       r:              [Cin]            TCR ratio: kernel * r, activation / r (used when the input is quantized)
       w_scale, w_zero: keepdims [.., Cout]   per-output-channel weight quantizer
@@ -71,10 +73,11 @@ FIELDS = tuple(f.name for f in dataclasses.fields(LayerQState))
 
 @flax.struct.dataclass
 class QState:
-  """Quantizer state of a model: the step -> slot map, the per-layer states and the output bias correction."""
+  """Quantizer state of a model: the step -> slot map, the per-layer states and the output correction."""
   step_slot: Array
   layers: dict = flax.struct.field(default_factory=dict)
   out_bias: Array = None
+  out_scale: Array = None
 
   def layer(self, path: str) -> LayerQState | None:
     return self.layers.get(path)
@@ -98,11 +101,14 @@ def merge_layers(layers: Mapping[str, LayerQState], updates: Mapping[str, Any]) 
 
 
 def to_tree(qstate: QState) -> dict:
-  """QState -> {'step_slot': .., 'layers': {'a.b.c': {field: array}}[, 'out_bias': ..]} (for orbax)."""
+  """QState -> {'step_slot': .., 'layers': {'a.b.c': {field: array}}[, 'out_bias': ..][, 'out_scale': ..]}
+  (for orbax)."""
   tree = {'step_slot': qstate.step_slot,
           'layers': {path.replace('/', '.'): st.set_fields() for path, st in qstate.layers.items()}}
   if qstate.out_bias is not None:
     tree['out_bias'] = qstate.out_bias
+  if qstate.out_scale is not None:
+    tree['out_scale'] = qstate.out_scale
   return tree
 
 
@@ -122,8 +128,9 @@ def from_tree(tree: Mapping) -> QState:
     walk(raw, [])                                   # earlier layout: nested path segments
   else:
     layers = {k.replace('.', '/'): v for k, v in raw.items()}
-  bias = tree.get('out_bias')
+  bias, scale = tree.get('out_bias'), tree.get('out_scale')
   return QState(step_slot=jnp.asarray(tree['step_slot'], jnp.int32),
                 layers={p: LayerQState(**{n: jnp.asarray(a) for n, a in st.items()}) for p, st in layers.items()},
-                out_bias=None if bias is None else jnp.asarray(bias))
+                out_bias=None if bias is None else jnp.asarray(bias),
+                out_scale=None if scale is None else jnp.asarray(scale))
 

@@ -265,7 +265,7 @@ def unit_aux(params: dict, qstate: QState, unit: Unit) -> dict:
   node = params
   for seg in unit.path.split('/'):
     node = node[seg]
-  return {'params': node, 'qstate': qstate.replace(layers=to_relative(qstate.layers, unit), out_bias=None)}
+  return {'params': node, 'qstate': qstate.replace(layers=to_relative(qstate.layers, unit), out_bias=None, out_scale=None)}
 
 
 def unit_apply_fn(program: UnitProgram, io: CapturedIO, weight_mode: str = 'soft',

@@ -31,12 +31,12 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
                calib_step_rule='linspace', keep_best=False, act_criterion='input', eps_bias='off', act_minmax_bits=0,
-               recon_gate=False)
+               recon_gate=False, eps_scale=False)
 METHOD_DEFAULTS = {
     # tcaq's learn_act_scale: by bit width in resolve() (TCAQ_LSQ_A_BITS); False is what other widths get
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True, keep_best=True, act_lr=4e-4, eps_bias='pixel', act_minmax_bits=8,
-                 recon_gate=True),
+                 recon_gate=True, eps_scale=True),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
                   act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
                   calib_step_rule='interval'),
@@ -59,7 +59,7 @@ MODEL_DEFAULTS = {
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
              'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best', 'act_criterion',
-             'eps_bias', 'act_minmax_bits', 'recon_gate')
+             'eps_bias', 'act_minmax_bits', 'recon_gate', 'eps_scale')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
@@ -69,7 +69,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
                'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
                'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 256,
-               'recon_step_weight': 0.0}
+               'recon_step_weight': 0.0, 'eps_scale': False}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -253,6 +253,10 @@ class Config:
                                  "recaptured calibration set comes from the corrected quantized model's trajectories")
   eps_bias_rounds: int = _f(1, '--eps_bias fits: the first on FP trajectories, each further one on the corrected '
                                "quantized model's own trajectories (same noise), adding the mean error still left")
+  eps_scale: bool | None = _f(None, "with --eps_bias: also divide each step's corrected eps by 1 + k, k the slope of "
+                                     "the eps error on FP's eps over the same trajectories (PTQD's correlated-noise "
+                                     "correction; one scalar per step). Default: the method's (tcaq: true) when "
+                                     '--eps_bias is on, else false')
   # the whole-model gate over the reconstruction stages (train/recon_gate.py)
   recon_gate: bool | None = _f(None, 'score the model before reconstruction and after each round by the paired MSE '
                                      "of its final images (clipped to [-1, 1]) against FP's (--gate_samples "
@@ -299,6 +303,8 @@ class Config:
         raise ConfigError(f'--{name}={getattr(self, name)}: expected 2..16')
     if self.r_tru < 0:
       new['r_tru'] = 3.0 if (self.w_bits, self.a_bits) == (4, 8) else 0.0
+    if self.eps_scale is None and new.get('eps_bias', self.eps_bias) == 'off':
+      new['eps_scale'] = False                                          # the scale is fitted with the bias
     if self.method == 'tcaq' and self.learn_act_scale is None:        # off again below without reconstruction
       new['learn_act_scale'] = self.a_bits in TCAQ_LSQ_A_BITS
     minmax_bits = new.get('act_minmax_bits', self.act_minmax_bits)
@@ -341,6 +347,9 @@ class Config:
     if self.eps_bias_par and self.eps_bias == 'off':
       raise ConfigError('--eps_bias_par=true fits the --eps_bias correction before each PAR recapture: it needs '
                         '--eps_bias=pixel or channel (it is off)')
+    if self.eps_scale and self.eps_bias == 'off':
+      raise ConfigError('--eps_scale=true is fitted with the --eps_bias correction: it needs --eps_bias=pixel or '
+                        'channel (it is off)')
     if self.act_init == 'minmax_sym' and self.daq:
       raise ConfigError('--act_init=minmax_sym has no DAQ (post-Softmax min-max like Q-Diffusion): use '
                         '--daq=false or --act_init=search')

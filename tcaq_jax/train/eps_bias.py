@@ -17,8 +17,19 @@ bias: `bench/demo_table.py`'s tcaq_paper rows keep it off.
 
   bias, info = fit(setup.sampler(setup.fp_eps), err_fn, (params, qstate), params, timesteps, ...)
 
+--eps_scale also removes the part of the error that is proportional to eps itself (PTQD's "correlated noise",
+section 3.2 of its paper: eps_q = (1 + k) eps_fp + noise). Per step i, on the same trajectories and calls, it
+fits d = k[i] eps_fp + bias[i] + residual by least squares (k one scalar per step, bias at the mode's
+granularity: its group means centre d and eps_fp), and corrects
+
+  eps = (eps_q - bias[i]) * scale[i],   scale[i] = 1 / (1 + k[i])        `QState.out_bias`, `QState.out_scale`
+
+which returns eps_fp exactly when the error is k eps_fp + bias (`scale_fit` from the sums the fit keeps; without
+the scale the bias is the plain mean error, as before).
+
 --eps_bias_rounds > 1 refits: round r > 0 measures the error left by the correction so far on trajectories of the
-corrected quantized model (the inputs it meets when sampling; same noise) and adds it (`fit_rounds`).
+corrected quantized model (the inputs it meets when sampling; same noise) and adds it to the bias, divided by the
+scale so that the corrected output moves by exactly that error (`fit_rounds`; the scale stays the first fit's).
 """
 from __future__ import annotations
 
@@ -29,18 +40,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['MODES', 'SEED_OFFSET', 'bias_shape', 'make_error_sum', 'reduce', 'fit', 'fit_rounds']
+__all__ = ['MODES', 'SEED_OFFSET', 'bias_shape', 'make_error_sum', 'reduce', 'scale_fit', 'fit', 'fit_rounds']
 
 MODES = ('off', 'channel', 'pixel')
 SEED_OFFSET = 2          # the trajectories' seed: --seed + 2 (the capture uses --seed, the sample grid --seed + 1)
 
 
 def make_error_sum(q_fwd: Callable, fp_fwd: Callable) -> Callable:
-  """err(q_consts, fp_consts, x [B,..], t [B], step [B], cond [B]) -> sum over B of (eps_q - eps_fp), float32."""
+  """err(q_consts, fp_consts, x [B,..], t [B], step [B], cond [B]) -> sums over B (float32) of
+  {'d': d = eps_q - eps_fp [*sample], 'fp': eps_fp [*sample], 'd_fp': d * eps_fp [], 'fp_fp': eps_fp^2 []}."""
   @jax.jit
   def err(q_consts, fp_consts, x, t, step, cond):
-    d = q_fwd(q_consts, x, t, step, cond).astype(jnp.float32) - fp_fwd(fp_consts, x, t, step, cond)
-    return jnp.sum(d, axis=0)
+    fp = fp_fwd(fp_consts, x, t, step, cond).astype(jnp.float32)
+    d = q_fwd(q_consts, x, t, step, cond).astype(jnp.float32) - fp
+    return {'d': jnp.sum(d, axis=0), 'fp': jnp.sum(fp, axis=0), 'd_fp': jnp.sum(d * fp), 'fp_fp': jnp.sum(fp * fp)}
   return err
 
 
@@ -70,12 +83,28 @@ def reduce(mean_error: np.ndarray, mode: str) -> np.ndarray:
   return mean_error
 
 
+def scale_fit(sums: dict, count: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """(bias [n_steps, *stored], k [n_steps]): per step the least-squares fit of d = k eps_fp + bias from `fit`'s
+  sums over `count` calls (leading axis: steps; 'd', 'fp' [*sample], 'd_fp', 'fp_fp' scalars), bias at the
+  mode's granularity, float64."""
+  n = sums['d'].shape[0]
+  md_g, mf_g = reduce(sums['d'] / count, mode), reduce(sums['fp'] / count, mode)       # group means
+  md, mf = np.broadcast_to(md_g, sums['d'].shape), np.broadcast_to(mf_g, sums['fp'].shape)
+  flat = lambda a: a.reshape(n, -1).sum(1)                                            # noqa: E731
+  cross = sums['d_fp'] - flat(md * sums['fp']) - flat(mf * sums['d']) + count * flat(md * mf)
+  var = sums['fp_fp'] - 2.0 * flat(mf * sums['fp']) + count * flat(mf * mf)
+  k = cross / np.maximum(var, 1e-30)
+  return md_g - k.reshape((n,) + (1,) * (md_g.ndim - 1)) * mf_g, k
+
+
 def fit(sampler, err_fn: Callable, q_consts: Any, fp_consts: Any, num_samples: int, batch: int, seed: int,
-        mode: str, cond_fn: Callable[[int], tuple] | None = None) -> tuple[np.ndarray, dict]:
-  """(bias [n_steps, *sample] float32, report entry). sampler: the FP sampler (`sample(seed, start, b,
-  cond, uncond, record='all')`); num_samples is rounded up to whole batches of `batch` (the size the sampler
-  is compiled for). cond_fn(n) -> (cond [n], uncond [n]) or (None, None) for unconditional models; with an
-  uncond (guidance) the error is averaged over conditional and unconditional calls."""
+        mode: str, cond_fn: Callable[[int], tuple] | None = None,
+        scale: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
+  """(bias [n_steps, *sample] float32, scale [n_steps] float32 or None, report entry). sampler: the FP sampler
+  (`sample(seed, start, b, cond, uncond, record='all')`); num_samples is rounded up to whole batches of `batch`
+  (the size the sampler is compiled for). cond_fn(n) -> (cond [n], uncond [n]) or (None, None) for
+  unconditional models; with an uncond (guidance) the error is averaged over conditional and unconditional
+  calls. scale: also fit --eps_scale's 1 / (1 + k) per step (module docstring)."""
   t0 = time.time()
   b = max(1, min(batch, num_samples))
   n_batches = -(-num_samples // b)
@@ -92,34 +121,51 @@ def fit(sampler, err_fn: Callable, q_consts: Any, fp_consts: Any, num_samples: i
     for i in range(len(ts)):
       t = jnp.full((b,), ts[i], jnp.int32)
       step = jnp.full((b,), i, jnp.int32)
-      sums.append(sum(err_fn(q_consts, fp_consts, xs[i], t, step, jnp.asarray(cc)) for cc in calls))
-    s = np.asarray(jnp.stack(sums), np.float64)
-    total = s if total is None else total + s
+      per_call = [err_fn(q_consts, fp_consts, xs[i], t, step, jnp.asarray(cc)) for cc in calls]
+      sums.append(jax.tree.map(lambda *v: sum(v), *per_call))
+    s = {k: np.asarray(jnp.stack([e[k] for e in sums]), np.float64) for k in sums[0]}
+    total = s if total is None else {k: total[k] + s[k] for k in s}
     count += b * len(calls)
-  mean = total / count
+  mean = total['d'] / count
   if not np.all(np.isfinite(mean)):
     raise FloatingPointError(f'the eps bias fit gave non-finite values at steps '
                              f'{np.flatnonzero(~np.isfinite(mean).reshape(len(ts), -1).all(1)).tolist()}')
-  bias = reduce(mean, mode).astype(np.float32)
+  out_scale = None
+  if scale:
+    bias, k = scale_fit(total, count, mode)
+    if not np.all(np.isfinite(k)) or np.any(k <= -1.0):
+      raise FloatingPointError(f'the eps scale fit gave k <= -1 or non-finite at steps '
+                               f'{np.flatnonzero(~np.isfinite(k) | (k <= -1.0)).tolist()}')
+    out_scale = (1.0 / (1.0 + k)).astype(np.float32)
+    bias = bias.astype(np.float32)
+  else:
+    bias = reduce(mean, mode).astype(np.float32)
   info = {'mode': mode, 'samples': n_batches * b, 'seed': seed, 'seconds': time.time() - t0, **_step_stats(bias)}
-  return bias, info
+  if out_scale is not None:
+    info['scale_per_step'] = [float(v) for v in out_scale]
+  return bias, out_scale, info
 
 
 def fit_rounds(fp_sampler, err_fn: Callable, with_bias: Callable, fp_consts: Any, rounds: int, num_samples: int,
-               batch: int, seed: int, mode: str, cond_fn: Callable | None = None) -> tuple[np.ndarray, dict]:
+               batch: int, seed: int, mode: str, cond_fn: Callable | None = None,
+               scale: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
   """`fit` on FP trajectories, then rounds - 1 refits on the corrected quantized model's own trajectories, each
-  adding the mean error still left. with_bias(bias or None) -> (the quantized sampler with that correction, the
-  quantized consts err_fn takes: its output corrected by it). Returns (bias, report entry: the last bias's
-  per-step mean and rms, and per round the mean |added| and seconds)."""
+  adding the mean error still left (divided by the scale). with_bias(bias or None, scale or None) -> (the
+  quantized sampler with that correction, the quantized consts err_fn takes: its output corrected by it).
+  Returns (bias, scale or None, report entry: the last bias's per-step mean and rms, and per round the mean
+  |added| and seconds)."""
   t0 = time.time()
-  _, q_consts = with_bias(None)
-  bias, info = fit(fp_sampler, err_fn, q_consts, fp_consts, num_samples, batch, seed, mode, cond_fn)
+  _, q_consts = with_bias(None, None)
+  bias, out_scale, info = fit(fp_sampler, err_fn, q_consts, fp_consts, num_samples, batch, seed, mode, cond_fn,
+                              scale)
   per_round = [{'trajectories': 'fp', 'mean_abs_added': float(np.mean(np.abs(bias))), 'seconds': info['seconds']}]
   for _ in range(1, rounds):
-    sampler, q_consts = with_bias(bias)
-    delta, d_info = fit(sampler, err_fn, q_consts, fp_consts, num_samples, batch, seed, mode, cond_fn)
+    sampler, q_consts = with_bias(bias, out_scale)
+    delta, _, d_info = fit(sampler, err_fn, q_consts, fp_consts, num_samples, batch, seed, mode, cond_fn)
+    if out_scale is not None:        # (y - bias - delta / s) * s = corrected - delta
+      delta = delta / out_scale.reshape((-1,) + (1,) * (delta.ndim - 1))
     bias = bias + delta
     per_round.append({'trajectories': 'quantized, corrected', 'mean_abs_added': float(np.mean(np.abs(delta))),
                       'seconds': d_info['seconds']})
   info.update(seconds=time.time() - t0, rounds=per_round, **_step_stats(bias))
-  return bias, info
+  return bias, out_scale, info

@@ -220,7 +220,8 @@ def initialise(setup: Setup, data: dict) -> tuple[QState, dict, dict]:
   if select:
     layers, info['tcr_choices'], timings['tcr_select_s'] = _select_tcr(setup, data, ratios, layers, init_w)
   # --eps_bias: a zero bias until `fit_eps_bias` (the quantized samplers compile once for the final structure)
-  qstate = QState(step_slot=jnp.asarray(step_slot), layers=layers, out_bias=_zero_bias(setup))
+  qstate = QState(step_slot=jnp.asarray(step_slot), layers=layers, out_bias=_zero_bias(setup),
+                  out_scale=_unit_scale(setup))
   secs = 0.0
   if cfg.schedule != 'two_pass':      # two_pass: activation ranges after the AdaRound pass (round 1)
     qstate, secs = search_acts(setup, qstate, data)
@@ -566,10 +567,16 @@ def _zero_bias(setup: Setup):
   return None if mode == 'off' else jnp.zeros(eps_bias.bias_shape(setup.n_steps, setup.shape, mode), jnp.float32)
 
 
+def _unit_scale(setup: Setup):
+  """A `QState.out_scale` of ones [n_steps] under --eps_scale, else None."""
+  return jnp.ones((setup.n_steps,), jnp.float32) if setup.cfg.eps_scale else None
+
+
 def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
   """--eps_bias: qstate with `out_bias`, the quantized model's (without a bias) mean eps error against FP per
   sampler step on --eps_bias_samples FP trajectories (seed --seed + 2), refitted on the corrected model's own
-  trajectories with --eps_bias_rounds > 1 (`eps_bias.fit_rounds`). Returns (qstate, report entry)."""
+  trajectories with --eps_bias_rounds > 1 (`eps_bias.fit_rounds`); with --eps_scale also `out_scale`, PTQD's
+  1 / (1 + k) per step. Returns (qstate, report entry)."""
   cfg = setup.cfg
   fn = setup.compiled(('eps_bias',), lambda: eps_bias.make_error_sum(setup.q_fwd, setup.fp_fwd))
   seed = cfg.seed + eps_bias.SEED_OFFSET
@@ -578,20 +585,22 @@ def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
     cond, uncond = family.cond_arrays(setup.mconfig, n, seed)
     return cond, uncond if setup.guidance else None
 
-  def with_bias(bias):               # the quantized model corrected by `bias` (None: uncorrected), and its sampler
-    qs = qstate.replace(out_bias=None if bias is None else jnp.asarray(bias))
+  def with_bias(bias, scale):        # the quantized model corrected by them (None: uncorrected), and its sampler
+    qs = qstate.replace(out_bias=None if bias is None else jnp.asarray(bias),
+                        out_scale=None if scale is None else jnp.asarray(scale))
     return (None if bias is None else setup.sampler(setup.q_eps(qs))), (setup.params, qs)
 
   try:
-    bias, info = eps_bias.fit_rounds(setup.sampler(setup.fp_eps), fn, with_bias, setup.params, cfg.eps_bias_rounds,
-                                     cfg.eps_bias_samples, setup.sample_batch, seed, cfg.eps_bias, cond_fn)
+    bias, scale, info = eps_bias.fit_rounds(setup.sampler(setup.fp_eps), fn, with_bias, setup.params,
+                                            cfg.eps_bias_rounds, cfg.eps_bias_samples, setup.sample_batch, seed,
+                                            cfg.eps_bias, cond_fn, scale=cfg.eps_scale)
   except FloatingPointError as e:
     raise CalibrationError(f'--eps_bias={cfg.eps_bias}: {e}; {cfg.out_dir} keeps the reconstructed state: re-run '
                            'with --eps_bias=off to finish without the correction') from e
   logging.info('eps bias (%s, %d trajectories): mean %.2e, rms %.2e over the steps (%.1f s)', info['mode'],
                info['samples'], float(np.mean(info['mean_per_step'])), float(np.mean(info['rms_per_step'])),
                info['seconds'])
-  return qstate.replace(out_bias=jnp.asarray(bias)), info
+  return qstate.replace(out_bias=jnp.asarray(bias), out_scale=None if scale is None else jnp.asarray(scale)), info
 
 
 def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, dict]:

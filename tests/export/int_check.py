@@ -103,6 +103,9 @@ def assert_same_state(q, m):
   assert (m.qstate.out_bias is None) == (q.qstate.out_bias is None)
   if q.qstate.out_bias is not None:
     np.testing.assert_array_equal(np.asarray(m.qstate.out_bias), np.asarray(q.qstate.out_bias))
+  assert (m.qstate.out_scale is None) == (q.qstate.out_scale is None)
+  if q.qstate.out_scale is not None:
+    np.testing.assert_array_equal(np.asarray(m.qstate.out_scale), np.asarray(q.qstate.out_scale))
   for spec in q.policy.quantized():
     want, got = q.qstate.layers[spec.path], m.qstate.layers.get(spec.path)
     for name in ACT_FIELDS:

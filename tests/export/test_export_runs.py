@@ -45,7 +45,7 @@ RUNS = {
     # matmuls; a capture up to the middle compiles faster than one up to the last up block)
     'qdiff_ddim': ('ddim_tiny', dict(method='qdiff', recon_units='^mid/attn_1$', iters_scale=0.0005)),
     'tcaq_ldm': ('ldm_tiny_cin', dict(
-        method='tcaq', recon_units='^$', par_rounds=0, tcr_select='all', act_pcts=(100.0,),
+        method='tcaq', recon_units='^$', par_rounds=0, tcr_select='all', act_pcts=(100.0,), eps_scale=None,
         policy_override=('.*:fp', f'^{_LDM}middle_block_1/:w8a8', f'^{_LDM}output_blocks_0_0/:w4a8'))),
 }
 
@@ -134,15 +134,19 @@ def test_tcaq_ldm_run_exports_and_runs_on_integers(exported_run):
   assert len(softmax) == 2 and all(m.qstate.layers[p].use_log2 is not None for p in softmax)
   assert {p.rsplit('/', 2)[-2] for p in softmax} == {'attn1', 'attn2'}                  # self- and cross-attention
   assert {4, 8, 'matmul'} <= set(_check_int_vs_fake(m))
-  # tcaq's default eps bias correction travels with the export (format version 2) and both backends subtract it
-  assert q.meta['config']['eps_bias'] == 'pixel'
+  # tcaq's default eps correction (bias and scale) travels with the export (format version 3) and both backends
+  # apply it
+  assert q.meta['config']['eps_bias'] == 'pixel' and q.meta['config']['eps_scale'] is True
   assert m.qstate.out_bias.shape == (6,) + tuple(family.sample_shape(m.config))
-  assert m.manifest['version'] == 2
+  assert m.qstate.out_scale.shape == (6,)
+  np.testing.assert_array_equal(np.asarray(m.qstate.out_scale), np.asarray(q.qstate.out_scale))
+  assert m.manifest['version'] == 3
   x, t, cond = inputs(m.config)
-  plain = dataclasses.replace(m, qstate=m.qstate.replace(out_bias=None))
+  plain = dataclasses.replace(m, qstate=m.qstate.replace(out_bias=None, out_scale=None))
   for backend in ('fake', 'int'):
-    with_bias = np.asarray(m.eps_fn(backend)(x, t, jnp.int32(STEP), cond))
+    corrected = np.asarray(m.eps_fn(backend)(x, t, jnp.int32(STEP), cond))
     without = np.asarray(plain.eps_fn(backend)(x, t, jnp.int32(STEP), cond))
-    np.testing.assert_allclose(with_bias, without - np.asarray(m.qstate.out_bias)[STEP][None], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(corrected, (without - np.asarray(m.qstate.out_bias)[STEP][None])
+                               * float(m.qstate.out_scale[STEP]), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(m.eps_fn('fake')(x, t, jnp.int32(STEP), cond)),
                              np.asarray(q.eps_fn(x, t, jnp.int32(STEP), cond)), rtol=1e-4, atol=1e-5)

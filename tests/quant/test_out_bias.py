@@ -58,3 +58,25 @@ def test_quantized_apply_leaves_the_correction_to_its_caller():
   plain = QState(step_slot=jnp.zeros((3,), jnp.int32))
   np.testing.assert_array_equal(np.asarray(A.quantized_apply(net, variables, _qstate(bias), policy, x, step_index=1)),
                                 np.asarray(A.quantized_apply(net, variables, plain, policy, x, step_index=1)))
+
+
+def test_correct_output_applies_the_scale_after_the_bias():
+  """QState.out_scale (--eps_scale): (y - bias[i]) * scale[i], scalar or per-sample step; NaN outside the steps;
+  a scale without a bias multiplies alone; the tree round trip keeps it."""
+  rng = np.random.default_rng(2)
+  bias = rng.normal(size=(4, 3, 3, 2)).astype(np.float32)
+  scale = rng.uniform(0.8, 1.2, size=(4,)).astype(np.float32)
+  y = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+  q = _qstate(bias).replace(out_scale=jnp.asarray(scale))
+  np.testing.assert_allclose(np.asarray(A.correct_output(y, q, 2)), (y - bias[2][None]) * scale[2], rtol=1e-6)
+  idx = np.asarray([0, 3, 1])
+  np.testing.assert_allclose(np.asarray(A.correct_output(y, q, jnp.asarray(idx))),
+                             (y - bias[idx]) * scale[idx][:, None, None, None], rtol=1e-6)
+  out = np.asarray(A.correct_output(y, q, jnp.asarray([1, 4, -1])))
+  assert np.all(np.isfinite(out[0])) and np.all(np.isnan(out[1:]))
+  only = QState(step_slot=jnp.zeros((4,), jnp.int32), out_scale=jnp.asarray(scale))
+  np.testing.assert_allclose(np.asarray(A.correct_output(y, only, 1)), y * scale[1], rtol=1e-6)
+  back = from_tree(to_tree(q))
+  np.testing.assert_array_equal(np.asarray(back.out_scale), scale)
+  np.testing.assert_array_equal(np.asarray(back.out_bias), bias)
+  assert 'out_scale' not in to_tree(_qstate(bias)) and from_tree(to_tree(_qstate(bias))).out_scale is None

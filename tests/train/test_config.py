@@ -88,12 +88,26 @@ def test_a_config_stored_before_options_existed_reads_as_what_it_did():
   stored (JSON) form (tuples as lists too), so an old config equals today's config with those values, and not
   today's default where a default changed (tcaq's --eps_bias: 'pixel' now, absent = 'off'; --act_minmax_bits)."""
   from tcaq_jax.train.config import ADDED_LATER, with_added_later
-  then = Config(eps_bias='off', act_minmax_bits=0, recon_gate=False).resolve().to_flat()
+  then = Config(eps_bias='off', act_minmax_bits=0, recon_gate=False, eps_scale=False).resolve().to_flat()
   old = {k: v for k, v in then.items() if k not in ADDED_LATER}
   assert with_added_later(old) == then and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
   now = Config().resolve().to_flat()
   assert now['eps_bias'] == 'pixel' and with_added_later(old) != now
   assert Config(method='qdiff').resolve().eps_bias == 'off' and Config(method='minmax').resolve().eps_bias == 'off'
+
+
+def test_eps_scale_follows_the_method_and_needs_the_bias():
+  """--eps_scale: tcaq's default with its --eps_bias; off where the bias is off (unless asked for: then an error
+  naming both flags); off for the other methods, which may turn it on with a bias."""
+  assert Config().resolve().eps_scale is True
+  assert Config(eps_bias='off').resolve().eps_scale is False
+  assert Config(eps_scale=False).resolve().eps_scale is False
+  assert Config(method='qdiff').resolve().eps_scale is False
+  assert Config(method='minmax', eps_bias='pixel', eps_scale=True).resolve().eps_scale is True
+  with pytest.raises(ConfigError, match='--eps_scale=true.*--eps_bias'):
+    Config(eps_bias='off', eps_scale=True).resolve()
+  with pytest.raises(ConfigError, match='--eps_scale=true.*--eps_bias'):
+    Config(method='qdiff', eps_scale=True).resolve()
 
 
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():

@@ -312,6 +312,40 @@ def test_eps_bias_rounds_refit_on_the_corrected_models_trajectories(full_run):
   assert np.mean(np.abs(got - left)) < 0.1 * np.mean(np.abs(left)) < 0.1 * np.mean(np.abs(first))
 
 
+def test_eps_scale_is_the_least_squares_fit_on_fp_trajectories(full_run):
+  """--eps_scale through the pipeline's stage (`fit_eps_bias` on the finished run's state): per step, (k, bias)
+  solve min sum (d - k eps_fp - bias_pixel)^2 with d = eps_q - eps_fp over the 8 FP trajectories, recomputed
+  here in float64 from separate calls (normal equations with the per-pixel means centred out); the eps_fn of
+  the corrected state returns (eps_q - bias) / (1 + k)."""
+  from tcaq_jax.train.config import Config
+  from tcaq_jax.train.pipeline import Setup, fit_eps_bias
+  out, _ = full_run
+  q = load_quantized(out)
+  cfg = Config.from_flat(dict(q.meta['config'], eps_scale=True)).resolve()
+  qstate, info = fit_eps_bias(Setup(cfg), q.qstate.replace(out_bias=None))
+  scale, bias = np.asarray(qstate.out_scale), np.asarray(qstate.out_bias)
+  assert scale.shape == (6,) and bias.shape == (6, 16, 16, 3) and info['scale_per_step'] == scale.tolist()
+  traj, ts = _trajectories(q, family.eps_fn(q.model, q.params, q.config))
+  plain = q.qstate.replace(out_bias=None)
+  for i, t in enumerate(ts):
+    x, tt = jnp.asarray(traj[i]), jnp.full((8,), t, jnp.int32)
+    e_q = np.asarray(quantized_apply(q.model, {'params': q.params}, plain, q.policy, x, tt, step_index=i,
+                                     weight_mode='hard'), np.float64)
+    e_f = np.asarray(q.model.apply({'params': q.params}, x, tt), np.float64)
+    d, fc = e_q - e_f, e_f - e_f.mean(axis=0)
+    k = np.sum((d - d.mean(axis=0)) * fc) / np.sum(fc * fc)
+    # the fit's program flips a few activation codes against these separate calls (test above): small tolerances
+    np.testing.assert_allclose(1.0 / scale[i] - 1.0, k, rtol=0.02, atol=1e-4)
+    np.testing.assert_allclose(bias[i], d.mean(axis=0) - k * e_f.mean(axis=0), atol=2e-3)
+  assert np.abs(scale - 1.0).max() > 1e-4                      # a real scale to correct
+  eps = quant_eps_fn(q.model, q.params, qstate, q.policy, q.config)
+  x, tt = jnp.asarray(traj[2]), jnp.full((8,), ts[2], jnp.int32)
+  raw = np.asarray(quantized_apply(q.model, {'params': q.params}, plain, q.policy, x, tt, step_index=2,
+                                   weight_mode='hard'))
+  np.testing.assert_allclose(np.asarray(eps(x, tt, jnp.int32(2), None)), (raw - bias[2][None]) * scale[2],
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_eps_bias_par_recaptures_with_the_corrected_model(tmp_path):
   """--eps_bias_par: the PAR round's recapture is the trajectory of the round-0 result corrected by the bias fitted
   just before it (the state saved after round 0's last unit, with the out_bias of the round-1 checkpoint), sampled
