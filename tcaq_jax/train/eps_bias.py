@@ -15,7 +15,12 @@ the output), without PTQD's correlated-noise rescaling; 'pixel' (tcaq's default)
 which measured much better on the demo (docs/results/fidelity.md). TCAQ-DM's paper does not correct the output
 bias: `bench/demo_table.py`'s tcaq_paper rows keep it off.
 
-  bias, info = fit(setup.sampler(setup.fp_eps), err_fn, (params, qstate), params, timesteps, ...)
+  bias, scale, info = fit(setup.sampler(setup.fp_eps), make_error_sum(q_fwd, fp_fwd), (params, qstate), params,
+                          num_samples, batch, seed, mode, cache=setup.eps_fit_cache)
+
+The FP trajectories and FP eps of a fit depend only on the FP model, the seed and the sizes: `cache` (a dict the
+caller keeps for one FP model) holds them, so that later fits (the gate fits one per reconstruction stage) run only
+the quantized model (a third of the forwards).
 
 --eps_scale also removes the part of the error that is proportional to eps itself (PTQD's "correlated noise",
 section 3.2 of its paper: eps_q = (1 + k) eps_fp + noise). Per step i, on the same trajectories and calls, it
@@ -34,27 +39,39 @@ scale so that the corrected output moves by exactly that error (`fit_rounds`; th
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['MODES', 'SEED_OFFSET', 'bias_shape', 'make_error_sum', 'reduce', 'scale_fit', 'fit', 'fit_rounds']
+__all__ = ['MODES', 'SEED_OFFSET', 'CACHE_BYTES', 'ErrorFns', 'bias_shape', 'make_error_sum', 'reduce', 'scale_fit', 'fit', 'fit_rounds']
 
 MODES = ('off', 'channel', 'pixel')
 SEED_OFFSET = 2          # the trajectories' seed: --seed + 2 (the capture uses --seed, the sample grid --seed + 1)
+CACHE_BYTES = 2 ** 31    # FP trajectories + eps are cached only below this size (host memory)
 
 
-def make_error_sum(q_fwd: Callable, fp_fwd: Callable) -> Callable:
-  """err(q_consts, fp_consts, x [B,..], t [B], step [B], cond [B]) -> sums over B (float32) of
-  {'d': d = eps_q - eps_fp [*sample], 'fp': eps_fp [*sample], 'd_fp': d * eps_fp [], 'fp_fp': eps_fp^2 []}."""
+class ErrorFns(NamedTuple):
+  """fp(fp_consts, x, t, step, cond) -> eps_fp (float32); err(q_consts, eps_fp, x, t, step, cond) -> the sums."""
+  fp: Callable
+  err: Callable
+
+
+def make_error_sum(q_fwd: Callable, fp_fwd: Callable) -> ErrorFns:
+  """`ErrorFns`, both jitted: err(q_consts, eps_fp [B,..], x [B,..], t [B], step [B], cond [B]) -> sums over B
+  (float32) of {'d': d = eps_q - eps_fp [*sample], 'fp': eps_fp [*sample], 'd_fp': d * eps_fp [],
+  'fp_fp': eps_fp^2 []}."""
   @jax.jit
-  def err(q_consts, fp_consts, x, t, step, cond):
-    fp = fp_fwd(fp_consts, x, t, step, cond).astype(jnp.float32)
-    d = q_fwd(q_consts, x, t, step, cond).astype(jnp.float32) - fp
-    return {'d': jnp.sum(d, axis=0), 'fp': jnp.sum(fp, axis=0), 'd_fp': jnp.sum(d * fp), 'fp_fp': jnp.sum(fp * fp)}
-  return err
+  def fp(fp_consts, x, t, step, cond):
+    return fp_fwd(fp_consts, x, t, step, cond).astype(jnp.float32)
+
+  @jax.jit
+  def err(q_consts, e_fp, x, t, step, cond):
+    d = q_fwd(q_consts, x, t, step, cond).astype(jnp.float32) - e_fp
+    return {'d': jnp.sum(d, axis=0), 'fp': jnp.sum(e_fp, axis=0), 'd_fp': jnp.sum(d * e_fp),
+            'fp_fp': jnp.sum(e_fp * e_fp)}
+  return ErrorFns(fp, err)
 
 
 def bias_shape(num_steps: int, sample_shape, mode: str) -> tuple:
@@ -97,31 +114,45 @@ def scale_fit(sums: dict, count: int, mode: str) -> tuple[np.ndarray, np.ndarray
   return md_g - k.reshape((n,) + (1,) * (md_g.ndim - 1)) * mf_g, k
 
 
-def fit(sampler, err_fn: Callable, q_consts: Any, fp_consts: Any, num_samples: int, batch: int, seed: int,
-        mode: str, cond_fn: Callable[[int], tuple] | None = None,
-        scale: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def fit(sampler, err_fn: ErrorFns, q_consts: Any, fp_consts: Any, num_samples: int, batch: int, seed: int,
+        mode: str, cond_fn: Callable[[int], tuple] | None = None, scale: bool = False,
+        cache: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
   """(bias [n_steps, *sample] float32, scale [n_steps] float32 or None, report entry). sampler: the FP sampler
   (`sample(seed, start, b, cond, uncond, record='all')`); num_samples is rounded up to whole batches of `batch`
   (the size the sampler is compiled for). cond_fn(n) -> (cond [n], uncond [n]) or (None, None) for
   unconditional models; with an uncond (guidance) the error is averaged over conditional and unconditional
-  calls. scale: also fit --eps_scale's 1 / (1 + k) per step (module docstring)."""
+  calls. scale: also fit --eps_scale's 1 / (1 + k) per step (module docstring). cache: the caller's dict for
+  this FP model (None: nothing kept); only pass it with the FP sampler (the entries are its trajectories)."""
   t0 = time.time()
   b = max(1, min(batch, num_samples))
   n_batches = -(-num_samples // b)
   cond, uncond = cond_fn(n_batches * b) if cond_fn is not None else (None, None)
   ts = np.asarray(sampler.consts['timesteps'], np.int32)
+  entries = None
+  if cache is not None:
+    per_entry = len(ts) * b * int(np.prod(sampler.shape)) * 4 * (2 + (uncond is not None))
+    if per_entry * n_batches <= CACHE_BYTES:
+      entries = cache.setdefault((seed, b, n_batches, cond is not None, uncond is not None), {})
   total, count = None, 0
   for j in range(n_batches):
     sl = slice(j * b, (j + 1) * b)
     c = None if cond is None else cond[sl]
     u = None if uncond is None else uncond[sl]
-    xs = sampler.sample(seed, j * b, b, cond=c, uncond=u, record='all')['recorded']      # [steps, b, ...]
     calls = [c if c is not None else np.zeros((b,), np.int32)] + ([u] if u is not None else [])
+    t_all = [jnp.full((b,), ts[i], jnp.int32) for i in range(len(ts))]
+    s_all = [jnp.full((b,), i, jnp.int32) for i in range(len(ts))]
+    if entries is not None and j in entries:
+      xs, fps = entries[j]
+    else:
+      xs = sampler.sample(seed, j * b, b, cond=c, uncond=u, record='all')['recorded']    # [steps, b, ...]
+      fps = [[err_fn.fp(fp_consts, xs[i], t_all[i], s_all[i], jnp.asarray(cc)) for cc in calls]
+             for i in range(len(ts))]
+      if entries is not None:                        # kept on the host
+        entries[j] = jax.device_get((xs, fps))
     sums = []
     for i in range(len(ts)):
-      t = jnp.full((b,), ts[i], jnp.int32)
-      step = jnp.full((b,), i, jnp.int32)
-      per_call = [err_fn(q_consts, fp_consts, xs[i], t, step, jnp.asarray(cc)) for cc in calls]
+      per_call = [err_fn.err(q_consts, e_fp, xs[i], t_all[i], s_all[i], jnp.asarray(cc))
+                  for cc, e_fp in zip(calls, fps[i])]
       sums.append(jax.tree.map(lambda *v: sum(v), *per_call))
     s = {k: np.asarray(jnp.stack([e[k] for e in sums]), np.float64) for k in sums[0]}
     total = s if total is None else {k: total[k] + s[k] for k in s}
@@ -146,18 +177,18 @@ def fit(sampler, err_fn: Callable, q_consts: Any, fp_consts: Any, num_samples: i
   return bias, out_scale, info
 
 
-def fit_rounds(fp_sampler, err_fn: Callable, with_bias: Callable, fp_consts: Any, rounds: int, num_samples: int,
-               batch: int, seed: int, mode: str, cond_fn: Callable | None = None,
-               scale: bool = False) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def fit_rounds(fp_sampler, err_fn: ErrorFns, with_bias: Callable, fp_consts: Any, rounds: int, num_samples: int,
+               batch: int, seed: int, mode: str, cond_fn: Callable | None = None, scale: bool = False,
+               cache: dict | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
   """`fit` on FP trajectories, then rounds - 1 refits on the corrected quantized model's own trajectories, each
   adding the mean error still left (divided by the scale). with_bias(bias or None, scale or None) -> (the
   quantized sampler with that correction, the quantized consts err_fn takes: its output corrected by it).
   Returns (bias, scale or None, report entry: the last bias's per-step mean and rms, and per round the mean
-  |added| and seconds)."""
+  |added| and seconds). cache: `fit`'s, for the first fit (the FP trajectories)."""
   t0 = time.time()
   _, q_consts = with_bias(None, None)
   bias, out_scale, info = fit(fp_sampler, err_fn, q_consts, fp_consts, num_samples, batch, seed, mode, cond_fn,
-                              scale)
+                              scale, cache)
   per_round = [{'trajectories': 'fp', 'mean_abs_added': float(np.mean(np.abs(bias))), 'seconds': info['seconds']}]
   for _ in range(1, rounds):
     sampler, q_consts = with_bias(bias, out_scale)

@@ -111,6 +111,7 @@ class Setup:
     self._compiled_lock = threading.Lock()
     self._q_eps = None
     self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
+    self.eps_fit_cache: dict = {}       # --eps_bias: FP trajectories and eps of the fits (`eps_bias.fit`)
     self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
     self.precompiler = Precompiler(cfg.precompile, workers=cfg.precompile_workers or
                                    (1 if (os.cpu_count() or 1) <= 4 else 2))
@@ -593,7 +594,7 @@ def fit_eps_bias(setup: Setup, qstate: QState) -> tuple[QState, dict]:
   try:
     bias, scale, info = eps_bias.fit_rounds(setup.sampler(setup.fp_eps), fn, with_bias, setup.params,
                                             cfg.eps_bias_rounds, cfg.eps_bias_samples, setup.sample_batch, seed,
-                                            cfg.eps_bias, cond_fn, scale=cfg.eps_scale)
+                                            cfg.eps_bias, cond_fn, scale=cfg.eps_scale, cache=setup.eps_fit_cache)
   except FloatingPointError as e:
     raise CalibrationError(f'--eps_bias={cfg.eps_bias}: {e}; {cfg.out_dir} keeps the reconstructed state: re-run '
                            'with --eps_bias=off to finish without the correction') from e

@@ -163,3 +163,37 @@ def test_scale_fit_is_the_float64_least_squares_fit():
     sol = np.linalg.lstsq(design, d.reshape(-1), rcond=None)[0]
     np.testing.assert_allclose(1.0 / scale[i] - 1.0, sol[0], rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(bias[i].reshape(-1), sol[1:], rtol=1e-3, atol=1e-4)
+
+
+class _CountingSampler:
+  """The FP host-loop sampler, counting its sample() calls."""
+
+  def __init__(self, inner):
+    self.inner, self.calls = inner, 0
+    self.consts, self.shape = inner.consts, inner.shape
+
+  def sample(self, *a, **kw):
+    self.calls += 1
+    return self.inner.sample(*a, **kw)
+
+
+def test_a_cached_fit_reuses_the_fp_trajectories_and_gives_the_same_result():
+  """cache: the second fit (another quantized model, same FP model and seed) samples no FP trajectory and
+  evaluates no FP eps, and equals an uncached fit of that model; another seed misses the cache."""
+  coeffs, eps, c, sampler = _setup()
+  counting = _CountingSampler(sampler)
+  fp_calls = []
+  base = eps_bias.make_error_sum(_q_lin, _fp)
+  fns = eps_bias.ErrorFns(lambda *a: (fp_calls.append(1), base.fp(*a))[1], base.err)
+  cache = {}
+  consts = lambda k: (jnp.float32(0.5), jnp.asarray(c), jnp.asarray(k, jnp.float32))  # noqa: E731
+  eps_bias.fit(counting, fns, consts(K), jnp.float32(0.5), 8, 4, 2, 'pixel', scale=True, cache=cache)
+  assert counting.calls == 2 and len(fp_calls) == 2 * STEPS
+  got = eps_bias.fit(counting, fns, consts(0.5 * K), jnp.float32(0.5), 8, 4, 2, 'pixel', scale=True, cache=cache)
+  assert counting.calls == 2 and len(fp_calls) == 2 * STEPS                # nothing recomputed
+  want = eps_bias.fit(sampler, base, consts(0.5 * K), jnp.float32(0.5), 8, 4, 2, 'pixel', scale=True)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_allclose(got[1], 1.0 / (1.0 + 0.5 * K), rtol=2e-4)
+  eps_bias.fit(counting, fns, consts(K), jnp.float32(0.5), 8, 4, 3, 'pixel', cache=cache)
+  assert counting.calls == 4 and len(cache) == 2
