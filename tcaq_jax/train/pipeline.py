@@ -113,6 +113,7 @@ class Setup:
     self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
     self.eps_fit_cache: dict = {}       # --eps_bias: FP trajectories and eps of the fits (`eps_bias.fit`)
     self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
+    self.gate_last: tuple | None = None  # --recon_gate: (round, qstate with its fitted correction) scored last
     self.precompiler = Precompiler(cfg.precompile, workers=cfg.precompile_workers or
                                    (1 if (os.cpu_count() or 1) <= 4 else 2))
     self.precompile_owner: dict = {}    # (weight pass, act pass) -> the round that precompiles their programs
@@ -640,6 +641,7 @@ def _gate(setup: Setup, state: CalibState, rnd: int | None) -> CalibState:
   if any(e['stage'] == name for e in entries):
     return state
   fitted, entry = gate_stage(setup, state.qstate, rnd)
+  setup.gate_last = (rnd, fitted)
   if not entries or entry['score'] < recon_gate.best(entries)['score']:
     recon_gate.save_best(setup.cfg.out_dir, to_tree(jax.device_get(fitted)), entry)
     setup.gate_best = (fitted, entry)
@@ -743,7 +745,11 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
       for rnd in range(state.progress.round, cfg.rounds):
         if rnd > 0 and cfg.eps_bias_par and not state.progress.act_done and not cfg.act_pass(rnd):
           t0 = time.time()           # PAR recaptures with the corrected model (the trajectories it will sample)
-          qstate, _ = fit_eps_bias(setup, state.qstate)
+          if setup.gate_last is not None and setup.gate_last[0] == rnd - 1:      # the gate just fitted it
+            fitted = setup.gate_last[1]
+            qstate = state.qstate.replace(out_bias=fitted.out_bias, out_scale=fitted.out_scale)
+          else:
+            qstate, _ = fit_eps_bias(setup, state.qstate)
           phases['eps_bias_s'] += time.time() - t0
           state = state.replace(qstate=qstate)
         if rnd > 0 or data is None:

@@ -4,6 +4,7 @@ To stay fast, the policy quantizes three reconstruction units (a ResBlock, the m
 up-path ResBlock with the split concat shortcut) and keeps the rest FP; the sampler has 6 steps.
 A persistent JAX compilation cache (module fixture) lets the repeated runs reuse compiled programs.
 """
+import json
 import os
 import subprocess
 import sys
@@ -371,6 +372,10 @@ def test_eps_bias_par_recaptures_with_the_corrected_model(tmp_path):
                        (16, 16, 3), loop='host').sample(3, 0, 4, record='all')['recorded']
   assert float(np.mean((np.asarray(plain)[d1.index['steps']] - np.asarray(d1.x)) ** 2)) > 1e-10
   assert not np.array_equal(np.asarray(q.qstate.out_bias), np.asarray(start_r1.out_bias))   # refitted at the end
+  # with the gate on (BASE) the recapture takes the correction the gate fitted for round 0 (same state, same fit)
+  r0 = [e for e in json.load(open(f'{out}/report.json'))['gate'] if e['stage'] == 'round0'][0]
+  np.testing.assert_allclose(np.asarray(start_r1.out_bias).reshape(6, -1).mean(1), r0['eps_bias']['mean_per_step'],
+                             rtol=1e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------ the reconstruction gate (issue 14)
