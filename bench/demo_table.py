@@ -88,7 +88,9 @@ ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', 
 # W6A6 and W4A4 the ablation rows), and min-max PTQ with it on (does the simplest baseline gain as much?).
 EPS_BIAS_ROWS = ([(f'tcaq_w{w}a{a}_no_eps_bias', 'tcaq', w, a, {'eps_bias': 'off'}) for w, a in ((4, 8), (8, 8))]
                  + [(f'tcaq_w{w}a{a}_no_eps_scale', 'tcaq', w, a, {'eps_scale': False}) for w, a in ((4, 8), (8, 8))]
-                 + [(f'minmax_w{w}a{a}_eps_bias', 'minmax', w, a, {'eps_bias': 'pixel'}) for w, a in BITS])
+                 + [(f'minmax_w{w}a{a}_eps_bias', 'minmax', w, a, {'eps_bias': 'pixel'}) for w, a in BITS]
+                 + [(f'minmax_w{w}a{a}_eps_scale', 'minmax', w, a, {'eps_bias': 'pixel', 'eps_scale': True})
+                    for w, a in BITS])
 # Diagnostic rows (--diagnostics): why is tcaq without TCR worse than plain minmax at W4A4, and tcaq worse than
 # qdiff at W6A6?
 # 'sample_seed' changes the evaluation seeds (fp_seed2: the FID difference from 'fp' is pure sampling noise).
