@@ -417,7 +417,8 @@ def main(argv):
                      'speckle_share': speckle_share(images, SPECKLE_THRESHOLD), 'samples': FLAGS.num_samples,
                      **(paired_mse(images, fp_images()) if paired else {'mse_fp': None, 'mse_fp_se': None}),
                      'sample_seed': sample_seed, 'iters_scale': None if method is None else iters_scale,
-                     'calib_s': calib_s, 'recon_units': n_units, 'total_s': time.time() - t0, 'config': config}
+                     'calib_s': calib_s, 'recon_units': n_units, 'total_s': time.time() - t0, 'config': config,
+                     'finished': time.time()}
     logging.info('%s: FID %.3f, speckle %.2f x FP (%.0f s)', name, fid, spk, time.time() - t0)
     write_outputs(FLAGS.out, results, current)
   write_outputs(FLAGS.out, results, current)
@@ -473,9 +474,11 @@ def fill_speckle(record: dict, fp_images: np.ndarray | None) -> None:
 
 def write_outputs(out: str, results: dict, current: dict) -> None:
   """table.json, table.md, fid_chart.png and sample_grids.png from the rows so far (atomic json). Rows that
-  another process running this table wrote to table.json meanwhile are kept (added to `results`)."""
+  another process running this table wrote to table.json meanwhile are kept (added to `results`, or replacing a
+  record of the same row that finished earlier: 'finished', absent in older records, counts as 0)."""
   for name, record in load_table(os.path.join(out, 'table.json'), current).items():
-    results.setdefault(name, record)
+    if name not in results or record.get('finished', 0) > results[name].get('finished', 0):
+      results[name] = record
   atomic_io.write_json(os.path.join(out, 'table.json'), {'settings': current, 'rows': list(results.values())},
                        indent=1)
   with open(os.path.join(out, 'table.md'), 'w') as f:

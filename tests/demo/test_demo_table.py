@@ -63,6 +63,14 @@ def test_outputs_and_resume(table, tmp_path):
   table.write_outputs(str(tmp_path), other, settings)
   assert set(other) == set(results) | {'qdiff_w6a6'}
   assert table.load_table(str(tmp_path / 'table.json'), settings) == other
+  # a row re-run by one process is not reverted by another holding the record it read before (the later
+  # 'finished' wins; records without one count as finished at 0)
+  rerun = dict(other['minmax_w8a8'], fid=9.0, finished=200.0)
+  table.write_outputs(str(tmp_path), dict(other, minmax_w8a8=rerun), settings)
+  stale = dict(other, minmax_w8a8=dict(other['minmax_w8a8'], finished=100.0))
+  table.write_outputs(str(tmp_path), stale, settings)
+  assert stale['minmax_w8a8']['fid'] == 9.0
+  assert table.load_table(str(tmp_path / 'table.json'), settings)['minmax_w8a8']['fid'] == 9.0
 
 
 def test_chart_of_diagnostic_rows_only_is_written(table, tmp_path):
