@@ -225,6 +225,10 @@ DIAG_ROWS = [
     ('tcaq_w4a8_keep_act_seed1', 'tcaq', 4, 8, {'par_research_act': False, 'seed': 1}),
     ('tcaq_w4a8_seed1', 'tcaq', 4, 8, {'seed': 1}),
     ('tcaq_w4a4_keep_act', 'tcaq', 4, 4, {'par_research_act': False}),
+    # session 13: PAR round 1's recapture (from the round-0 model) holds exploding pixels (|x_t| up to 17.8 at W6A6,
+    # 29.0 at W4A4, against FP's 4.7), and round 1 is the worst gate stage: drop those inputs (--par_x_range)
+    ('tcaq_w6a6_x_range', 'tcaq', 6, 6, {'par_x_range': 1.5}),
+    ('tcaq_w4a4_x_range', 'tcaq', 4, 4, {'par_x_range': 1.5}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
@@ -475,9 +479,10 @@ def fill_speckle(record: dict, fp_images: np.ndarray | None) -> None:
 def write_outputs(out: str, results: dict, current: dict) -> None:
   """table.json, table.md, fid_chart.png and sample_grids.png from the rows so far (atomic json). Rows that
   another process running this table wrote to table.json meanwhile are kept (added to `results`, or replacing a
-  record of the same row that finished earlier: 'finished', absent in older records, counts as 0)."""
+  record of the same row that finished no later: 'finished', absent in older records, counts as 0; the file is
+  never older than what this process read, and its own new rows finish now)."""
   for name, record in load_table(os.path.join(out, 'table.json'), current).items():
-    if name not in results or record.get('finished', 0) > results[name].get('finished', 0):
+    if name not in results or record.get('finished', 0) >= results[name].get('finished', 0):
       results[name] = record
   atomic_io.write_json(os.path.join(out, 'table.json'), {'settings': current, 'rows': list(results.values())},
                        indent=1)

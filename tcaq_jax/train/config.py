@@ -69,7 +69,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
                'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
                'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 256,
-               'recon_step_weight': 0.0, 'eps_scale': False}
+               'recon_step_weight': 0.0, 'eps_scale': False, 'par_x_range': 0.0}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -234,6 +234,10 @@ class Config:
                                 "them) or 'reinit' (re-initialised from its hard rounding, h(alpha) = 0.25 / 0.75, "
                                 "so that saturated alphas get gradients again)", enum=('carry', 'reinit'))
   par_research_act: bool = _f(True, 're-search activation scales on the recaptured data of each PAR round')
+  par_x_range: float = _f(0.0, "PAR rounds drop recaptured calibration inputs x_t whose max |x_t| exceeds this "
+                               "times the FP capture's max at the same sampler step (diverging pixels of the "
+                               'quantized trajectories); 0 = keep all (default). A step that would lose every '
+                               'input keeps them all', kind=float)
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
   lr_budget_cap: float = _f(1.0, "below the paper's budget (--iters_scale < 1) multiply the AdaRound lr (--lr) by "
@@ -366,7 +370,7 @@ class Config:
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
                 'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1,
-                'gate_samples': 1, 'recon_step_weight': 0.0}
+                'gate_samples': 1, 'recon_step_weight': 0.0, 'par_x_range': 0.0}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

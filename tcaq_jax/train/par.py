@@ -20,7 +20,7 @@ import numpy as np
 
 from tcaq_jax.diffusion.capture import CalibData, capture
 
-__all__ = ['recapture', 'round_dir', 'flat_data', 'recon_subset']
+__all__ = ['recapture', 'round_dir', 'flat_data', 'recon_subset', 'in_range']
 
 
 def round_dir(out_dir: str, rnd: int) -> str:
@@ -84,3 +84,21 @@ def split_holdout(data: dict, size: int, holdout: int, seed: int) -> tuple[dict,
     idx = np.delete(idx, pick)
   train = {k: v[idx] for k, v in data.items()}
   return train, ({k: v[hold] for k, v in data.items()} if len(hold) else None)
+
+
+def in_range(data: dict, fp: dict, factor: float) -> np.ndarray:
+  """[N] bool: the recaptured inputs (flat `data`) whose max |x| is at most `factor` times the FP capture's
+  (flat `fp`) max |x| at the same sampler step (--par_x_range). A step whose inputs would all be dropped keeps
+  them all; a step the FP capture lacks keeps its inputs."""
+  x = np.abs(np.asarray(data['x'], np.float32)).reshape(len(data['x']), -1).max(axis=1)
+  fx = np.abs(np.asarray(fp['x'], np.float32)).reshape(len(fp['x']), -1).max(axis=1)
+  steps, fsteps = np.asarray(data['step']), np.asarray(fp['step'])
+  keep = np.ones(x.shape, bool)
+  for s in np.unique(steps):
+    at, fat = steps == s, fsteps == s
+    if not fat.any():
+      continue
+    ok = x[at] <= factor * fx[fat].max()
+    if ok.any():
+      keep[at] = ok
+  return keep

@@ -36,6 +36,7 @@ import numpy as np
 from tcaq_jax import atomic_io
 from tcaq_jax.assets import DEMO_UNET_DIR
 from tcaq_jax.diffusion.batched import sample_all
+from tcaq_jax.diffusion.capture import CalibData
 from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.diffusion.host_sampler import make_sampler
 from tcaq_jax.images import grid_scale, save_grid, to_uint8
@@ -112,6 +113,7 @@ class Setup:
     self._q_eps = None
     self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
     self.eps_fit_cache: dict = {}       # --eps_bias: FP trajectories and eps of the fits (`eps_bias.fit`)
+    self.par_dropped: dict = {}         # --par_x_range: round -> recaptured inputs dropped (report.json)
     self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
     self.gate_last: tuple | None = None  # --recon_gate: (round, qstate with its fitted correction) scored last
     self.precompiler = Precompiler(cfg.precompile, workers=cfg.precompile_workers or
@@ -185,6 +187,13 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   data = par.flat_data(cd, setup.guidance)
   if interval:                         # Q-Diffusion's get_train_samples: range(0, n, n // cali_st)
     keep = np.isin(data['step'], np.arange(0, setup.n_steps, max(setup.n_steps // cfg.calib_steps, 1)))
+    data = {key: v[keep] for key, v in data.items()}
+  if rnd > 0 and cfg.par_x_range > 0:
+    fp = par.flat_data(CalibData(calib_dir(setup, 0)), setup.guidance)
+    keep = par.in_range(data, fp, cfg.par_x_range)
+    setup.par_dropped[rnd] = int(keep.size - keep.sum())
+    logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs', rnd, cfg.par_x_range,
+                 setup.par_dropped[rnd], keep.size)
     data = {key: v[keep] for key, v in data.items()}
   return data, seconds
 
@@ -801,6 +810,9 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
         state = state.replace(qstate=qstate, report=dict(state.report, eps_bias=info))
       report = dict(state.report, timings={**state.report.get('timings', {}), **timings},
                     wall_s_this_process=time.time() - t_start)
+      if cfg.par_x_range > 0:        # --par_x_range: inputs dropped per PAR round (str keys: JSON)
+        report['par_dropped'] = {**state.report.get('par_dropped', {}),
+                                 **{str(r): n for r, n in setup.par_dropped.items()}}
       state = commit(state.replace(report=report), round=cfg.rounds, next_unit=0, act_done=True, done=True)
   finally:
     t0 = time.time()
