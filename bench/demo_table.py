@@ -83,11 +83,13 @@ PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all', 'eps_
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
              ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}),
-             ('no_eps_bias', {'eps_bias': 'off'}), ('no_eps_scale', {'eps_scale': False}))
+             ('no_eps_bias', {'eps_bias': 'off'}), ('no_eps_scale', {'eps_scale': False}),
+             ('no_x_range', {'par_x_range': 0.0}))
 # Rows with and without the eps bias correction (train/eps_bias.py) at every bit width: tcaq with it off (at
 # W6A6 and W4A4 the ablation rows), and min-max PTQ with it on (does the simplest baseline gain as much?).
 EPS_BIAS_ROWS = ([(f'tcaq_w{w}a{a}_no_eps_bias', 'tcaq', w, a, {'eps_bias': 'off'}) for w, a in ((4, 8), (8, 8))]
                  + [(f'tcaq_w{w}a{a}_no_eps_scale', 'tcaq', w, a, {'eps_scale': False}) for w, a in ((4, 8), (8, 8))]
+                 + [(f'tcaq_w{w}a{a}_no_x_range', 'tcaq', w, a, {'par_x_range': 0.0}) for w, a in ((4, 8), (8, 8))]
                  + [(f'minmax_w{w}a{a}_eps_bias', 'minmax', w, a, {'eps_bias': 'pixel'}) for w, a in BITS]
                  + [(f'minmax_w{w}a{a}_eps_scale', 'minmax', w, a, {'eps_bias': 'pixel', 'eps_scale': True})
                     for w, a in BITS])

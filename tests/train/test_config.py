@@ -88,7 +88,8 @@ def test_a_config_stored_before_options_existed_reads_as_what_it_did():
   stored (JSON) form (tuples as lists too), so an old config equals today's config with those values, and not
   today's default where a default changed (tcaq's --eps_bias: 'pixel' now, absent = 'off'; --act_minmax_bits)."""
   from tcaq_jax.train.config import ADDED_LATER, with_added_later
-  then = Config(eps_bias='off', act_minmax_bits=0, recon_gate=False, eps_scale=False).resolve().to_flat()
+  then = Config(eps_bias='off', act_minmax_bits=0, recon_gate=False, eps_scale=False,
+                par_x_range=0.0).resolve().to_flat()
   old = {k: v for k, v in then.items() if k not in ADDED_LATER}
   assert with_added_later(old) == then and with_added_later(dict(old, act_ends='independent'))['act_ends'] == 'independent'
   now = Config().resolve().to_flat()
@@ -108,6 +109,13 @@ def test_eps_scale_follows_the_method_and_needs_the_bias():
     Config(eps_bias='off', eps_scale=True).resolve()
   with pytest.raises(ConfigError, match='--eps_scale=true.*--eps_bias'):
     Config(method='qdiff', eps_scale=True).resolve()
+
+
+def test_par_x_range_is_tcaqs_and_checked():
+  assert Config().resolve().par_x_range == 1.5 and Config(method='qdiff_plus').resolve().par_x_range == 0.0
+  assert Config(par_x_range=0.0).resolve().par_x_range == 0.0
+  with pytest.raises(ConfigError, match='--par_x_range=-0.5'):
+    Config(par_x_range=-0.5).resolve()
 
 
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():
