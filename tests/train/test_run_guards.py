@@ -38,17 +38,21 @@ def test_resume_reads_options_added_later_as_the_value_that_reproduces_the_store
   from tcaq_jax.train.calib_state import _check_compatible
   from tcaq_jax.train.config import ADDED_LATER, Config
 
-  now = Config(lr_budget_cap=1.0, eps_bias='off', act_minmax_bits=0, recon_gate=False).resolve().to_flat()
+  now = Config(lr_budget_cap=1.0, eps_bias='off', act_minmax_bits=0, recon_gate=False,
+               par_x_range=0.0).resolve().to_flat()
   old = {k: v for k, v in now.items() if k not in ADDED_LATER}        # as written before those options existed
   _check_compatible(old, now, 'run')                                   # these values reproduce it: resumes
   with pytest.raises(CalibrationError, match="--eps_bias='off', now --eps_bias='pixel'"):
-    _check_compatible(old, Config(act_minmax_bits=0, recon_gate=False).resolve().to_flat(), 'run')  # tcaq's since
+    _check_compatible(old, Config(act_minmax_bits=0, recon_gate=False, par_x_range=0.0).resolve().to_flat(),
+                      'run')                                            # tcaq's since
   with pytest.raises(CalibrationError, match="--recon_gate=False, now --recon_gate=True"):
-    _check_compatible(old, Config(eps_bias='off', act_minmax_bits=0).resolve().to_flat(), 'run')
+    _check_compatible(old, Config(eps_bias='off', act_minmax_bits=0, par_x_range=0.0).resolve().to_flat(), 'run')
+  with pytest.raises(CalibrationError, match="--par_x_range=0.0, now --par_x_range=1.5"):
+    _check_compatible(old, Config(eps_bias='off', act_minmax_bits=0, recon_gate=False).resolve().to_flat(), 'run')
   with pytest.raises(CalibrationError, match='--lr_budget_cap=1.0, now --lr_budget_cap=10.0'):
     _check_compatible(old, Config(lr_budget_cap=10.0, eps_bias='off', act_minmax_bits=0,
-                                  recon_gate=False).resolve().to_flat(), 'run')
+                                  recon_gate=False, par_x_range=0.0).resolve().to_flat(), 'run')
   with pytest.raises(CalibrationError, match='--act_ends'):
     _check_compatible(old, Config(act_ends='independent', eps_bias='off', act_minmax_bits=0,
-                                  recon_gate=False).resolve().to_flat(),
+                                  recon_gate=False, par_x_range=0.0).resolve().to_flat(),
                       'run')
