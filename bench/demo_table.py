@@ -83,13 +83,11 @@ PAPER_EXACT = {'daq_rule': 'llr', 'keep_best': False, 'tcr_select': 'all', 'eps_
 METHODS = ('minmax', 'qdiff', 'qdiff_plus', 'tcaq_paper', 'tcaq')
 ABLATIONS = (('no_tcr', {'tcr': False}), ('no_daq', {'daq': False}), ('no_par', {'par': False}),
              ('no_per_step', {'act_per_step': False}), ('no_tcr_no_per_step', {'tcr': False, 'act_per_step': False}),
-             ('no_eps_bias', {'eps_bias': 'off'}), ('no_eps_scale', {'eps_scale': False}),
-             ('no_x_range', {'par_x_range': 0.0}))
+             ('no_eps_bias', {'eps_bias': 'off'}), ('no_eps_scale', {'eps_scale': False}))
 # Rows with and without the eps bias correction (train/eps_bias.py) at every bit width: tcaq with it off (at
 # W6A6 and W4A4 the ablation rows), and min-max PTQ with it on (does the simplest baseline gain as much?).
 EPS_BIAS_ROWS = ([(f'tcaq_w{w}a{a}_no_eps_bias', 'tcaq', w, a, {'eps_bias': 'off'}) for w, a in ((4, 8), (8, 8))]
                  + [(f'tcaq_w{w}a{a}_no_eps_scale', 'tcaq', w, a, {'eps_scale': False}) for w, a in ((4, 8), (8, 8))]
-                 + [(f'tcaq_w{w}a{a}_no_x_range', 'tcaq', w, a, {'par_x_range': 0.0}) for w, a in ((4, 8), (8, 8))]
                  + [(f'minmax_w{w}a{a}_eps_bias', 'minmax', w, a, {'eps_bias': 'pixel'}) for w, a in BITS]
                  + [(f'minmax_w{w}a{a}_eps_scale', 'minmax', w, a, {'eps_bias': 'pixel', 'eps_scale': True})
                     for w, a in BITS])
@@ -231,6 +229,7 @@ DIAG_ROWS = [
     # 29.0 at W4A4, against FP's 4.7), and round 1 is the worst gate stage: drop those inputs (--par_x_range)
     ('tcaq_w6a6_x_range', 'tcaq', 6, 6, {'par_x_range': 1.5}),
     ('tcaq_w4a4_x_range', 'tcaq', 4, 4, {'par_x_range': 1.5}),
+    ('tcaq_w4a8_x_range', 'tcaq', 4, 8, {'par_x_range': 1.5}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result

@@ -36,7 +36,7 @@ METHOD_DEFAULTS = {
     # tcaq's learn_act_scale: by bit width in resolve() (TCAQ_LSQ_A_BITS); False is what other widths get
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True, keep_best=True, act_lr=4e-4, eps_bias='pixel', act_minmax_bits=8,
-                 recon_gate=True, eps_scale=True, par_x_range=1.5),
+                 recon_gate=True, eps_scale=True, par_x_range=0.0),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
                   act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
                   calib_step_rule='interval'),
@@ -237,7 +237,8 @@ class Config:
   par_x_range: float | None = _f(None, "PAR rounds drop recaptured calibration inputs x_t whose max |x_t| exceeds "
                                        "this times the FP capture's max at the same sampler step (diverging pixels "
                                        'of the quantized trajectories); 0 = keep all. A step that would lose every '
-                                       "input keeps them all. Default: the method's (tcaq: 1.5, others 0)",
+                                       "input keeps them all. Default: the method's (0 for every method; 1.5 "
+                                       'measured better at W6A6 and worse at W4A8 on the demo: METHOD_NOTES)',
                                  kind=float)
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)

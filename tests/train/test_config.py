@@ -111,9 +111,9 @@ def test_eps_scale_follows_the_method_and_needs_the_bias():
     Config(method='qdiff', eps_scale=True).resolve()
 
 
-def test_par_x_range_is_tcaqs_and_checked():
-  assert Config().resolve().par_x_range == 1.5 and Config(method='qdiff_plus').resolve().par_x_range == 0.0
-  assert Config(par_x_range=0.0).resolve().par_x_range == 0.0
+def test_par_x_range_is_off_by_default_and_checked():
+  assert Config().resolve().par_x_range == 0.0 and Config(method='qdiff_plus').resolve().par_x_range == 0.0
+  assert Config(par_x_range=1.5).resolve().par_x_range == 1.5
   with pytest.raises(ConfigError, match='--par_x_range=-0.5'):
     Config(par_x_range=-0.5).resolve()
 

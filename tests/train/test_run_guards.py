@@ -48,7 +48,8 @@ def test_resume_reads_options_added_later_as_the_value_that_reproduces_the_store
   with pytest.raises(CalibrationError, match="--recon_gate=False, now --recon_gate=True"):
     _check_compatible(old, Config(eps_bias='off', act_minmax_bits=0, par_x_range=0.0).resolve().to_flat(), 'run')
   with pytest.raises(CalibrationError, match="--par_x_range=0.0, now --par_x_range=1.5"):
-    _check_compatible(old, Config(eps_bias='off', act_minmax_bits=0, recon_gate=False).resolve().to_flat(), 'run')
+    _check_compatible(old, Config(eps_bias='off', act_minmax_bits=0, recon_gate=False,
+                                  par_x_range=1.5).resolve().to_flat(), 'run')
   with pytest.raises(CalibrationError, match='--lr_budget_cap=1.0, now --lr_budget_cap=10.0'):
     _check_compatible(old, Config(lr_budget_cap=10.0, eps_bias='off', act_minmax_bits=0,
                                   recon_gate=False, par_x_range=0.0).resolve().to_flat(), 'run')
