@@ -31,17 +31,14 @@ def main(argv):
   del argv
   path = os.path.join(FLAGS.out, 'table.json')
   table = json.load(open(path))
-  rows = table['rows']
-  by_name = {r['name']: r for r in rows} if isinstance(rows, list) else rows
+  rows = table['rows']                                   # a list of records (demo_table.write_outputs)
+  by_name = {r['name']: r for r in rows}
   for pair in FLAGS.pairs:
     src, dst = pair.split(':')
     if src not in by_name:
       raise SystemExit(f'{path}: no row {src!r}')
     rec = dict(by_name[src], name=dst, options=json.loads(FLAGS.options), copied_from=src)
-    if isinstance(rows, list):
-      rows[:] = [r for r in rows if r['name'] != dst] + [rec]
-    else:
-      rows[dst] = rec
+    rows[:] = [r for r in rows if r['name'] != dst] + [rec]
     if os.path.exists(samples_path(FLAGS.out, src)):
       shutil.copyfile(samples_path(FLAGS.out, src), samples_path(FLAGS.out, dst))
     grid = os.path.join(FLAGS.out, 'grids', f'{src}.png')

@@ -238,11 +238,14 @@ def correct_output(y, qstate: QState, step_index):
   if bias is None and scale is None:
     return y
   idx = jnp.asarray(step_index, jnp.int32)
+
+  def at_step(values):                 # values[idx] along the step axis; NaN outside the calibrated steps
+    return _at_slot(values, jnp.where((idx >= 0) & (idx < values.shape[0]), idx, _INVALID_SLOT))
+
   if bias is not None:
-    b = _at_slot(bias, jnp.where((idx >= 0) & (idx < bias.shape[0]), idx, _INVALID_SLOT))   # [*out] or [B, *out]
-    y = y - b.astype(y.dtype)
+    y = y - at_step(bias).astype(y.dtype)                                   # [*out] or [B, *out]
   if scale is not None:
-    s = _at_slot(scale, jnp.where((idx >= 0) & (idx < scale.shape[0]), idx, _INVALID_SLOT))  # [] or [B]
-    y = y * s.astype(y.dtype).reshape(s.shape + (1,) * (y.ndim - s.ndim))
+    s = at_step(scale).astype(y.dtype)                                      # [] or [B]
+    y = y * s.reshape(s.shape + (1,) * (y.ndim - s.ndim))
   return y
 

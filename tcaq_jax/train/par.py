@@ -20,7 +20,7 @@ import numpy as np
 
 from tcaq_jax.diffusion.capture import CalibData, capture
 
-__all__ = ['recapture', 'round_dir', 'flat_data', 'recon_subset', 'in_range']
+__all__ = ['recapture', 'round_dir', 'flat_data', 'recon_subset', 'step_absmax', 'in_range']
 
 
 def round_dir(out_dir: str, rnd: int) -> str:
@@ -86,19 +86,25 @@ def split_holdout(data: dict, size: int, holdout: int, seed: int) -> tuple[dict,
   return train, ({k: v[hold] for k, v in data.items()} if len(hold) else None)
 
 
-def in_range(data: dict, fp: dict, factor: float) -> np.ndarray:
-  """[N] bool: the recaptured inputs (flat `data`) whose max |x| is at most `factor` times the FP capture's
-  (flat `fp`) max |x| at the same sampler step (--par_x_range). A step whose inputs would all be dropped keeps
-  them all; a step the FP capture lacks keeps its inputs."""
+def step_absmax(data: dict) -> dict:
+  """{sampler step: max |x| over the flat data's inputs at that step}."""
   x = np.abs(np.asarray(data['x'], np.float32)).reshape(len(data['x']), -1).max(axis=1)
-  fx = np.abs(np.asarray(fp['x'], np.float32)).reshape(len(fp['x']), -1).max(axis=1)
-  steps, fsteps = np.asarray(data['step']), np.asarray(fp['step'])
+  steps = np.asarray(data['step'])
+  return {int(s): float(x[steps == s].max()) for s in np.unique(steps)}
+
+
+def in_range(data: dict, fp_absmax: dict, factor: float) -> np.ndarray:
+  """[N] bool: the recaptured inputs (flat `data`) whose max |x| is at most `factor` times the FP capture's max
+  |x| at the same sampler step (`step_absmax` of the FP capture; --par_x_range). A step whose inputs would all be
+  dropped keeps them all; a step the FP capture lacks keeps its inputs."""
+  x = np.abs(np.asarray(data['x'], np.float32)).reshape(len(data['x']), -1).max(axis=1)
+  steps = np.asarray(data['step'])
   keep = np.ones(x.shape, bool)
   for s in np.unique(steps):
-    at, fat = steps == s, fsteps == s
-    if not fat.any():
+    if int(s) not in fp_absmax:
       continue
-    ok = x[at] <= factor * fx[fat].max()
+    at = steps == s
+    ok = x[at] <= factor * fp_absmax[int(s)]
     if ok.any():
       keep[at] = ok
   return keep

@@ -114,6 +114,7 @@ class Setup:
     self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
     self.eps_fit_cache: dict = {}       # --eps_bias: FP trajectories and eps of the fits (`eps_bias.fit`)
     self.par_dropped: dict = {}         # --par_x_range: round -> recaptured inputs dropped (report.json)
+    self.fp_absmax: dict | None = None  # --par_x_range: sampler step -> the FP capture's max |x_t|
     self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
     self.gate_last: tuple | None = None  # --recon_gate: (round, qstate with its fitted correction) scored last
     self.precompiler = Precompiler(cfg.precompile, workers=cfg.precompile_workers or
@@ -188,9 +189,12 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   if interval:                         # Q-Diffusion's get_train_samples: range(0, n, n // cali_st)
     keep = np.isin(data['step'], np.arange(0, setup.n_steps, max(setup.n_steps // cfg.calib_steps, 1)))
     data = {key: v[keep] for key, v in data.items()}
-  if rnd > 0 and cfg.par_x_range > 0:
-    fp = par.flat_data(CalibData(calib_dir(setup, 0)), setup.guidance)
-    keep = par.in_range(data, fp, cfg.par_x_range)
+  if cfg.par_x_range > 0 and rnd == 0:
+    setup.fp_absmax = par.step_absmax(data)
+  elif cfg.par_x_range > 0:
+    if setup.fp_absmax is None:        # a run resumed after round 0: read the FP capture once
+      setup.fp_absmax = par.step_absmax(par.flat_data(CalibData(calib_dir(setup, 0)), setup.guidance))
+    keep = par.in_range(data, setup.fp_absmax, cfg.par_x_range)
     setup.par_dropped[rnd] = int(keep.size - keep.sum())
     logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs', rnd, cfg.par_x_range,
                  setup.par_dropped[rnd], keep.size)

@@ -19,7 +19,8 @@ def _flat(xmax_per_entry, steps):
 
 
 def test_in_range_by_step_with_the_fallbacks():
-  fp = _flat([1.0, -2.0, 3.0, 0.5], [0, 0, 5, 5])                  # FP max |x|: step 0 -> 2, step 5 -> 3
+  fp = par.step_absmax(_flat([1.0, -2.0, 3.0, 0.5], [0, 0, 5, 5]))
+  assert fp == {0: 2.0, 5: 3.0}
   data = _flat([2.9, -3.1, 4.4, 4.6, 9.0, 9.0, 7.0], [0, 0, 5, 5, 7, 7, 0])
   # factor 1.5: step 0 allows 3.0, step 5 allows 4.5; step 7 is not in the FP capture (kept)
   np.testing.assert_array_equal(par.in_range(data, fp, 1.5), [True, False, True, False, True, True, False])
