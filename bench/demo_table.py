@@ -234,6 +234,13 @@ DIAG_ROWS = [
     # seed-1 rows above re-run under the default with --eps_scale)
     ('tcaq_w6a6_x_range_seed1', 'tcaq', 6, 6, {'par_x_range': 1.5, 'seed': 1}),
     ('tcaq_w4a8_x_range_seed1', 'tcaq', 4, 8, {'par_x_range': 1.5, 'seed': 1}),
+    # W4A8 with --par_x_range lost in rounds 1-2 (gate scores 5.87 / 8.43e-3 against 6.48 / 4.71e-3): drop the
+    # out-of-range inputs from the activation re-search only and let reconstruction fit them all (--par_x_scope=act)
+    ('tcaq_w6a6_x_act', 'tcaq', 6, 6, {'par_x_range': 1.5, 'par_x_scope': 'act'}),
+    ('tcaq_w4a8_x_act', 'tcaq', 4, 8, {'par_x_range': 1.5, 'par_x_scope': 'act'}),
+    ('tcaq_w4a4_x_act', 'tcaq', 4, 4, {'par_x_range': 1.5, 'par_x_scope': 'act'}),
+    ('tcaq_w6a6_x_act_seed1', 'tcaq', 6, 6, {'par_x_range': 1.5, 'par_x_scope': 'act', 'seed': 1}),
+    ('tcaq_w4a8_x_act_seed1', 'tcaq', 4, 8, {'par_x_range': 1.5, 'par_x_scope': 'act', 'seed': 1}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result

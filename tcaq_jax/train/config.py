@@ -69,7 +69,7 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
                'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
                'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 256,
-               'recon_step_weight': 0.0, 'eps_scale': False, 'par_x_range': 0.0}
+               'recon_step_weight': 0.0, 'eps_scale': False, 'par_x_range': 0.0, 'par_x_scope': 'all'}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -240,6 +240,9 @@ class Config:
                                        "input keeps them all. Default: the method's (0 for every method; 1.5 "
                                        'measured better at W6A6 and worse at W4A8 on the demo: METHOD_NOTES)',
                                  kind=float)
+  par_x_scope: str = _f('all', "what --par_x_range drops the out-of-range inputs from: 'all' (the PAR round's "
+                               "activation re-search and its reconstruction) or 'act' (the activation re-search "
+                               "only; reconstruction still fits every recaptured input)", enum=('all', 'act'))
   iters_scale: float | None = _f(None, 'multiplies --recon_iters and --par_iters; default 1 (the paper\'s '
                                        '20k / 10k), the shipped demo 0.005 (a CPU-sized run)', kind=float)
   lr_budget_cap: float = _f(1.0, "below the paper's budget (--iters_scale < 1) multiply the AdaRound lr (--lr) by "
@@ -313,8 +316,11 @@ class Config:
       new['eps_scale'] = False                                          # the scale is fitted with the bias
     if self.method == 'tcaq' and self.learn_act_scale is None:        # off again below without reconstruction
       new['learn_act_scale'] = self.a_bits in TCAQ_LSQ_A_BITS
-    if new.get('par_x_range', self.par_x_range) < 0:
-      raise ConfigError(f"--par_x_range={new.get('par_x_range', self.par_x_range)}: must be >= 0 (0 = off)")
+    x_range = new.get('par_x_range', self.par_x_range)
+    if x_range < 0:
+      raise ConfigError(f"--par_x_range={x_range}: must be >= 0 (0 = off)")
+    if self.par_x_scope != 'all' and not x_range:
+      raise ConfigError(f'--par_x_scope={self.par_x_scope} has no effect without --par_x_range (> 0)')
     minmax_bits = new.get('act_minmax_bits', self.act_minmax_bits)
     if minmax_bits < 0:
       raise ConfigError(f'--act_minmax_bits={minmax_bits}: must be >= 0')

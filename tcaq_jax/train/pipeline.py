@@ -114,6 +114,7 @@ class Setup:
     self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
     self.eps_fit_cache: dict = {}       # --eps_bias: FP trajectories and eps of the fits (`eps_bias.fit`)
     self.par_dropped: dict = {}         # --par_x_range: round -> recaptured inputs dropped (report.json)
+    self.act_keep: np.ndarray | None = None  # --par_x_scope=act: the current round's inputs the act search uses
     self.fp_absmax: dict | None = None  # --par_x_range: sampler step -> the FP capture's max |x_t|
     self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
     self.gate_last: tuple | None = None  # --recon_gate: (round, qstate with its fitted correction) scored last
@@ -172,6 +173,7 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   if cfg.schedule == 'two_pass':
     rnd, qstate = 0, None              # the activation pass reuses the FP calibration set
   d = calib_dir(setup, rnd)
+  setup.act_keep = None
   if rnd == 0 and cfg.calib_dir and not os.path.isfile(os.path.join(d, 'index.json')):
     raise CalibrationError(f'--calib_dir={d!r} is not a complete capture (index.json missing)')
   eps = setup.fp_eps if rnd == 0 else setup.q_eps(qstate)
@@ -196,10 +198,21 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
       setup.fp_absmax = par.step_absmax(par.flat_data(CalibData(calib_dir(setup, 0)), setup.guidance))
     keep = par.in_range(data, setup.fp_absmax, cfg.par_x_range)
     setup.par_dropped[rnd] = int(keep.size - keep.sum())
-    logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs', rnd, cfg.par_x_range,
-                 setup.par_dropped[rnd], keep.size)
-    data = {key: v[keep] for key, v in data.items()}
+    logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs from %s', rnd, cfg.par_x_range,
+                 setup.par_dropped[rnd], keep.size,
+                 'the activation re-search' if cfg.par_x_scope == 'act' else 'the round')
+    if cfg.par_x_scope == 'act':
+      setup.act_keep = keep
+    else:
+      data = {key: v[keep] for key, v in data.items()}
   return data, seconds
+
+
+def act_search_data(setup: Setup, data: dict) -> dict:
+  """The recaptured inputs a PAR round's activation re-search uses: without those --par_x_range drops when
+  --par_x_scope=act (reconstruction keeps them); otherwise `data` as it is."""
+  keep = setup.act_keep
+  return data if keep is None else {key: v[keep] for key, v in data.items()}
 
 
 def _slots(setup: Setup, data: dict, per_step: bool):
@@ -772,7 +785,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
             hooks.after_capture(setup, rnd)
         if rnd > 0 and not state.progress.act_done:
           if cfg.par_research_act or cfg.act_pass(rnd):
-            qstate, secs = search_acts(setup, state.qstate, data)
+            qstate, secs = search_acts(setup, state.qstate, act_search_data(setup, data))
             timings['act_search_s'] = timings.get('act_search_s', 0.) + secs
             phases['act_search_s'] += secs
             state = state.replace(qstate=qstate)

@@ -116,6 +116,9 @@ def test_par_x_range_is_off_by_default_and_checked():
   assert Config(par_x_range=1.5).resolve().par_x_range == 1.5
   with pytest.raises(ConfigError, match='--par_x_range=-0.5'):
     Config(par_x_range=-0.5).resolve()
+  assert Config(par_x_range=1.5, par_x_scope='act').resolve().par_x_scope == 'act'
+  with pytest.raises(ConfigError, match='--par_x_scope=act has no effect without --par_x_range'):
+    Config(par_x_scope='act').resolve()
 
 
 def test_flat_form_round_trips_and_nests_the_reconstruction_settings():

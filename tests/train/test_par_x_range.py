@@ -38,3 +38,33 @@ def test_pipeline_reports_the_inputs_it_dropped(tmp_path):
   steps_all_over = [s for s in np.unique(rec['step']) if over[rec['step'] == s].all()]
   want = int(sum(over[rec['step'] == s].sum() for s in np.unique(rec['step']) if s not in steps_all_over))
   assert want > 0 and report['par_dropped'] == {'1': want}
+
+
+def test_scope_act_drops_from_the_activation_search_only(tmp_path, monkeypatch):
+  """--par_x_scope=act: round 1's activation re-search gets the in-range inputs, its reconstruction all of them."""
+  from tcaq_jax.train import pipeline
+  seen = {'search': [], 'recon': []}
+  real_search, real_unit = pipeline.search_acts, pipeline.reconstruct_unit
+
+  def search(setup, qstate, data):
+    seen['search'].append(len(data['x']))
+    return real_search(setup, qstate, data)
+
+  def unit(setup, rnd, k, qstate, data, hook, holdout, targets):
+    seen['recon'].append((rnd, len(data['x']) + (0 if holdout is None else len(holdout['x']))))
+    return real_unit(setup, rnd, k, qstate, data, hook, holdout, targets)
+
+  monkeypatch.setattr(pipeline, 'search_acts', search)
+  monkeypatch.setattr(pipeline, 'reconstruct_unit', unit)
+  out = str(tmp_path / 'run')
+  run(dict(BASE, out_dir=out, par_x_range=0.9, par_x_scope='act', recon_units='^mid/', recon_gate=False))
+  report = json.load(open(f'{out}/report.json'))
+  rec = par.flat_data(CalibData(par.round_dir(out, 1)), False)
+  fp = par.flat_data(CalibData(par.round_dir(out, 0)), False)
+  keep = par.in_range(rec, par.step_absmax(fp), 0.9)
+  dropped = int((~keep).sum())
+  assert dropped > 0 and report['par_dropped'] == {'1': dropped}
+  # round 0's search sees the FP set, round 1's the recaptured set less the dropped inputs
+  assert seen['search'] == [len(fp['x']), len(rec['x']) - dropped]
+  # reconstruction (every calibration input: BASE's recon_samples is 0 = all) keeps the dropped inputs
+  assert sorted(set(seen['recon'])) == [(0, len(fp['x'])), (1, len(rec['x']))]
