@@ -241,6 +241,12 @@ DIAG_ROWS = [
     ('tcaq_w4a4_x_act', 'tcaq', 4, 4, {'par_x_range': 1.5, 'par_x_scope': 'act'}),
     ('tcaq_w6a6_x_act_seed1', 'tcaq', 6, 6, {'par_x_range': 1.5, 'par_x_scope': 'act', 'seed': 1}),
     ('tcaq_w4a8_x_act_seed1', 'tcaq', 4, 8, {'par_x_range': 1.5, 'par_x_scope': 'act', 'seed': 1}),
+    # the eps correction's per-pixel bias comes from 64 FP trajectories: from 256 (its estimate's noise halved)
+    ('tcaq_w6a6_eb256', 'tcaq', 6, 6, {'eps_bias_samples': 256}),
+    ('tcaq_w4a4_eb256', 'tcaq', 4, 4, {'eps_bias_samples': 256}),
+    # the default's calibration-seed spread at W4A4 and a third seed at W6A6
+    ('tcaq_w4a4_seed1', 'tcaq', 4, 4, {'seed': 1}),
+    ('tcaq_w6a6_seed2', 'tcaq', 6, 6, {'seed': 2}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
