@@ -247,6 +247,11 @@ DIAG_ROWS = [
     # the default's calibration-seed spread at W4A4 and a third seed at W6A6
     ('tcaq_w4a4_seed1', 'tcaq', 4, 4, {'seed': 1}),
     ('tcaq_w6a6_seed2', 'tcaq', 6, 6, {'seed': 2}),
+    # the baselines ahead of tcaq in a column (qdiff's W6A6 FID, min-max + the correction's W8A8 FID) on seed 1,
+    # and tcaq W8A8 on seed 1
+    ('qdiff_w6a6_seed1', 'qdiff', 6, 6, {'seed': 1}),
+    ('minmax_w8a8_eps_bias_seed1', 'minmax', 8, 8, {'eps_bias': 'pixel', 'seed': 1}),
+    ('tcaq_w8a8_seed1', 'tcaq', 8, 8, {'seed': 1}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
