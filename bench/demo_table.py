@@ -256,6 +256,8 @@ DIAG_ROWS = [
     # activation ranges and the reconstruction overfit 32?
     ('tcaq_w6a6_calib64', 'tcaq', 6, 6, {'calib_samples': 64, 'recon_samples': 640}),
     ('tcaq_w4a4_calib64', 'tcaq', 4, 4, {'calib_samples': 64, 'recon_samples': 640}),
+    ('tcaq_w6a6_calib64_seed1', 'tcaq', 6, 6, {'calib_samples': 64, 'recon_samples': 640, 'seed': 1}),
+    ('tcaq_w4a4_calib64_seed1', 'tcaq', 4, 4, {'calib_samples': 64, 'recon_samples': 640, 'seed': 1}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
