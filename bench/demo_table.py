@@ -261,6 +261,8 @@ DIAG_ROWS = [
     # W4A4 without TCR beat the default on the paired FID bootstrap (7.41 vs 8.82, 95% interval of the difference
     # +0.56..+2.19, seed 0) while its paired MSE is higher: seed 1
     ('tcaq_w4a4_no_tcr_seed1', 'tcaq', 4, 4, {'tcr': False, 'seed': 1}),
+    ('tcaq_w4a4_seed2', 'tcaq', 4, 4, {'seed': 2}),
+    ('tcaq_w4a4_no_tcr_seed2', 'tcaq', 4, 4, {'tcr': False, 'seed': 2}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
