@@ -168,7 +168,8 @@ def calib_dir(setup: Setup, rnd: int) -> str:
 
 def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict, float]:
   """Round 0: the FP calibration set; round r > 0: recaptured with the quantized model (PAR, same seeds).
-  Reuses a complete capture on disk. Returns (flat data dict, seconds)."""
+  Reuses a complete capture on disk. Returns (flat data dict, seconds). With --par_x_range the out-of-range
+  recaptured inputs leave the returned set, or with --par_x_scope=act only `setup.act_keep` (`act_search_data`)."""
   cfg = setup.cfg
   if cfg.schedule == 'two_pass':
     rnd, qstate = 0, None              # the activation pass reuses the FP calibration set
