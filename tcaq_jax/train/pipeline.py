@@ -642,7 +642,12 @@ def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, d
   t0 = time.time()
   info = None
   if cfg.eps_bias != 'off':
-    qstate, info = fit_eps_bias(setup, qstate)
+    try:
+      qstate, info = fit_eps_bias(setup, qstate)
+    except CalibrationError as e:      # a diverged stage (k <= -1, NaN): scored inf, so it is never kept
+      logging.warning('recon gate: %s cannot be corrected (%s): scored inf', recon_gate.stage_name(rnd), e)
+      return qstate, {'stage': recon_gate.stage_name(rnd), 'score': float('inf'), 'samples': 0,
+                      'seconds': round(time.time() - t0, 3), 'eps_bias': None, 'error': str(e)}
   n, seed = cfg.gate_samples, cfg.seed + recon_gate.SEED_OFFSET
   cond, uncond = family.cond_arrays(setup.mconfig, n, seed)
 
@@ -668,7 +673,7 @@ def _gate(setup: Setup, state: CalibState, rnd: int | None) -> CalibState:
   if any(e['stage'] == name for e in entries):
     return state
   fitted, entry = gate_stage(setup, state.qstate, rnd)
-  setup.gate_last = (rnd, fitted)
+  setup.gate_last = (rnd, fitted) if 'error' not in entry else None
   if not entries or entry['score'] < recon_gate.best(entries)['score']:
     recon_gate.save_best(setup.cfg.out_dir, to_tree(jax.device_get(fitted)), entry)
     setup.gate_best = (fitted, entry)
@@ -679,6 +684,8 @@ def _gate_result(setup: Setup, state: CalibState) -> tuple[QState, dict]:
   """The run's final state under --recon_gate: the best-scoring stage's (its correction fitted), and the report
   entries ('gate_kept', and 'eps_bias' of that stage)."""
   entry = recon_gate.best(state.report['gate'])
+  if 'error' in entry:                 # every stage failed its correction
+    raise CalibrationError(f"--recon_gate: no stage could be corrected ({entry['error']})")
   if setup.gate_best is not None and setup.gate_best[1]['stage'] == entry['stage']:
     qstate = setup.gate_best[0]
   else:

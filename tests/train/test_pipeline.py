@@ -459,3 +459,29 @@ def test_resume_after_a_gate_keeps_the_stored_best(full_run, tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_recon_gate_scores_a_stage_whose_correction_fails_as_inf(tmp_path, monkeypatch):
+  """A stage whose eps correction cannot be fitted (here round 0's fit made to fail as a diverged model's does:
+  FloatingPointError from the scale fit) is scored inf and never kept; the run finishes with another stage. When
+  every stage fails, the run stops with a CalibrationError."""
+  from tcaq_jax.train import eps_bias
+  real = eps_bias.fit_rounds
+  calls = []
+
+  def fail_second(*a, **k):            # the real fit, except the second call (round 0's gate stage)
+    calls.append(1)
+    if len(calls) == 2:
+      raise FloatingPointError('the eps scale fit gave k <= -1 or non-finite at steps [4]')
+    return real(*a, **k)
+  monkeypatch.setattr(eps_bias, 'fit_rounds', fail_second)
+  report = run(dict(BASE, out_dir=str(tmp_path / 'one'), par_rounds=0))
+  scores = {e['stage']: e['score'] for e in report['gate']}
+  assert scores['round0'] == float('inf') and np.isfinite(scores['init'])
+  assert 'k <= -1' in report['gate'][1]['error'] and report['gate_kept'] == 'init'
+
+  def always_fail(*a, **k):
+    raise FloatingPointError('the eps scale fit gave k <= -1 or non-finite at steps [4]')
+  monkeypatch.setattr(eps_bias, 'fit_rounds', always_fail)
+  with pytest.raises(CalibrationError, match='no stage could be corrected'):
+    run(dict(BASE, out_dir=str(tmp_path / 'all'), par_rounds=0))
