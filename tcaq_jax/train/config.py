@@ -31,12 +31,12 @@ __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODE
 _COMMON = dict(tcr=False, daq=False, par=False, act_per_step=False, schedule='joint', act_init='search',
                w_split=False, recon_order='call', daq_rule='error', recon_batch=16, act_lr=4e-5,
                calib_step_rule='linspace', keep_best=False, act_criterion='input', eps_bias='off', act_minmax_bits=0,
-               recon_gate=False, eps_scale=False, par_x_range=0.0)
+               recon_gate=False, eps_scale=False)
 METHOD_DEFAULTS = {
     # tcaq's learn_act_scale: by bit width in resolve() (TCAQ_LSQ_A_BITS); False is what other widths get
     'tcaq': dict(_COMMON, tcr=True, daq=True, par=True, act_per_step=True, learn_act_scale=False, weight_init='lp',
                  reconstruct=True, keep_best=True, act_lr=4e-4, eps_bias='pixel', act_minmax_bits=8,
-                 recon_gate=True, eps_scale=True, par_x_range=0.0),
+                 recon_gate=True, eps_scale=True),
     'qdiff': dict(_COMMON, learn_act_scale=True, weight_init='minmax', reconstruct=True, schedule='two_pass',
                   act_init='minmax_sym', w_split=True, recon_order='registration', recon_batch=32, act_lr=4e-4,
                   calib_step_rule='interval'),
@@ -59,7 +59,7 @@ MODEL_DEFAULTS = {
 # Fields whose None means "the method's default" (METHOD_DEFAULTS).
 TRI_STATE = ('tcr', 'daq', 'par', 'act_per_step', 'learn_act_scale', 'weight_init', 'reconstruct', 'schedule',
              'act_init', 'w_split', 'recon_order', 'daq_rule', 'calib_step_rule', 'keep_best', 'act_criterion',
-             'eps_bias', 'act_minmax_bits', 'recon_gate', 'eps_scale', 'par_x_range')
+             'eps_bias', 'act_minmax_bits', 'recon_gate', 'eps_scale')
 # Nested reconstruction fields whose None means "the method's default" (flag name -> ReconConfig field).
 RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 # Flags that may change between a run and its resumption (they do not change the result).
@@ -234,12 +234,11 @@ class Config:
                                 "them) or 'reinit' (re-initialised from its hard rounding, h(alpha) = 0.25 / 0.75, "
                                 "so that saturated alphas get gradients again)", enum=('carry', 'reinit'))
   par_research_act: bool = _f(True, 're-search activation scales on the recaptured data of each PAR round')
-  par_x_range: float | None = _f(None, "PAR rounds drop recaptured calibration inputs x_t whose max |x_t| exceeds "
-                                       "this times the FP capture's max at the same sampler step (diverging pixels "
-                                       'of the quantized trajectories); 0 = keep all. A step that would lose every '
-                                       "input keeps them all. Default: the method's (0 for every method; 1.5 "
-                                       'measured better at W6A6 and worse at W4A8 on the demo: METHOD_NOTES)',
-                                 kind=float)
+  par_x_range: float = _f(0.0, "PAR rounds drop recaptured calibration inputs x_t whose max |x_t| exceeds this "
+                               "times the FP capture's max at the same sampler step (diverging pixels of the "
+                               "quantized trajectories); 0 = keep all (default; 1.5 measured better at W6A6 and "
+                               'worse at W4A8 on the demo: METHOD_NOTES). A step that would lose every input keeps '
+                               'them all', kind=float)
   par_x_scope: str = _f('all', "what --par_x_range drops the out-of-range inputs from: 'all' (the PAR round's "
                                "activation re-search and its reconstruction) or 'act' (the activation re-search "
                                "only; reconstruction still fits every recaptured input)", enum=('all', 'act'))
@@ -316,10 +315,7 @@ class Config:
       new['eps_scale'] = False                                          # the scale is fitted with the bias
     if self.method == 'tcaq' and self.learn_act_scale is None:        # off again below without reconstruction
       new['learn_act_scale'] = self.a_bits in TCAQ_LSQ_A_BITS
-    x_range = new.get('par_x_range', self.par_x_range)
-    if x_range < 0:
-      raise ConfigError(f"--par_x_range={x_range}: must be >= 0 (0 = off)")
-    if self.par_x_scope != 'all' and not x_range:
+    if self.par_x_scope != 'all' and not self.par_x_range:
       raise ConfigError(f'--par_x_scope={self.par_x_scope} has no effect without --par_x_range (> 0)')
     minmax_bits = new.get('act_minmax_bits', self.act_minmax_bits)
     if minmax_bits < 0:
@@ -380,7 +376,7 @@ class Config:
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
                 'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1,
-                'gate_samples': 1, 'recon_step_weight': 0.0}
+                'gate_samples': 1, 'recon_step_weight': 0.0, 'par_x_range': 0.0}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

@@ -86,9 +86,14 @@ def split_holdout(data: dict, size: int, holdout: int, seed: int) -> tuple[dict,
   return train, ({k: v[hold] for k, v in data.items()} if len(hold) else None)
 
 
+def _input_absmax(data: dict) -> np.ndarray:
+  """[N]: max |x| of each input of the flat data."""
+  return np.abs(np.asarray(data['x'], np.float32)).reshape(len(data['x']), -1).max(axis=1)
+
+
 def step_absmax(data: dict) -> dict:
   """{sampler step: max |x| over the flat data's inputs at that step}."""
-  x = np.abs(np.asarray(data['x'], np.float32)).reshape(len(data['x']), -1).max(axis=1)
+  x = _input_absmax(data)
   steps = np.asarray(data['step'])
   return {int(s): float(x[steps == s].max()) for s in np.unique(steps)}
 
@@ -97,7 +102,7 @@ def in_range(data: dict, fp_absmax: dict, factor: float) -> np.ndarray:
   """[N] bool: the recaptured inputs (flat `data`) whose max |x| is at most `factor` times the FP capture's max
   |x| at the same sampler step (`step_absmax` of the FP capture; --par_x_range). A step whose inputs would all be
   dropped keeps them all; a step the FP capture lacks keeps its inputs."""
-  x = np.abs(np.asarray(data['x'], np.float32)).reshape(len(data['x']), -1).max(axis=1)
+  x = _input_absmax(data)
   steps = np.asarray(data['step'])
   keep = np.ones(x.shape, bool)
   for s in np.unique(steps):
