@@ -263,6 +263,11 @@ DIAG_ROWS = [
     ('tcaq_w4a4_no_tcr_seed1', 'tcaq', 4, 4, {'tcr': False, 'seed': 1}),
     ('tcaq_w4a4_seed2', 'tcaq', 4, 4, {'seed': 2}),
     ('tcaq_w4a4_no_tcr_seed2', 'tcaq', 4, 4, {'tcr': False, 'seed': 2}),
+    # the gate keeps a later PAR round on a paired-MSE lead within its noise (W4A4 seed 1: 20.07 vs round 0's
+    # 20.18e-3) and those rows score worse FIDs; PAR off (round 0 only) on the other seeds says what round 0 gives
+    ('tcaq_w4a4_no_par_seed1', 'tcaq', 4, 4, {'par': False, 'seed': 1}),
+    ('tcaq_w6a6_no_par_seed1', 'tcaq', 6, 6, {'par': False, 'seed': 1}),
+    ('tcaq_w6a6_no_par_seed2', 'tcaq', 6, 6, {'par': False, 'seed': 2}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
