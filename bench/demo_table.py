@@ -268,6 +268,14 @@ DIAG_ROWS = [
     ('tcaq_w4a4_no_par_seed1', 'tcaq', 4, 4, {'par': False, 'seed': 1}),
     ('tcaq_w6a6_no_par_seed1', 'tcaq', 6, 6, {'par': False, 'seed': 1}),
     ('tcaq_w6a6_no_par_seed2', 'tcaq', 6, 6, {'par': False, 'seed': 2}),
+    # --gate_margin=2: a later stage must lead the kept one by 2 standard errors of the paired difference; the
+    # runs store every stage's per-sample errors, so any margin's choice can be read off them
+    ('tcaq_w4a4_gm2_seed1', 'tcaq', 4, 4, {'gate_margin': 2.0, 'seed': 1}),
+    ('tcaq_w6a6_gm2_seed2', 'tcaq', 6, 6, {'gate_margin': 2.0, 'seed': 2}),
+    ('tcaq_w4a4_gm2', 'tcaq', 4, 4, {'gate_margin': 2.0}),
+    ('tcaq_w6a6_gm2', 'tcaq', 6, 6, {'gate_margin': 2.0}),
+    ('tcaq_w6a6_gm2_seed1', 'tcaq', 6, 6, {'gate_margin': 2.0, 'seed': 1}),
+    ('tcaq_w4a4_gm2_seed2', 'tcaq', 4, 4, {'gate_margin': 2.0, 'seed': 2}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result

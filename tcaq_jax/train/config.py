@@ -69,7 +69,8 @@ RECON_TRI_STATE = {'recon_batch': 'batch', 'act_lr': 'act_lr'}
 ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 'softmax'), 'lr_budget_cap': 1.0,
                'eps_bias': 'off', 'eps_bias_samples': 64, 'eps_bias_rounds': 1,
                'eps_bias_par': False, 'act_minmax_bits': 0, 'recon_gate': False, 'gate_samples': 256,
-               'recon_step_weight': 0.0, 'eps_scale': False, 'par_x_range': 0.0, 'par_x_scope': 'all'}
+               'recon_step_weight': 0.0, 'eps_scale': False, 'par_x_range': 0.0, 'par_x_scope': 'all',
+               'gate_margin': 0.0}
 
 
 def with_added_later(flat: dict) -> dict:
@@ -273,6 +274,9 @@ class Config:
   gate_samples: int = _f(256, 'noises (paired FP and quantized samples) each --recon_gate score is measured on '
                               '(64 measured too noisy on the demo at W6A6: it ranked round 0 over round 2, 2.65 vs '
                               '2.68e-3, where 2,000 samples give 4.04 vs 3.28e-3)')
+  gate_margin: float = _f(0.0, 'with --recon_gate: a later stage replaces the one kept before it only if its '
+                               'paired per-sample errors are lower by more than this many standard errors of the '
+                               'difference (0: any lower score)')
   eval_units: bool = _f(True, "record each unit's block MSE before and after reconstruction (report.json)")
   precompile: bool = _f(True, "compile the round's next units' programs (capture, evaluator, reconstruction "
                               'step) on background threads while a unit runs (same results)')
@@ -376,7 +380,7 @@ class Config:
                 'recon_samples': 0, 'act_batch': 1, 'par_iters': 0, 'par_rounds': 0, 'iters_scale': 0.0,
                 'png_samples': 0, 'eta': 0.0, 'recon_iters': 0, 'recon_batch': 1, 'chunk': 1, 'lam': 0.0, 'act_iters': 0, 'act_init_samples': 1,
                 'precompile_workers': 0, 'lr_budget_cap': 1.0, 'eps_bias_samples': 1, 'eps_bias_rounds': 1,
-                'gate_samples': 1, 'recon_step_weight': 0.0, 'par_x_range': 0.0}
+                'gate_samples': 1, 'recon_step_weight': 0.0, 'par_x_range': 0.0, 'gate_margin': 0.0}
     flat = {name: _get(self, path) for name, path, _ in flat_fields()}
     for name, _, f in flat_fields():              # the flags parser checks these; a dict config must too
       allowed = f.metadata.get('enum')

@@ -657,9 +657,11 @@ def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, d
 
   if setup.gate_fp is None:
     setup.gate_fp = final(setup.fp_eps)
-  entry = {'stage': recon_gate.stage_name(rnd), 'score': recon_gate.paired_error(final(setup.q_eps(qstate)),
-                                                                                  setup.gate_fp),
+  q_images = final(setup.q_eps(qstate))
+  entry = {'stage': recon_gate.stage_name(rnd), 'score': recon_gate.paired_error(q_images, setup.gate_fp),
            'samples': n, 'seconds': round(time.time() - t0, 3), 'eps_bias': info}
+  if np.isfinite(entry['score']):      # what --gate_margin compares stages by
+    entry['per_sample'] = [float(v) for v in recon_gate.per_sample_errors(q_images, setup.gate_fp)]
   logging.info('recon gate: %s scores %.4e (paired MSE of %d final images against FP)', entry['stage'],
                entry['score'], n)
   return qstate, entry
@@ -674,7 +676,7 @@ def _gate(setup: Setup, state: CalibState, rnd: int | None) -> CalibState:
     return state
   fitted, entry = gate_stage(setup, state.qstate, rnd)
   setup.gate_last = (rnd, fitted) if 'error' not in entry else None
-  if not entries or entry['score'] < recon_gate.best(entries)['score']:
+  if not entries or recon_gate.beats(entry, recon_gate.best(entries, setup.cfg.gate_margin), setup.cfg.gate_margin):
     recon_gate.save_best(setup.cfg.out_dir, to_tree(jax.device_get(fitted)), entry)
     setup.gate_best = (fitted, entry)
   return state.replace(report=dict(state.report, gate=entries + [entry]))
@@ -683,7 +685,7 @@ def _gate(setup: Setup, state: CalibState, rnd: int | None) -> CalibState:
 def _gate_result(setup: Setup, state: CalibState) -> tuple[QState, dict]:
   """The run's final state under --recon_gate: the best-scoring stage's (its correction fitted), and the report
   entries ('gate_kept', and 'eps_bias' of that stage)."""
-  entry = recon_gate.best(state.report['gate'])
+  entry = recon_gate.best(state.report['gate'], setup.cfg.gate_margin)
   if 'error' in entry:                 # every stage failed its correction
     raise CalibrationError(f"--recon_gate: no stage could be corrected ({entry['error']})")
   if setup.gate_best is not None and setup.gate_best[1]['stage'] == entry['stage']:
@@ -694,8 +696,8 @@ def _gate_result(setup: Setup, state: CalibState) -> tuple[QState, dict]:
       raise CalibrationError(f"{setup.cfg.out_dir}/{recon_gate.BEST_DIR} holds stage {stored['stage']!r}, but "
                              f"report.json's gate kept {entry['stage']!r}: delete the run dir and calibrate again")
     qstate = from_tree(tree)
-  logging.info('recon gate: keeping %s (scores %s)', entry['stage'],
-               {e['stage']: round(e['score'], 6) for e in state.report['gate']})
+  logging.info('recon gate: keeping %s (scores %s, margin %g standard errors)', entry['stage'],
+               {e['stage']: round(e['score'], 6) for e in state.report['gate']}, setup.cfg.gate_margin)
   info = {'gate_kept': entry['stage']}
   if entry.get('eps_bias') is not None:
     info['eps_bias'] = entry['eps_bias']

@@ -217,3 +217,9 @@ def test_tcaq_takes_min_max_activation_ranges_at_8_bit_activations():
     Config(w_bits=8, a_bits=8, act_pcts=(99.9,)).resolve()
   with pytest.raises(ConfigError, match='--act_minmax_bits=-1'):
     Config(act_minmax_bits=-1).resolve()
+
+
+def test_gate_margin_is_checked():
+  assert Config(gate_margin=2.0).resolve().gate_margin == 2.0
+  with pytest.raises(ConfigError, match='--gate_margin=-1'):
+    Config(gate_margin=-1.0).resolve()

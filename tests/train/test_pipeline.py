@@ -436,6 +436,22 @@ def test_recon_gate_keeping_init_equals_a_run_without_reconstruction(tmp_path, m
                                np.asarray(b.eps_fn(x, t, jnp.int32(s), None)), atol=1e-5)
 
 
+def test_gate_margin_keeps_the_earlier_stage_unless_the_later_one_leads_by_it(tmp_path):
+  """--gate_margin: every scored stage stores its per-sample paired errors (their mean is its score); with a margin
+  no stage can clear, the run keeps 'init' and ends with init's correction, where the same scores with margin 0
+  keep round 0 (the lower score)."""
+  from tcaq_jax.train import recon_gate
+  report = run(dict(BASE, par_rounds=0, gate_margin=1e9, out_dir=str(tmp_path / 'margin')))
+  entries = report['gate']
+  assert [e['stage'] for e in entries] == ['init', 'round0']
+  for e in entries:
+    assert len(e['per_sample']) == 8
+    assert e['score'] == pytest.approx(sum(e['per_sample']) / 8, rel=1e-12)
+  assert entries[1]['score'] < entries[0]['score']          # so margin 0 would have kept round 0
+  assert recon_gate.best(entries, 0.0)['stage'] == 'round0'
+  assert report['gate_kept'] == 'init' and report['eps_bias'] == entries[0]['eps_bias']
+
+
 def test_resume_after_a_gate_keeps_the_stored_best(full_run, tmp_path):
   """Killed right after round 0's gate score was saved: the resumed run scores only round 1, and ends with the
   same model as the uninterrupted run (reading the best state from out_dir/gate_best when it is not round 1)."""

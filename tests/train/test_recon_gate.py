@@ -39,3 +39,25 @@ def test_best_state_round_trips_and_a_missing_one_is_named(tmp_path):
   np.testing.assert_array_equal(got['layers']['a.b']['w_scale'], np.ones((3, 1)))
   with pytest.raises(checkpoint.CheckpointError, match='gate_best'):
     recon_gate.load_best(str(tmp_path / 'none'))
+
+
+def _entry(stage, per_sample):
+  return {'stage': stage, 'score': float(np.mean(per_sample)), 'per_sample': list(per_sample)}
+
+
+def test_margin_asks_a_later_stage_to_beat_the_kept_one_by_its_paired_standard_errors():
+  """Differences -0.3, -0.1, -0.2, 0.0: mean -0.15, sample std sqrt(0.05 / 3), so the lead is 2.324 standard
+  errors (hand-computed): kept over margin 2, not over 2.5; margin 0 is the plain lower score."""
+  kept = _entry('init', [1.0, 1.0, 1.0, 1.0])
+  new = _entry('round0', [0.7, 0.9, 0.8, 1.0])
+  assert recon_gate.beats(new, kept, 2.0) and not recon_gate.beats(new, kept, 2.5)
+  assert recon_gate.beats(new, kept, 0.0) and not recon_gate.beats(kept, new, 0.0)
+  # the walk: round0 (2.32 SE ahead of init) is not kept at margin 2.5; round1, far ahead of init, is
+  far = _entry('round1', [0.1, 0.2, 0.1, 0.3])
+  assert recon_gate.best([kept, new], 2.5)['stage'] == 'init'
+  assert recon_gate.best([kept, new, far], 2.5)['stage'] == 'round1'
+  assert recon_gate.best([kept, new, far], 0.0)['stage'] == 'round1'
+  # unscored stages (inf, no per-sample errors): never kept over a scored one, always replaced by one
+  bad = {'stage': 'round2', 'score': float('inf'), 'samples': 0}
+  assert recon_gate.best([kept, bad], 2.0)['stage'] == 'init'
+  assert recon_gate.best([dict(bad, stage='init'), new], 2.0)['stage'] == 'round0'
