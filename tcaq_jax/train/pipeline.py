@@ -8,6 +8,7 @@ Flow (METHOD.md): `Setup` (FP model, sampler settings, policy, reconstruction un
   search_acts(setup, q, data)  per-step activation ranges (percentile search) and DAQ choices
   reconstruct_unit(...)        BRECQ/AdaRound on one unit (inputs from the partially quantized model, targets FP)
   capture(setup, r, q)         PAR round r > 0: recapture with the quantized model, re-search, reconstruct again
+  par_x_filter(setup, r, data) --par_x_range: a PAR round's (reconstruction, activation re-search) inputs
   fit_eps_bias(setup, q)       --eps_bias: the quantized model's mean eps error per sampler step (`eps_bias`)
 Each stage takes and returns values (a `QState`, a data dict); `run` is the loop that threads one `CalibState`
 through them and checkpoints it after every stage, so re-running with the same out_dir resumes at the next one.
@@ -114,7 +115,6 @@ class Setup:
     self.gate_fp = None                 # --recon_gate: FP's final samples from the gate's noises (sampled once)
     self.eps_fit_cache: dict = {}       # --eps_bias: FP trajectories and eps of the fits (`eps_bias.fit`)
     self.par_dropped: dict = {}         # --par_x_range: round -> recaptured inputs dropped (report.json)
-    self.act_keep: np.ndarray | None = None  # --par_x_scope=act: the current round's inputs the act search uses
     self.fp_absmax: dict | None = None  # --par_x_range: sampler step -> the FP capture's max |x_t|
     self.gate_best: tuple | None = None  # --recon_gate: (qstate, entry) of the best stage scored in this process
     self.gate_last: tuple | None = None  # --recon_gate: (round, qstate with its fitted correction) scored last
@@ -168,13 +168,11 @@ def calib_dir(setup: Setup, rnd: int) -> str:
 
 def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict, float]:
   """Round 0: the FP calibration set; round r > 0: recaptured with the quantized model (PAR, same seeds).
-  Reuses a complete capture on disk. Returns (flat data dict, seconds). With --par_x_range the out-of-range
-  recaptured inputs leave the returned set, or with --par_x_scope=act only `setup.act_keep` (`act_search_data`)."""
+  Reuses a complete capture on disk. Returns (flat data dict, seconds); `par_x_filter` applies --par_x_range."""
   cfg = setup.cfg
   if cfg.schedule == 'two_pass':
     rnd, qstate = 0, None              # the activation pass reuses the FP calibration set
   d = calib_dir(setup, rnd)
-  setup.act_keep = None
   if rnd == 0 and cfg.calib_dir and not os.path.isfile(os.path.join(d, 'index.json')):
     raise CalibrationError(f'--calib_dir={d!r} is not a complete capture (index.json missing)')
   eps = setup.fp_eps if rnd == 0 else setup.q_eps(qstate)
@@ -192,28 +190,28 @@ def capture(setup: Setup, rnd: int, qstate: QState | None = None) -> tuple[dict,
   if interval:                         # Q-Diffusion's get_train_samples: range(0, n, n // cali_st)
     keep = np.isin(data['step'], np.arange(0, setup.n_steps, max(setup.n_steps // cfg.calib_steps, 1)))
     data = {key: v[keep] for key, v in data.items()}
-  if cfg.par_x_range > 0 and rnd == 0:
-    setup.fp_absmax = par.step_absmax(data)
-  elif cfg.par_x_range > 0:
-    if setup.fp_absmax is None:        # a run resumed after round 0: read the FP capture once
-      setup.fp_absmax = par.step_absmax(par.flat_data(CalibData(calib_dir(setup, 0)), setup.guidance))
-    keep = par.in_range(data, setup.fp_absmax, cfg.par_x_range)
-    setup.par_dropped[rnd] = int(keep.size - keep.sum())
-    logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs from %s', rnd, cfg.par_x_range,
-                 setup.par_dropped[rnd], keep.size,
-                 'the activation re-search' if cfg.par_x_scope == 'act' else 'the round')
-    if cfg.par_x_scope == 'act':
-      setup.act_keep = keep
-    else:
-      data = {key: v[keep] for key, v in data.items()}
   return data, seconds
 
 
-def act_search_data(setup: Setup, data: dict) -> dict:
-  """The recaptured inputs a PAR round's activation re-search uses: without those --par_x_range drops when
-  --par_x_scope=act (reconstruction keeps them); otherwise `data` as it is."""
-  keep = setup.act_keep
-  return data if keep is None else {key: v[keep] for key, v in data.items()}
+def par_x_filter(setup: Setup, rnd: int, data: dict) -> tuple[dict, dict]:
+  """--par_x_range: (the round's reconstruction inputs, the activation re-search's inputs) from a capture. Round
+  0 records FP's per-step input range and keeps everything; a PAR round drops the recaptured inputs beyond
+  --par_x_range times that range from both (--par_x_scope=all) or from the activation re-search only (act).
+  Without --par_x_range: (data, data)."""
+  cfg = setup.cfg
+  if cfg.par_x_range <= 0:
+    return data, data
+  if rnd == 0:
+    setup.fp_absmax = par.step_absmax(data)
+    return data, data
+  if setup.fp_absmax is None:          # a run resumed after round 0: read the FP capture once
+    setup.fp_absmax = par.step_absmax(par.flat_data(CalibData(calib_dir(setup, 0)), setup.guidance))
+  keep = par.in_range(data, setup.fp_absmax, cfg.par_x_range)
+  setup.par_dropped[rnd] = int(keep.size - keep.sum())
+  logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs from %s', rnd, cfg.par_x_range,
+               setup.par_dropped[rnd], keep.size, 'the activation re-search' if cfg.par_x_scope == 'act' else 'the round')
+  kept = {key: v[keep] for key, v in data.items()}
+  return (data, kept) if cfg.par_x_scope == 'act' else (kept, kept)
 
 
 def _slots(setup: Setup, data: dict, per_step: bool):
@@ -764,6 +762,7 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
       phases['capture_s'] += timings['capture_round0_s']
       if hooks.after_capture is not None:
         hooks.after_capture(setup, 0)
+      data, _ = par_x_filter(setup, 0, data)
       qstate, init_t, init_info = initialise(setup, data)
       timings.update(init_t)
       for name, key in (('statistics_s', 'tcr_s'), ('weight_init_s', 'weight_init_s'),
@@ -793,9 +792,10 @@ def run(cfg: Config | dict, hooks: Hooks = Hooks()) -> dict:
           phases['capture_s' if rnd == 0 else 'par_capture_s'] += timings[f'capture_round{rnd}_s']
           if hooks.after_capture is not None:
             hooks.after_capture(setup, rnd)
+          data, act_data = par_x_filter(setup, rnd, data)
         if rnd > 0 and not state.progress.act_done:
           if cfg.par_research_act or cfg.act_pass(rnd):
-            qstate, secs = search_acts(setup, state.qstate, act_search_data(setup, data))
+            qstate, secs = search_acts(setup, state.qstate, act_data)
             timings['act_search_s'] = timings.get('act_search_s', 0.) + secs
             phases['act_search_s'] += secs
             state = state.replace(qstate=qstate)
