@@ -276,6 +276,12 @@ DIAG_ROWS = [
     ('tcaq_w6a6_gm2', 'tcaq', 6, 6, {'gate_margin': 2.0}),
     ('tcaq_w6a6_gm2_seed1', 'tcaq', 6, 6, {'gate_margin': 2.0, 'seed': 1}),
     ('tcaq_w4a4_gm2_seed2', 'tcaq', 4, 4, {'gate_margin': 2.0, 'seed': 2}),
+    # the targets missed (W6A6, W4A4) at 5x the table's budget (iters_scale 0.1, 10% of the paper's): how much of
+    # the gap is the budget
+    ('tcaq_w4a4_iters5x', 'tcaq', 4, 4, {'iters_scale': 0.1}),
+    ('tcaq_w6a6_iters5x', 'tcaq', 6, 6, {'iters_scale': 0.1}),
+    ('tcaq_w4a4_iters5x_seed1', 'tcaq', 4, 4, {'iters_scale': 0.1, 'seed': 1}),
+    ('tcaq_w6a6_iters5x_seed1', 'tcaq', 6, 6, {'iters_scale': 0.1, 'seed': 1}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
