@@ -283,6 +283,9 @@ DIAG_ROWS = [
     ('tcaq_w4a4_iters5x_seed1', 'tcaq', 4, 4, {'iters_scale': 0.1, 'seed': 1}),
     ('tcaq_w6a6_iters5x_seed1', 'tcaq', 6, 6, {'iters_scale': 0.1, 'seed': 1}),
     ('tcaq_w4a4_iters5x_seed2', 'tcaq', 4, 4, {'iters_scale': 0.1, 'seed': 2}),
+    # and at 12.5x (iters_scale 0.25, a quarter of the paper's budget)
+    ('tcaq_w4a4_iters12x', 'tcaq', 4, 4, {'iters_scale': 0.25}),
+    ('tcaq_w6a6_iters12x', 'tcaq', 6, 6, {'iters_scale': 0.25}),
     # the reconstruction loss weighs every calibration sample alike, so the low-noise steps (whose eps errors are
     # the largest, ~1.3 at t = 0 against 0.04 at t = 800, and move the sample least) dominate it: each sample
     # weighted by |sigma_prev - sigma_t|^power of its step (--recon_step_weight), the gate off to see the raw result
