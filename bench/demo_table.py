@@ -283,6 +283,8 @@ DIAG_ROWS = [
     ('tcaq_w4a4_iters5x_seed1', 'tcaq', 4, 4, {'iters_scale': 0.1, 'seed': 1}),
     ('tcaq_w6a6_iters5x_seed1', 'tcaq', 6, 6, {'iters_scale': 0.1, 'seed': 1}),
     ('tcaq_w4a4_iters5x_seed2', 'tcaq', 4, 4, {'iters_scale': 0.1, 'seed': 2}),
+    ('tcaq_w6a6_iters5x_seed2', 'tcaq', 6, 6, {'iters_scale': 0.1, 'seed': 2}),
+    ('qdiff_w6a6_iters5x', 'qdiff', 6, 6, {'iters_scale': 0.1}),
     # and at 12.5x (iters_scale 0.25, a quarter of the paper's budget)
     ('tcaq_w4a4_iters12x', 'tcaq', 4, 4, {'iters_scale': 0.25}),
     ('tcaq_w6a6_iters12x', 'tcaq', 6, 6, {'iters_scale': 0.25}),
