@@ -288,6 +288,10 @@ DIAG_ROWS = [
     # W4A4 at 5x on seed 2 kept round 2 (gate 23.25 vs round 0's 23.59e-3, 0.2 standard errors) and scored 21.0:
     # what round 0 gives there
     ('tcaq_w4a4_iters5x_no_par_seed2', 'tcaq', 4, 4, {'iters_scale': 0.1, 'seed': 2, 'par': False}),
+    # 12.5x scored worse than 5x at W6A6 (round 0's gate 3.62 vs 3.28e-3): 320 reconstruction samples overfitted at
+    # 5,000 iterations? 5x with twice the calibration set
+    ('tcaq_w6a6_iters5x_calib64', 'tcaq', 6, 6, {'iters_scale': 0.1, 'calib_samples': 64, 'recon_samples': 640}),
+    ('tcaq_w4a4_iters5x_calib64', 'tcaq', 4, 4, {'iters_scale': 0.1, 'calib_samples': 64, 'recon_samples': 640}),
     # and at 12.5x (iters_scale 0.25, a quarter of the paper's budget)
     ('tcaq_w4a4_iters12x', 'tcaq', 4, 4, {'iters_scale': 0.25}),
     ('tcaq_w6a6_iters12x', 'tcaq', 6, 6, {'iters_scale': 0.25}),
