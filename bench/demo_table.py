@@ -339,10 +339,29 @@ def sample(eps_fn, config, n, steps, seed=123, batch=250):
   return np.clip(sample_all(sampler, n, batch, seed), -1., 1.)
 
 
+def inert(flat: dict) -> set:
+  """The fields of a resolved flat config that cannot change its run, given the others: the gate's without a
+  gate (no --recon_gate, or nothing reconstructed), the eps correction's with --eps_bias=off, PAR's without PAR
+  rounds (the two-pass schedule keeps them: its second pass is a round 1). A default change of one of them then
+  re-runs only the rows that use it."""
+  out = set()
+  rebuilds = flat['reconstruct']
+  if not (flat['recon_gate'] and rebuilds):
+    out |= {'gate_samples', 'gate_margin'}
+  if flat['eps_bias'] == 'off':
+    out |= {'eps_bias_samples', 'eps_bias_rounds', 'eps_bias_par', 'eps_scale'}
+  if not rebuilds or (not flat['par'] and flat['schedule'] != 'two_pass'):
+    out |= {'par_rounds', 'par_alpha', 'par_research_act', 'par_x_range', 'par_x_scope', 'eps_bias_par'}
+  return out
+
+
 def comparable(flat: dict) -> dict:
-  """A flat calibration config less the fields that do not change results (config.RESUMABLE); fields added
-  since it was stored read as the value that reproduces it (config.ADDED_LATER)."""
-  return {k: v for k, v in with_added_later(flat).items() if k not in RESUMABLE}
+  """A flat calibration config less the fields that do not change results (config.RESUMABLE) and those this
+  config does not use (`inert`); fields added since it was stored read as the value that reproduces it
+  (config.ADDED_LATER)."""
+  full = with_added_later(flat)
+  skip = set(RESUMABLE) | inert(full)
+  return {k: v for k, v in full.items() if k not in skip}
 
 
 def row_config(kw: dict) -> dict:

@@ -105,3 +105,19 @@ def test_paired_mse_and_its_fill_from_kept_samples(table, tmp_path):
   missing = {'name': 'qdiff_w8a8', 'sample_seed': 123, 'mse_fp': None}
   table.fill_paired_mse(missing, str(tmp_path), fp, 123)
   assert missing['mse_fp'] is None                         # no kept samples
+
+
+def test_a_row_is_rerun_only_when_a_field_it_uses_changed(table):
+  """Resolved configs (config.Config): min-max (no reconstruction, no gate, no correction) reads the same under
+  another gate margin, PAR range or eps-bias sample count; tcaq (gate, PAR, correction all on) does not, and tcaq
+  without PAR ignores the PAR fields but not the gate's."""
+  base = dict(model_config='ddim_tiny', w_bits=6, a_bits=6)
+  changes = [{'gate_margin': 2.0}, {'gate_samples': 64}, {'par_x_range': 1.5}, {'eps_bias_samples': 128}]
+  for change in changes:
+    assert table.row_config(dict(base, method='minmax')) == table.row_config(dict(base, method='minmax', **change))
+    assert table.row_config(dict(base, method='tcaq')) != table.row_config(dict(base, method='tcaq', **change))
+  no_par = dict(base, method='tcaq', par=False)
+  assert table.row_config(no_par) == table.row_config(dict(no_par, par_x_range=1.5, par_rounds=5))
+  assert table.row_config(no_par) != table.row_config(dict(no_par, gate_margin=2.0))
+  # a field that changes a min-max run still counts
+  assert table.row_config(dict(base, method='minmax')) != table.row_config(dict(base, method='minmax', seed=1))
