@@ -209,7 +209,8 @@ def par_x_filter(setup: Setup, rnd: int, data: dict) -> tuple[dict, dict]:
   keep = par.in_range(data, setup.fp_absmax, cfg.par_x_range)
   setup.par_dropped[rnd] = int(keep.size - keep.sum())
   logging.info('round %d: --par_x_range=%g drops %d of %d recaptured inputs from %s', rnd, cfg.par_x_range,
-               setup.par_dropped[rnd], keep.size, 'the activation re-search' if cfg.par_x_scope == 'act' else 'the round')
+               setup.par_dropped[rnd], keep.size,
+               'the activation re-search' if cfg.par_x_scope == 'act' else 'the round')
   kept = {key: v[keep] for key, v in data.items()}
   return (data, kept) if cfg.par_x_scope == 'act' else (kept, kept)
 
