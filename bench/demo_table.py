@@ -22,7 +22,8 @@ exceeds 0.5 in [-1, 1] units (FP has its own share: a 3x3 median also trims thin
 
 Resuming: every calibration writes its own out_dir under --out, and a row already in table.json is reused when
 the table's settings, the row's sample seed and, for calibrated rows, its resolved calibration config (the flat
-`Config.resolve()`, less the `RESUMABLE` fields that do not change results; the record's 'config') are the same;
+`Config.resolve()`, less the `RESUMABLE` fields that do not change results and the fields that row's config does
+not use, `inert`; the record's 'config') are the same;
 otherwise the row runs again (a record without 'config', from an older table, always does). A row's out_dir
 holding a calibration with another config is moved aside to <out_dir>.stale first (so it is neither resumed nor
 refused by pipeline.run); one with the same config is resumed (a finished one costs only the sampling).
