@@ -293,6 +293,9 @@ DIAG_ROWS = [
     # 5,000 iterations? 5x with twice the calibration set
     ('tcaq_w6a6_iters5x_calib64', 'tcaq', 6, 6, {'iters_scale': 0.1, 'calib_samples': 64, 'recon_samples': 640}),
     ('tcaq_w4a4_iters5x_calib64', 'tcaq', 4, 4, {'iters_scale': 0.1, 'calib_samples': 64, 'recon_samples': 640}),
+    # is 12.5x worse than 5x on another seed, and with twice the calibration set?
+    ('tcaq_w6a6_iters12x_seed1', 'tcaq', 6, 6, {'iters_scale': 0.25, 'seed': 1}),
+    ('tcaq_w6a6_iters12x_calib64', 'tcaq', 6, 6, {'iters_scale': 0.25, 'calib_samples': 64, 'recon_samples': 640}),
     # and at 12.5x (iters_scale 0.25, a quarter of the paper's budget)
     ('tcaq_w4a4_iters12x', 'tcaq', 4, 4, {'iters_scale': 0.25}),
     ('tcaq_w6a6_iters12x', 'tcaq', 6, 6, {'iters_scale': 0.25}),
