@@ -23,7 +23,7 @@ exceeds 0.5 in [-1, 1] units (FP has its own share: a 3x3 median also trims thin
 Resuming: every calibration writes its own out_dir under --out, and a row already in table.json is reused when
 the table's settings, the row's sample seed and, for calibrated rows, its resolved calibration config (the flat
 `Config.resolve()`, less the `RESUMABLE` fields that do not change results and the fields that row's config does
-not use, `inert`; the record's 'config') are the same;
+not use, `config.inert_fields`; the record's 'config') are the same;
 otherwise the row runs again (a record without 'config', from an older table, always does). A row's out_dir
 holding a calibration with another config is moved aside to <out_dir>.stale first (so it is neither resumed nor
 refused by pipeline.run); one with the same config is resumed (a finished one costs only the sampling).
@@ -57,7 +57,7 @@ from tcaq_jax.train import recon_gate  # noqa: E402
 from tcaq_jax.models import family  # noqa: E402
 from tcaq_jax.quantized import load_quantized  # noqa: E402
 from tcaq_jax.train import pipeline  # noqa: E402
-from tcaq_jax.train.config import RESUMABLE, Config, with_added_later  # noqa: E402
+from tcaq_jax.train.config import RESUMABLE, Config, inert_fields, with_added_later  # noqa: E402
 
 flags.DEFINE_string('out', 'runs/demo_table', 'output folder (one calibration dir per row + table.md/json/png)')
 flags.DEFINE_float('iters_scale', 0.005, 'multiplies 20k / 10k / 5k reconstruction iterations')
@@ -343,28 +343,12 @@ def sample(eps_fn, config, n, steps, seed=123, batch=250):
   return np.clip(sample_all(sampler, n, batch, seed), -1., 1.)
 
 
-def inert(flat: dict) -> set:
-  """The fields of a resolved flat config that cannot change its run, given the others: the gate's without a
-  gate (no --recon_gate, or nothing reconstructed), the eps correction's with --eps_bias=off, PAR's without PAR
-  rounds (the two-pass schedule keeps them: its second pass is a round 1). A default change of one of them then
-  re-runs only the rows that use it."""
-  out = set()
-  rebuilds = flat['reconstruct']
-  if not (flat['recon_gate'] and rebuilds):
-    out |= {'gate_samples', 'gate_margin'}
-  if flat['eps_bias'] == 'off':
-    out |= {'eps_bias_samples', 'eps_bias_rounds', 'eps_bias_par', 'eps_scale'}
-  if not rebuilds or (not flat['par'] and flat['schedule'] != 'two_pass'):
-    out |= {'par_rounds', 'par_alpha', 'par_research_act', 'par_x_range', 'par_x_scope', 'eps_bias_par'}
-  return out
-
-
 def comparable(flat: dict) -> dict:
   """A flat calibration config less the fields that do not change results (config.RESUMABLE) and those this
-  config does not use (`inert`); fields added since it was stored read as the value that reproduces it
-  (config.ADDED_LATER)."""
+  config does not use (config.inert_fields); fields added since it was stored read as the value that reproduces
+  it (config.ADDED_LATER)."""
   full = with_added_later(flat)
-  skip = set(RESUMABLE) | inert(full)
+  skip = set(RESUMABLE) | inert_fields(full)
   return {k: v for k, v in full.items() if k not in skip}
 
 

@@ -21,8 +21,8 @@ from tcaq_jax.train.act_search import DEFAULT_PCTS, ENDS
 from tcaq_jax.train.recon import ReconConfig
 
 __all__ = ['CalibrationError', 'ConfigError', 'Config', 'METHOD_DEFAULTS', 'MODEL_DEFAULTS', 'TRI_STATE',
-           'RECON_TRI_STATE', 'RESUMABLE', 'ADDED_LATER', 'with_added_later', 'flat_fields', 'define_flags',
-           'config_from_flags']
+           'RECON_TRI_STATE', 'RESUMABLE', 'ADDED_LATER', 'with_added_later', 'inert_fields', 'flat_fields',
+           'define_flags', 'config_from_flags']
 
 # Method defaults (flat flag names). 'qdiff' is Q-Diffusion's released CIFAR-10 recipe point by point
 # (docs/METHOD_NOTES.md cites the lines of its code); 'qdiff_plus' is the stronger BRECQ variant this project used
@@ -76,6 +76,24 @@ ADDED_LATER = {'act_ends': 'paired', 'lsq_kinds': ('conv', 'dense', 'matmul', 's
 def with_added_later(flat: dict) -> dict:
   """A stored flat config with the fields it predates filled in from ADDED_LATER (in its JSON form: lists)."""
   return {**json.loads(json.dumps(ADDED_LATER)), **flat}
+
+
+def inert_fields(flat: dict) -> set:
+  """The fields of a resolved flat config (`Config.to_flat`) that cannot change its run, given the others: the
+  gate's without a gate (no --recon_gate, or nothing reconstructed), the eps correction's with --eps_bias=off,
+  PAR's without PAR rounds (the two-pass schedule keeps them: its second pass is a round 1). bench/demo_table.py
+  compares stored rows without them, so a default change of one re-runs only the rows that use it."""
+  out = set()
+  rebuilds = flat['reconstruct']
+  if not (flat['recon_gate'] and rebuilds):
+    out |= {'gate_samples', 'gate_margin'}
+  if flat['eps_bias'] == 'off':
+    out |= {'eps_bias_samples', 'eps_bias_rounds', 'eps_bias_par', 'eps_scale'}
+  if not rebuilds or (not flat['par'] and flat['schedule'] != 'two_pass'):
+    out |= {'par_rounds', 'par_alpha', 'par_research_act', 'par_x_range', 'par_x_scope', 'eps_bias_par'}
+  return out
+
+
 # Quantization-point kinds (tcaq_jax.quant.policy) whose step sizes --learn_act_scale learns by default.
 LSQ_KINDS = ('conv', 'dense', 'matmul', 'softmax')
 

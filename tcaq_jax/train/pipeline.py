@@ -656,11 +656,11 @@ def gate_stage(setup: Setup, qstate: QState, rnd: int | None) -> tuple[QState, d
 
   if setup.gate_fp is None:
     setup.gate_fp = final(setup.fp_eps)
-  q_images = final(setup.q_eps(qstate))
-  entry = {'stage': recon_gate.stage_name(rnd), 'score': recon_gate.paired_error(q_images, setup.gate_fp),
-           'samples': n, 'seconds': round(time.time() - t0, 3), 'eps_bias': info}
+  per = recon_gate.per_sample_errors(final(setup.q_eps(qstate)), setup.gate_fp)
+  entry = {'stage': recon_gate.stage_name(rnd), 'score': recon_gate.score(per), 'samples': n,
+           'seconds': round(time.time() - t0, 3), 'eps_bias': info}
   if np.isfinite(entry['score']):      # what --gate_margin compares stages by
-    entry['per_sample'] = [float(v) for v in recon_gate.per_sample_errors(q_images, setup.gate_fp)]
+    entry['per_sample'] = [float(v) for v in per]
   logging.info('recon gate: %s scores %.4e (paired MSE of %d final images against FP)', entry['stage'],
                entry['score'], n)
   return qstate, entry

@@ -11,7 +11,8 @@ the final images (decoded for latent models, clipped to [-1, 1]) from the FP mod
 one kept before it by more than z standard errors of their paired per-sample difference (on the demo at W4A4 the
 gate kept round 2 on leads of 0.5-4% that are within the score's noise, and those models sampled worse FIDs).
 
-  paired_error(q_images, fp_images) -> float          the score
+  per_sample_errors(q_images, fp_images) -> [n]       each image's squared error against its paired FP image
+  score(per_sample) -> float                          their mean (inf if any is not finite)
   best(entries, margin) -> entry                      the stage kept: a later stage replaces an earlier one only if
                                                       its paired per-sample errors are lower by > margin std errors
   save_best(out_dir, qstate, entry) / load_best(out_dir) -> (qstate tree, entry)
@@ -27,7 +28,7 @@ import numpy as np
 
 from tcaq_jax import checkpoint
 
-__all__ = ['SEED_OFFSET', 'BEST_DIR', 'stage_name', 'per_sample_errors', 'paired_error', 'beats', 'best', 'save_best',
+__all__ = ['SEED_OFFSET', 'BEST_DIR', 'stage_name', 'per_sample_errors', 'score', 'beats', 'best', 'save_best',
            'load_best']
 
 SEED_OFFSET = 3          # the gate's noises: --seed + 3 (capture --seed, grid + 1, eps bias fit + 2)
@@ -49,12 +50,11 @@ def per_sample_errors(q_images, fp_images) -> np.ndarray:
   return ((q - fp) ** 2).reshape(q.shape[0], -1).mean(axis=1)
 
 
-def paired_error(q_images, fp_images) -> float:
-  """Mean over samples of `per_sample_errors` (inf when any is not finite)."""
-  per = per_sample_errors(q_images, fp_images)
-  if not np.all(np.isfinite(per)):
+def score(per_sample: np.ndarray) -> float:
+  """A stage's score from its `per_sample_errors`: their mean (inf when any is not finite)."""
+  if not np.all(np.isfinite(per_sample)):
     return float('inf')                     # a diverged candidate never wins
-  return float(per.mean())
+  return float(np.mean(per_sample))
 
 
 def beats(new: dict, kept: dict, margin: float = 0.0) -> bool:

@@ -380,15 +380,19 @@ def test_eps_bias_par_recaptures_with_the_corrected_model(tmp_path):
 
 # ------------------------------------------------------------------ the reconstruction gate (issue 14)
 
-def _gate_score(q, n, seed):
-  """Paired MSE (float64, computed here) of n final images (clipped to [-1, 1]) of the run's eps_fn against FP's,
-  same noises."""
+def _gate_errors(q, n, seed):
+  """Per-image paired MSE (float64, computed here) of n final images (clipped to [-1, 1]) of the run's eps_fn
+  against FP's, same noises."""
   cfg = q.meta['config']
   coeffs = sampler_coefficients(q.config, cfg['num_steps'], cfg['skip_type'], cfg['eta'])
   final = lambda eps: np.clip(np.asarray(make_sampler(eps, coeffs, (16, 16, 3), loop='host').sample(seed, 0, n)[
       'x_final'], np.float64), -1.0, 1.0)          # a pixel model's images: its final samples, clipped
   d = final(q.eps_fn) - final(family.eps_fn(q.model, q.params, q.config))
-  return float(np.mean(np.mean(d.reshape(n, -1) ** 2, axis=1)))
+  return np.mean(d.reshape(n, -1) ** 2, axis=1)
+
+
+def _gate_score(q, n, seed):
+  return float(np.mean(_gate_errors(q, n, seed)))
 
 
 def test_recon_gate_scores_every_stage_and_ends_with_the_best(full_run):
@@ -413,16 +417,16 @@ def test_recon_gate_keeping_init_equals_a_run_without_reconstruction(tmp_path, m
   """When the state before reconstruction scores best, the run's model is that state: its eps equals a
   --reconstruct=false run's (same init, same correction), though a round was reconstructed."""
   from tcaq_jax.train import recon_gate
-  real = recon_gate.paired_error
+  real = recon_gate.score
   calls = []
 
-  def init_wins(q, fp):                 # the real score, then 'init' made the best
-    calls.append(real(q, fp))
+  def init_wins(per):                   # the real score, then 'init' made the best
+    calls.append(real(per))
     return 0.0 if len(calls) == 1 else calls[-1] + 1.0
-  monkeypatch.setattr(recon_gate, 'paired_error', init_wins)
+  monkeypatch.setattr(recon_gate, 'score', init_wins)
   cfg = dict(BASE, par_rounds=0)
   report = run(dict(cfg, out_dir=str(tmp_path / 'gated')))
-  monkeypatch.setattr(recon_gate, 'paired_error', real)
+  monkeypatch.setattr(recon_gate, 'score', real)
   assert [e['stage'] for e in report['gate']] == ['init', 'round0'] and report['gate_kept'] == 'init'
   assert len(report['units']) == 3                  # round 0 did run
   plain = run(dict(cfg, out_dir=str(tmp_path / 'plain'), reconstruct=False))
@@ -437,16 +441,18 @@ def test_recon_gate_keeping_init_equals_a_run_without_reconstruction(tmp_path, m
 
 
 def test_gate_margin_keeps_the_earlier_stage_unless_the_later_one_leads_by_it(tmp_path):
-  """--gate_margin: every scored stage stores its per-sample paired errors (their mean is its score); with a margin
-  no stage can clear, the run keeps 'init' and ends with init's correction, where the same scores with margin 0
-  keep round 0 (the lower score)."""
+  """--gate_margin: every scored stage stores its per-sample paired errors; with a margin no stage can clear, the
+  run keeps 'init' and ends with init's correction, where the same scores with margin 0 keep round 0 (the lower
+  score). The kept stage's per-sample errors match a recomputation here from the finished model and FP, sampled
+  on the gate's 8 noises (seed --seed + 3)."""
   from tcaq_jax.train import recon_gate
-  report = run(dict(BASE, par_rounds=0, gate_margin=1e9, out_dir=str(tmp_path / 'margin')))
+  out = str(tmp_path / 'margin')
+  report = run(dict(BASE, par_rounds=0, gate_margin=1e9, out_dir=out))
   entries = report['gate']
   assert [e['stage'] for e in entries] == ['init', 'round0']
-  for e in entries:
-    assert len(e['per_sample']) == 8
-    assert e['score'] == pytest.approx(sum(e['per_sample']) / 8, rel=1e-12)
+  assert all(len(e['per_sample']) == 8 for e in entries)
+  np.testing.assert_allclose(entries[0]['per_sample'], _gate_errors(load_quantized(out), 8, BASE['seed'] + 3),
+                             rtol=1e-3)
   assert entries[1]['score'] < entries[0]['score']          # so margin 0 would have kept round 0
   assert recon_gate.best(entries, 0.0)['stage'] == 'round0'
   assert report['gate_kept'] == 'init' and report['eps_bias'] == entries[0]['eps_bias']

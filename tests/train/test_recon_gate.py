@@ -6,17 +6,18 @@ from tcaq_jax import checkpoint
 from tcaq_jax.train import recon_gate
 
 
-def test_paired_error_is_the_mean_per_sample_mse():
+def test_per_sample_errors_and_the_score_are_the_per_image_mse_and_its_mean():
   rng = np.random.default_rng(0)
   fp = rng.normal(size=(5, 4, 4, 2)).astype(np.float32)
   q = fp + rng.normal(scale=0.1, size=fp.shape).astype(np.float32)
-  want = np.mean([np.mean((q[i].astype(np.float64) - fp[i]) ** 2) for i in range(5)])
-  assert recon_gate.paired_error(q, fp) == pytest.approx(want, rel=1e-12)
-  assert recon_gate.paired_error(fp, fp) == 0.0
+  want = [np.mean((q[i].astype(np.float64) - fp[i]) ** 2) for i in range(5)]
+  np.testing.assert_allclose(recon_gate.per_sample_errors(q, fp), want, rtol=1e-12)
+  assert recon_gate.score(recon_gate.per_sample_errors(q, fp)) == pytest.approx(np.mean(want), rel=1e-12)
+  assert recon_gate.score(recon_gate.per_sample_errors(fp, fp)) == 0.0
   q[2, 0, 0, 0] = np.nan
-  assert recon_gate.paired_error(q, fp) == float('inf')
+  assert recon_gate.score(recon_gate.per_sample_errors(q, fp)) == float('inf')
   with pytest.raises(ValueError, match='shape'):
-    recon_gate.paired_error(q[:4], fp)
+    recon_gate.per_sample_errors(q[:4], fp)
 
 
 def test_best_takes_the_lowest_score_and_the_earlier_stage_on_ties():
