@@ -309,6 +309,10 @@ DIAG_ROWS = [
     ('tcaq_w4a4_sw1_no_gate', 'tcaq', 4, 4, {'recon_step_weight': 1.0, 'recon_gate': False}),
     ('tcaq_w6a6_sw1_no_gate', 'tcaq', 6, 6, {'recon_step_weight': 1.0, 'recon_gate': False}),
     ('tcaq_w4a4_no_tcr_sw1_no_gate', 'tcaq', 4, 4, {'tcr': False, 'recon_step_weight': 1.0, 'recon_gate': False}),
+    # session 16: a slot of activation scales for every sampler step (--calib_steps=50: 50 slots of 32 samples),
+    # instead of 20 calibrated steps whose scales the steps between them borrow from the nearest
+    ('tcaq_w6a6_cs50', 'tcaq', 6, 6, {'calib_steps': 50}),
+    ('tcaq_w4a4_cs50', 'tcaq', 4, 4, {'calib_steps': 50}),
 ]
 
 
