@@ -313,6 +313,11 @@ DIAG_ROWS = [
     # instead of 20 calibrated steps whose scales the steps between them borrow from the nearest
     ('tcaq_w6a6_cs50', 'tcaq', 6, 6, {'calib_steps': 50}),
     ('tcaq_w4a4_cs50', 'tcaq', 4, 4, {'calib_steps': 50}),
+    # issue 14 part 4 on the whole model: PAR rounds starting from re-initialised AdaRound alphas (from the
+    # current hard rounding) instead of carried ones, at 5x the table's budget where round 0 saturates more of them
+    ('tcaq_w6a6_iters5x_par_reinit', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit'}),
+    ('tcaq_w6a6_iters5x_par_reinit_seed1', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit', 'seed': 1}),
+    ('tcaq_w4a4_iters5x_par_reinit', 'tcaq', 4, 4, {'iters_scale': 0.1, 'par_alpha': 'reinit'}),
 ]
 
 
