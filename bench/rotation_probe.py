@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 from absl import app, flags
 import flax.linen as nn
@@ -112,7 +113,7 @@ def main(_):
       ref = apply_k(kernel, jnp.asarray(x))
       power = float(jnp.mean(ref ** 2)) + 1e-12
       c = x.shape[-1]
-      r = rotation(c, jax.random.fold_in(key, hash(path) % (1 << 30)))
+      r = rotation(c, jax.random.fold_in(key, zlib.crc32(path.encode()) % (1 << 30)))
       kr = rotate_kernel(kernel, jnp.asarray(r))
       kq, krq = (weight_fq(kernel, FLAGS.w_bits), weight_fq(kr, FLAGS.w_bits)) if FLAGS.weights else (kernel, kr)
       e_plain = best_quant_error(apply_k, kq, jnp.asarray(x), ref, FLAGS.a_bits, pcts)
