@@ -318,6 +318,7 @@ DIAG_ROWS = [
     ('tcaq_w6a6_iters5x_par_reinit', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit'}),
     ('tcaq_w6a6_iters5x_par_reinit_seed1', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit', 'seed': 1}),
     ('tcaq_w4a4_iters5x_par_reinit', 'tcaq', 4, 4, {'iters_scale': 0.1, 'par_alpha': 'reinit'}),
+    ('tcaq_w6a6_iters5x_par_reinit_seed2', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit', 'seed': 2}),
 ]
 
 
