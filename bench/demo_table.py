@@ -319,6 +319,12 @@ DIAG_ROWS = [
     ('tcaq_w6a6_iters5x_par_reinit_seed1', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit', 'seed': 1}),
     ('tcaq_w4a4_iters5x_par_reinit', 'tcaq', 4, 4, {'iters_scale': 0.1, 'par_alpha': 'reinit'}),
     ('tcaq_w6a6_iters5x_par_reinit_seed2', 'tcaq', 6, 6, {'iters_scale': 0.1, 'par_alpha': 'reinit', 'seed': 2}),
+    # and at the table's budget, three seeds each (tcaq_w6a6_par_reinit above is seed 0 at W6A6)
+    ('tcaq_w6a6_par_reinit_seed1', 'tcaq', 6, 6, {'par_alpha': 'reinit', 'seed': 1}),
+    ('tcaq_w6a6_par_reinit_seed2', 'tcaq', 6, 6, {'par_alpha': 'reinit', 'seed': 2}),
+    ('tcaq_w4a4_par_reinit', 'tcaq', 4, 4, {'par_alpha': 'reinit'}),
+    ('tcaq_w4a4_par_reinit_seed1', 'tcaq', 4, 4, {'par_alpha': 'reinit', 'seed': 1}),
+    ('tcaq_w4a4_par_reinit_seed2', 'tcaq', 4, 4, {'par_alpha': 'reinit', 'seed': 2}),
 ]
 
 
