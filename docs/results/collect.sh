@@ -14,7 +14,7 @@ echo
 echo "Contents: quantizer ops (issue 2) - model forward and parity (issue 3) - sampling and demo (issue 4) -"
 echo "calibration and the demo FID table (issue 5) - FID/Inception (issue 6) - calibration redesign (issue 10) -"
 echo "performance around the reconstruction loop (issue 11) - reliability probes (issue 13) - fidelity of the baselines"
-echo "and DAQ (issue 14) - export and integer execution (issue 12)."
+echo "and TCAQ-DM's components (issue 14) - export and integer execution (issue 12)."
 for f in quant forward ldm sample calibrate fid architecture perf reliability reliability_models reliability_eval reliability_checkpoint fidelity export; do
   echo
   echo "---"
