@@ -32,8 +32,11 @@ from tcaq_jax.diffusion.ddim import sampler_coefficients
 from tcaq_jax.diffusion.host_sampler import HostLoopSampler
 from tcaq_jax.models import family
 from tcaq_jax.quant import apply as qapply
+from tcaq_jax.quant.intercept import Call, collect_calls
 from tcaq_jax.quantized import load_quantized
 from tcaq_jax.train import eps_bias
+from tcaq_jax.train.act_search import layer_output
+from tcaq_jax.train.init import get_kernel
 
 flags.DEFINE_string('run_dir', 'runs/demo_table_2k/tcaq_w6a6', 'a finished calibration of the demo model')
 flags.DEFINE_enum('mode', 'local', ['local', 'global'], 'reference of the measured bias (module docstring)')
@@ -45,12 +48,6 @@ flags.DEFINE_integer('seed', 123, 'sample seed (bench/demo_table.py uses 123)')
 flags.DEFINE_string('fp_samples', 'runs/demo_table_2k/fp_samples.npy', "the FP model's samples for --seed")
 flags.DEFINE_string('out', None, 'JSON output path')
 FLAGS = flags.FLAGS
-
-
-def _layer_params(params, path):
-  for seg in path.split('/'):
-    params = params[seg]
-  return params
 
 
 def corrected_apply(q, params_q, qstate, corr, x, t, step, record=None, fp_out=None):
@@ -70,7 +67,8 @@ def corrected_apply(q, params_q, qstate, corr, x, t, step, record=None, fp_out=N
     c = jnp.take(corr[path], step, axis=0)                                   # [B, C]
     y = y - c.reshape(c.shape[:1] + (1,) * (y.ndim - 2) + c.shape[1:]).astype(y.dtype)
     if record is not None:
-      ref = (ctx.module.clone(parent=None).apply({'params': _layer_params(q.params, path)}, x_in)
+      # local: the layer (bound to the quantized kernel and the shared bias) with its FP kernel, on its input
+      ref = (layer_output(Call(path, ctx.module, args, kwargs, None, 0), x_in, get_kernel(q.params, path))
              if fp_out is None else fp_out[path])
       record[path] = jnp.mean((y - ref).astype(jnp.float32).reshape(-1, y.shape[-1]), axis=0)
     return y
@@ -80,18 +78,9 @@ def corrected_apply(q, params_q, qstate, corr, x, t, step, record=None, fp_out=N
 
 
 def fp_layer_outputs(q, paths, x, t):
-  out = {}
-
-  def icpt(next_fun, args, kwargs, ctx):
-    y = next_fun(*args, **kwargs)
-    path = '/'.join(ctx.module.path)
-    if ctx.method_name == '__call__' and path in paths:
-      out[path] = y
-    return y
-
-  with nn.intercept_methods(icpt):
-    q.model.apply({'params': q.params}, x, t)
-  return out
+  """{path: the FP model's output of that layer} on (x, t)."""
+  return collect_calls(lambda: q.model.apply({'params': q.params}, x, t), select=lambda path, m: path in paths,
+                       record=lambda call: call.output)[1]
 
 
 def main(_):
@@ -115,7 +104,7 @@ def main(_):
     return rec
 
   xs = fp_sampler.sample(FLAGS.fit_seed, 0, n, record='all')['recorded']          # [steps, n, ...]
-  corr = {p: jnp.zeros((len(ts), _layer_params(q.params, p)['kernel'].shape[-1]), jnp.float32) for p in paths}
+  corr = {p: jnp.zeros((len(ts), get_kernel(q.params, p).shape[-1]), jnp.float32) for p in paths}
   passes = []
   for _ in range(FLAGS.iters):
     new = {p: np.zeros(v.shape, np.float32) for p, v in corr.items()}

@@ -20,7 +20,6 @@ import json
 import os
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +30,7 @@ from tcaq_jax.demo import classifier
 from tcaq_jax.diffusion.schedules import schedule_from_config
 from tcaq_jax.eval.metrics import fid as frechet
 from tcaq_jax.models import family
+from tcaq_jax.quant.intercept import collect_calls
 
 flags.DEFINE_string('out_dir', 'runs/demo_table_2k', 'a demo table output dir with kept samples')
 flags.DEFINE_integer('t', 200, 'diffusion time the samples are re-noised to for the self features')
@@ -45,20 +45,12 @@ MEASURES = ('mse', 'mse256', 'self_fd', 'self_fd256', 'pix_fd', 'class_tv', 'con
 
 def self_features(model, params, abar, x0, t, noise, batch=500):
   """[N, 2C]: channel means and stds of the FP UNet's 'mid' output on x0 re-noised to t."""
-  got, feats = {}, []
-
-  def icpt(next_fun, args, kwargs, ctx):
-    y = next_fun(*args, **kwargs)
-    if ctx.method_name == '__call__' and '/'.join(ctx.module.path) == 'mid':
-      got['h'] = y
-    return y
-
-  a = float(abar[t])
+  a, feats = float(abar[t]), []
   for i in range(0, len(x0), batch):
-    xt = np.sqrt(a) * x0[i:i + batch] + np.sqrt(1 - a) * noise[i:i + batch]
-    with nn.intercept_methods(icpt):
-      model.apply({'params': params}, jnp.asarray(xt), jnp.full((len(xt),), t, jnp.int32))
-    h = np.asarray(got['h'], np.float64)
+    xt = jnp.asarray(np.sqrt(a) * x0[i:i + batch] + np.sqrt(1 - a) * noise[i:i + batch])
+    tt = jnp.full((len(xt),), t, jnp.int32)
+    h = collect_calls(lambda: model.apply({'params': params}, xt, tt), select=lambda path, m: path == 'mid',
+                      record=lambda call: np.asarray(call.output, np.float64))[1]['mid']
     feats.append(np.concatenate([h.mean(axis=(1, 2)), h.std(axis=(1, 2))], -1))
   return np.concatenate(feats)
 

@@ -20,15 +20,16 @@ import os
 import zlib
 
 from absl import app, flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tcaq_jax.diffusion.capture import CalibData
-from tcaq_jax.quant.ranges import params_from_range
+from tcaq_jax.quant.intercept import collect_calls
+from tcaq_jax.quant.ranges import minmax_params
 from tcaq_jax.quant.uniform import fake_quant
 from tcaq_jax.quantized import load_quantized
+from tcaq_jax.train.act_search import layer_output, search_uniform
 
 flags.DEFINE_string('run_dir', 'runs/demo_table_2k/tcaq_w4a4', 'calibration run dir (its FP model and capture)')
 flags.DEFINE_integer('per_step', 16, 'samples per calibrated step')
@@ -40,21 +41,6 @@ flags.DEFINE_integer('seed', 0, 'rotation seed')
 flags.DEFINE_integer('top', 20, 'table rows')
 flags.DEFINE_string('out', None, 'JSON output path')
 FLAGS = flags.FLAGS
-
-
-def record_inputs(model, params, x, t, paths):
-  """{path: (module, its input)} for the first call of every module in `paths` (FP model, eager)."""
-  seen = {}
-
-  def icpt(next_fun, args, kwargs, ctx):
-    path = '/'.join(ctx.module.path)
-    if ctx.method_name == '__call__' and args and path in paths and path not in seen:
-      seen[path] = (ctx.module.clone(parent=None), np.asarray(args[0], np.float32))
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(icpt):
-    model.apply({'params': params}, x, t)
-  return seen
 
 
 def rotation(c: int, key) -> np.ndarray:
@@ -70,58 +56,51 @@ def rotate_kernel(kernel, r):
 
 
 def weight_fq(kernel, bits):
-  axes = tuple(range(kernel.ndim - 1))
-  lo, hi = jnp.min(kernel, axis=axes), jnp.max(kernel, axis=axes)
-  s, z = params_from_range(lo, hi, bits)
+  """Per-output-channel min-max fake quantization, round to nearest."""
+  s, z = minmax_params(kernel, bits, channel_axis=-1)
   return fake_quant(kernel, s, z, bits)
 
 
-def best_quant_error(apply_k, kernel, x, ref, bits, pcts):
-  """min over clipping candidates of the output MSE with x fake-quantized per tensor."""
-  flat = np.asarray(x).ravel()
-  best = np.inf
-  for p in pcts:
-    hi = np.percentile(flat, p) if p < 100 else flat.max()
-    lo = np.percentile(flat, 100 - p) if p < 100 else flat.min()
-    s, z = params_from_range(jnp.float32(lo), jnp.float32(hi), bits)
-    err = float(jnp.mean((apply_k(kernel, fake_quant(x, s, z, bits)) - ref) ** 2))
-    best = min(best, err)
-  return best
+def quant_error(call, kernel, x, ref, bits, pcts, key):
+  """The layer's output MSE (with `kernel`) for x fake-quantized per tensor, clipping chosen among the percentile
+  candidates by that error (`search_uniform` with an output score, as --act_criterion=output does)."""
+  score = lambda xq: jnp.mean((layer_output(call, xq, kernel) - ref) ** 2)     # noqa: E731
+  s, z = search_uniform(x, bits, pcts, key, symmetric=False, score=score)
+  return float(score(fake_quant(x, s, z, bits)))
 
 
 def main(_):
   q = load_quantized(FLAGS.run_dir)
   data = CalibData(os.path.join(FLAGS.run_dir, 'calib_round0'))
   n = min(FLAGS.per_step, data.x.shape[1])
-  pcts = [float(p) for p in FLAGS.pcts]
+  pcts = tuple(float(p) for p in FLAGS.pcts)
   paths = {p for p, s in q.policy.layers.items() if s.acts and s.kind in ('conv', 'dense')}
   key = jax.random.PRNGKey(FLAGS.seed)
   sums: dict = {}
   for k in range(len(data.t)):
+
+    def probe(call, k=k):                  # one layer at step k: plain and rotated errors (eager, inside the call)
+      x = call.args[0].astype(jnp.float32)
+      kernel = call.module.variables['params']['kernel'].astype(jnp.float32)
+      ref = call.output.astype(jnp.float32)
+      c = x.shape[-1]
+      r = jnp.asarray(rotation(c, jax.random.fold_in(key, zlib.crc32(call.path.encode()) % (1 << 30))))
+      kr = rotate_kernel(kernel, r)
+      kq, krq = (weight_fq(kernel, FLAGS.w_bits), weight_fq(kr, FLAGS.w_bits)) if FLAGS.weights else (kernel, kr)
+      kk = jax.random.fold_in(key, k)
+      return {'channels': c, 'power': float(jnp.mean(ref ** 2)) + 1e-12,
+              'plain': quant_error(call, kq, x, ref, FLAGS.a_bits, pcts, kk),
+              'rotated': quant_error(call, krq, x @ r, ref, FLAGS.a_bits, pcts, kk)}
+
     xs = jnp.asarray(data.x[k, :n])
     ts = jnp.full((n,), int(data.t[k]), jnp.int32)
-    calls = record_inputs(q.model, q.params, xs, ts, paths)
-    for path, (mod, x) in calls.items():
-      params = dict(q.params)
-      for seg in path.split('/'):
-        params = params[seg]
-      kernel = jnp.asarray(params['kernel'], jnp.float32)
-
-      def apply_k(kern, inp, mod=mod, params=params):
-        return mod.apply({'params': {**params, 'kernel': kern}}, inp).astype(jnp.float32)
-
-      ref = apply_k(kernel, jnp.asarray(x))
-      power = float(jnp.mean(ref ** 2)) + 1e-12
-      c = x.shape[-1]
-      r = rotation(c, jax.random.fold_in(key, zlib.crc32(path.encode()) % (1 << 30)))
-      kr = rotate_kernel(kernel, jnp.asarray(r))
-      kq, krq = (weight_fq(kernel, FLAGS.w_bits), weight_fq(kr, FLAGS.w_bits)) if FLAGS.weights else (kernel, kr)
-      e_plain = best_quant_error(apply_k, kq, jnp.asarray(x), ref, FLAGS.a_bits, pcts)
-      e_rot = best_quant_error(apply_k, krq, jnp.asarray(x @ r), ref, FLAGS.a_bits, pcts)
-      s = sums.setdefault(path, {'layer': path, 'channels': c, 'plain': 0.0, 'rotated': 0.0, 'power': 0.0})
-      s['plain'] += e_plain / len(data.t)
-      s['rotated'] += e_rot / len(data.t)
-      s['power'] += power / len(data.t)
+    _, rec = collect_calls(lambda: q.model.apply({'params': q.params}, xs, ts),
+                           select=lambda path, m: path in paths, record=probe, need_args=True)
+    for path, e in rec.items():
+      s = sums.setdefault(path, {'layer': path, 'channels': e['channels'], 'plain': 0.0, 'rotated': 0.0,
+                                 'power': 0.0})
+      for f in ('plain', 'rotated', 'power'):
+        s[f] += e[f] / len(data.t)
   rows = sorted(sums.values(), key=lambda r: -r['plain'] / r['power'])
   print(f"{FLAGS.run_dir}: A{FLAGS.a_bits}{' W%d' % FLAGS.w_bits if FLAGS.weights else ' (weights FP)'}, "
         f"{len(data.t)} steps x {n} FP inputs; relative output MSE per layer")
